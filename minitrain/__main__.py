@@ -1,0 +1,5 @@
+import sys
+
+from minitrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""The ``minitrain`` command. User errors print one line and exit 2; ``--debug`` shows tracebacks."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import warnings
+
+from minitrain.errors import MinitrainError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return args.func(args) or 0
+    except MinitrainError as exc:
+        if args.debug:
+            raise
+        print(f"minitrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minitrain: interrupted", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"minitrain: warning: {message}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minitrain", description="Plugin-based PyTorch training.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a recipe")
+    run.add_argument("recipe", help="path to a recipe file, e.g. recipes/cifar10_quick.py")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field (dotted keys for nested fields); repeatable")
+    run.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                     help="enable a plugin, with options; repeatable")
+    run.add_argument("--no-plugin", dest="disabled", action="append", default=[], metavar="NAME",
+                     help="disable a plugin that is on by default or enabled by the recipe; repeatable")
+    run.add_argument("--run-dir", help="where the run writes its files (default runs/<recipe>-<timestamp>)")
+    run.add_argument("--trace-hooks", action="store_true", help="print every hook call (very verbose)")
+    run.set_defaults(func=_cmd_run)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--order", action="store_true",
+                         help="print each hook's implementations in call order for the default plugins "
+                              "plus any --plugin given")
+    plugins.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
+    plugins.set_defaults(func=_cmd_plugins)
+
+    events = sub.add_parser("events", help="list the event catalogue")
+    events.add_argument("--json-schema", action="store_true", help="print every event's JSON Schema")
+    events.set_defaults(func=_cmd_events)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from minitrain.run import prepare
+
+    trainer = prepare(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir)
+    if args.trace_hooks:
+        trainer.pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
+        trainer.pm.enable_tracing()
+    metrics = trainer.fit()
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    print(f"done: {trainer.epoch} epochs, {trainer.global_step} steps; {summary}; run dir: {trainer.run_dir}")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from minitrain.plugins import discover, hook_order, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
+
+    available = discover()
+    if args.order:
+        pm = make_plugin_manager()
+        for name, plugin in resolve([parse_plugin_spec(p) for p in args.plugins], available=available):
+            register_plugin(pm, plugin, name)
+        order = hook_order(pm)
+        if args.json:
+            print(json.dumps(order, indent=2))
+        else:
+            for hook, impls in order.items():
+                print(f"{hook}: " + " -> ".join(impls))
+        return 0
+    rows = [{
+        "name": info.name, "version": info.version, "distribution": info.distribution,
+        "enabled_by_default": info.enabled_by_default, "hooks": implemented_hooks(info.target),
+        "options": _options(info.config_model), "error": info.error,
+    } for info in available.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no plugins installed")
+    for row in rows:
+        state = "on by default" if row["enabled_by_default"] else "off by default"
+        print(f"{row['name']} {row['version'] or ''} ({row['distribution']}, {state})")
+        if row["error"]:
+            print(f"    unavailable: {row['error']}")
+        print(f"    hooks: {', '.join(row['hooks']) or '-'}")
+        if row["options"]:
+            print(f"    options: {', '.join(f'{k}={v}' for k, v in row['options'].items())}")
+    return 0
+
+
+def implemented_hooks(target: object) -> list[str]:
+    """Hook names a plugin class or module implements (read from pluggy's markers)."""
+    if target is None:
+        return []
+    return sorted(name for name, value in inspect.getmembers(target) if hasattr(value, "minitrain_impl"))
+
+
+def _options(model) -> dict[str, str]:
+    if model is None:
+        return {}
+    return {name: repr(field.default) if not field.is_required() else "(required)"
+            for name, field in model.model_fields.items()}
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from minitrain.events import EVENT_TYPES
+    from minitrain.plugins import discover
+
+    discover()  # importing plugins declares their events
+    if args.json_schema:
+        print(json.dumps({name: cls.model_json_schema() for name, cls in EVENT_TYPES.items()}, indent=2))
+        return 0
+    for name, cls in EVENT_TYPES.items():
+        fields = ", ".join(f"{f}: {_type_name(info.annotation)}" for f, info in cls.model_fields.items())
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name} -> {cls.hook}({fields})\n    {doc}")
+    return 0
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -1,0 +1,42 @@
+"""The default training protocol, as an ordinary plugin (registered as ``core``).
+
+Each implementation is ``trylast`` (``setup``: ``tryfirst``) so that any plugin's own
+implementation or wrapper runs around or instead of it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from minitrain.device import to_device
+from minitrain.hookspecs import hookimpl
+
+
+class DefaultProtocol:
+    @hookimpl(tryfirst=True)
+    def setup(self, trainer) -> None:
+        trainer.model.to(trainer.device)
+
+    @hookimpl(trylast=True)
+    def train_step(self, trainer, batch: Any) -> torch.Tensor:
+        inputs, targets = to_device(batch, trainer.device)
+        return trainer.loss_fn(trainer.model(inputs), targets)
+
+    @hookimpl(trylast=True)
+    def backward(self, loss: torch.Tensor) -> bool:
+        loss.backward()
+        return True
+
+    @hookimpl(trylast=True)
+    def optimizer_step(self, trainer) -> bool:
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if trainer.scheduler is not None and trainer.scheduler_interval == "step":
+            trainer.scheduler.step()
+        return True
+
+    @hookimpl(trylast=True)
+    def eval_step(self, trainer, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = to_device(batch, trainer.device)
+        return trainer.model(inputs), targets

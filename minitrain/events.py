@@ -1,0 +1,178 @@
+"""The event catalogue: one frozen, validated pydantic model per thing that happens in a run.
+
+Each event class names the hook that announces it (``FitStart`` -> ``on_fit_start``), dumps to one
+JSON line and has a JSON Schema. Tensor fields keep the tensor as given (no copy, no device sync);
+it becomes a number only when serialised, which is the reader's choice, not the emitter's.
+
+A plugin or recipe declares its own event by subclassing :class:`Event` (see docs/plugins.md).
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
+
+
+def _tensor_or_number(value: Any) -> torch.Tensor | float:
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError("tensor must be detached from the autograd graph")
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)  # a replayed event log holds plain numbers
+    raise ValueError(f"expected a tensor or a number, got {type(value).__name__}")
+
+
+def _to_python(value: torch.Tensor | float) -> float | list:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+Scalar = Annotated[
+    Any,
+    PlainValidator(_tensor_or_number),
+    PlainSerializer(_to_python, when_used="json"),
+    WithJsonSchema({"type": "number", "description": "a number (a tensor until serialised)"}),
+]
+"""A scalar that may still live on the device: reading it is what synchronises, not emitting it."""
+
+Count = Annotated[int, Field(ge=0, strict=True)]
+Metrics = dict[str, float]
+
+EVENT_TYPES: dict[str, type["Event"]] = {}
+"""Every event class by name, core and plugin-defined alike (filled as classes are declared)."""
+
+
+def _hook_name(class_name: str) -> str:
+    return "on_" + re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+
+
+class Event(BaseModel):
+    """Base of every event. Subclass it to declare a new one; its hook is ``on_<snake_name>``
+    unless the class sets ``hook``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    hook: ClassVar[str]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "hook" not in cls.__dict__:
+            cls.hook = _hook_name(cls.__name__)
+        EVENT_TYPES[cls.__name__] = cls
+
+    def to_json(self) -> str:
+        """One JSON line: ``{"event": "<ClassName>", ...fields}``."""
+        return json.dumps({"event": type(self).__name__, **self.model_dump(mode="json")})
+
+    @staticmethod
+    def from_json(line: str) -> "Event":
+        """Rebuild an event from a line written by :meth:`to_json` (used by replay)."""
+        data = json.loads(line)
+        name = data.pop("event", None)
+        if name not in EVENT_TYPES:
+            raise ValueError(f"unknown event {name!r}")
+        return EVENT_TYPES[name].model_validate(data)
+
+
+class FitStart(Event):
+    """Training is about to begin (after set-up; on resume, from the restored position)."""
+
+    epochs: Count = Field(description="total number of epochs the run is configured for")
+    start_epoch: Count = Field(description="first epoch to run (0, or later on resume)")
+    global_step: Count = Field(description="optimizer steps taken before this fit")
+    steps_per_epoch: Count | None = Field(description="batches per epoch, if the loader knows")
+    device: str
+    run_dir: str | None = Field(description="where plugins should write files, if anywhere")
+    config: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe config")
+
+
+class EpochStart(Event):
+    """A training epoch begins."""
+
+    epoch: Count
+    global_step: Count
+    steps: Count | None = Field(description="batches this epoch will run, if known")
+
+
+class BatchStart(Event):
+    """A training batch is about to go through train_step/backward/optimizer_step."""
+
+    epoch: Count
+    batch_idx: Count = Field(description="index of the batch within its epoch")
+    global_step: Count = Field(description="optimizer steps taken before this batch")
+    batch_size: Count
+
+
+class BatchEnd(Event):
+    """A training batch is done and the optimizer has stepped."""
+
+    epoch: Count
+    batch_idx: Count
+    global_step: Count = Field(description="optimizer steps taken, this batch included")
+    batch_size: Count
+    loss: Scalar = Field(description="the batch loss; a device tensor until read")
+
+
+class ValidationStart(Event):
+    """Validation over the whole validation loader begins."""
+
+    epoch: Count
+    global_step: Count
+
+
+class ValidationEnd(Event):
+    """Validation is done; metrics were read from the device once, here."""
+
+    epoch: Count
+    global_step: Count
+    metrics: Metrics = Field(description="val_loss, val_acc, ...")
+    confusion: list[list[int]] | None = Field(
+        default=None, description="confusion matrix, rows = true class, columns = predicted"
+    )
+
+
+class EpochEnd(Event):
+    """A training epoch (and its validation, if any) is done."""
+
+    epoch: Count
+    global_step: Count
+    metrics: Metrics = Field(description="train_loss, lr, epoch_time, samples_per_s, and the val_* metrics")
+
+
+class FitEnd(Event):
+    """Training finished normally or by a stop request."""
+
+    epochs_completed: Count
+    global_step: Count
+    metrics: Metrics = Field(description="metrics of the last completed epoch")
+    stop_reason: str | None = Field(default=None, description="why a plugin stopped the run early")
+
+
+class ExceptionRaised(Event):
+    """The run failed; plugins get a last chance to flush or save. The error is re-raised."""
+
+    epoch: Count
+    global_step: Count
+    error_type: str
+    message: str
+    traceback: str
+
+
+class Interrupted(Event):
+    """The run was interrupted (Ctrl-C); like ExceptionRaised, the interrupt is re-raised."""
+
+    epoch: Count
+    global_step: Count
+    signal: Literal["SIGINT", "SIGTERM"] = "SIGINT"
+
+
+CORE_EVENTS: tuple[type[Event], ...] = (
+    FitStart, EpochStart, BatchStart, BatchEnd, ValidationStart, ValidationEnd, EpochEnd, FitEnd,
+    ExceptionRaised, Interrupted,
+)

@@ -1,0 +1,222 @@
+"""Plugin discovery, configuration and registration.
+
+A plugin is found through the ``minitrain`` entry-point group (first-party plugins too). The
+entry point names either a class, instantiated per run with its validated ``Config`` (a
+:class:`PluginConfig` subclass) when it has one, or any other object with hookimpls (a module),
+registered as it is. Optional class attributes:
+
+* ``Config``: the pydantic model that ``--plugin NAME:key=value,...`` is validated against;
+* ``enabled_by_default``: on in every run unless ``--no-plugin NAME``;
+* ``hookspecs``: a module or class of ``@hookspec`` functions the plugin adds (custom hooks);
+* ``state_dict()`` / ``load_state_dict()``: state that checkpoints carry.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from minitrain import hookspecs
+from minitrain.errors import MinitrainError
+
+ENTRY_POINT_GROUP = "minitrain"
+DISABLE_AUTOLOAD_ENV = "MINITRAIN_DISABLE_PLUGIN_AUTOLOAD"
+FIRST_PARTY = "minitrain"
+
+
+class PluginConfig(BaseModel):
+    """Base of plugin configuration models: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    target: Any = None
+    distribution: str | None = None
+    version: str | None = None
+    error: str | None = None  # why it could not be loaded
+
+    @property
+    def enabled_by_default(self) -> bool:
+        return bool(getattr(self.target, "enabled_by_default", False))
+
+    @property
+    def config_model(self) -> type[BaseModel] | None:
+        return getattr(self.target, "Config", None)
+
+
+@dataclass
+class PluginRequest:
+    """A plugin asked for by name, with its options as given (strings from the command line)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    from minitrain.defaults import DefaultProtocol
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(DefaultProtocol(), name="core")
+    return pm
+
+
+def discover(autoload_third_party: bool | None = None) -> dict[str, PluginInfo]:
+    """Every plugin the installed distributions offer, by name. A plugin that fails to import is
+    listed with its error (and warned about) rather than taking the run down."""
+    if autoload_third_party is None:
+        autoload_third_party = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    found: dict[str, PluginInfo] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist else None
+        info = PluginInfo(ep.name, distribution=dist, version=ep.dist.version if ep.dist else None)
+        if ep.name in found:
+            warnings.warn(f"plugin {ep.name!r} is offered by both {found[ep.name].distribution} and {dist}; "
+                          f"using {found[ep.name].distribution}", stacklevel=2)
+            continue
+        found[ep.name] = info
+        if not autoload_third_party and dist != FIRST_PARTY:
+            info.error = f"not loaded: {DISABLE_AUTOLOAD_ENV} is set"
+            info.target = ep  # loaded on demand if named explicitly
+            continue
+        _load(info, ep)
+    return found
+
+
+def _load(info: PluginInfo, ep: importlib.metadata.EntryPoint) -> None:
+    try:
+        info.target, info.error = ep.load(), None
+    except Exception as exc:  # a broken third-party package must not stop the others
+        info.error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
+        warnings.warn(f"minitrain: skipping plugin {info.name!r}: {info.error}", stacklevel=3)
+
+
+def parse_plugin_spec(spec: str) -> PluginRequest:
+    """``name[:key=value,key=value]`` -> PluginRequest."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise MinitrainError(f"--plugin {spec!r}: missing plugin name")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MinitrainError(f"plugin {name!r}: option {item!r} is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return PluginRequest(name, options)
+
+
+def instantiate(info: PluginInfo, options: dict[str, Any]) -> Any:
+    """The object to register for ``info``, its options validated against its ``Config``."""
+    if isinstance(info.target, importlib.metadata.EntryPoint):  # autoload was off; named explicitly
+        _load(info, info.target)
+    if info.target is None:
+        raise MinitrainError(f"plugin {info.name!r} cannot be used: {info.error}")
+    target, model = info.target, info.config_model
+    if not inspect.isclass(target):
+        if options:
+            raise MinitrainError(f"plugin {info.name!r} takes no options (got {', '.join(options)})")
+        return target
+    if model is None:
+        if options:
+            raise MinitrainError(f"plugin {info.name!r} takes no options (got {', '.join(options)})")
+        return target()
+    return target(validate_options(info.name, model, options))
+
+
+def validate_options(plugin: str, model: type[BaseModel], options: dict[str, Any]) -> BaseModel:
+    try:
+        if all(isinstance(v, str) for v in options.values()):
+            return model.model_validate_strings(options)
+        return model.model_validate(options)
+    except ValidationError as exc:
+        raise MinitrainError(f"plugin {plugin!r}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``key: reason (got value)``."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(config)"
+        reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
+        parts.append(f"{key}: {reason}{got}")
+    return "; ".join(parts)
+
+
+def register_plugin(pm: pluggy.PluginManager, plugin: Any, name: str | None = None) -> None:
+    """Register one plugin object, adding its own hookspecs first. Wrong argument names are
+    rejected here, naming plugin and hook; misspelled hook names by :func:`check_hooks`, once
+    every plugin (and so every custom hookspec) is in."""
+    name = name or getattr(plugin, "name", None) or _default_name(plugin)
+    try:
+        specs = getattr(plugin, "hookspecs", None)
+        if specs is not None:
+            pm.add_hookspecs(specs)
+        pm.register(plugin, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise MinitrainError(f"plugin {name!r}: {exc}") from None
+
+
+def check_hooks(pm: pluggy.PluginManager) -> None:
+    """Refuse implementations of hooks that no spec declares (a typo, or a missing hookspec)."""
+    known = sorted(h for h in dir(pm.hook) if not h.startswith("_") and getattr(pm.hook, h).spec)
+    for name in dir(pm.hook):
+        caller = getattr(pm.hook, name)
+        if name.startswith("_") or caller.spec is not None:
+            continue
+        for impl in caller.get_hookimpls():
+            if not impl.optionalhook:
+                raise MinitrainError(f"plugin {pm.get_name(impl.plugin)!r} implements unknown hook "
+                                     f"{name!r} (known hooks: {', '.join(known)})")
+
+
+def _default_name(plugin: Any) -> str:
+    return getattr(plugin, "__name__", None) or type(plugin).__name__.lower()
+
+
+def resolve(requests: list[PluginRequest | object], disabled: set[str] = frozenset(),
+            available: dict[str, PluginInfo] | None = None) -> list[tuple[str, Any]]:
+    """Turn the default plugins plus ``requests`` (names with options, or plugin objects given
+    directly by a recipe) minus ``disabled`` into ``(name, object)`` pairs ready to register."""
+    available = discover() if available is None else available
+    unknown = sorted(disabled - set(available))
+    if unknown:
+        raise MinitrainError(f"--no-plugin: unknown plugin {unknown[0]!r} (known: {', '.join(sorted(available))})")
+    wanted: dict[str, dict[str, Any]] = {n: {} for n, i in available.items() if i.enabled_by_default}
+    objects: list[tuple[str, Any]] = []
+    for req in requests:
+        if isinstance(req, PluginRequest):
+            if req.name not in available:
+                raise MinitrainError(f"unknown plugin {req.name!r} (known: {', '.join(sorted(available)) or 'none'})")
+            wanted.setdefault(req.name, {}).update(req.options)
+        else:
+            objects.append((getattr(req, "name", None) or _default_name(req), req))
+    chosen = [(name, instantiate(available[name], opts)) for name, opts in wanted.items() if name not in disabled]
+    return chosen + objects
+
+
+def hook_order(pm: pluggy.PluginManager) -> dict[str, list[str]]:
+    """For each hook, its implementations in the order a call runs them (wrappers first, as they
+    enclose the rest), each tagged with how it asked to be ordered."""
+    order: dict[str, list[str]] = {}
+    for name in sorted(h for h in dir(pm.hook) if not h.startswith("_")):
+        impls = list(reversed(getattr(pm.hook, name).get_hookimpls()))  # pluggy calls from the end
+        wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
+        plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
+        order[name] = [_describe_impl(pm, i) for i in wrappers + plain]
+    return order
+
+
+def _describe_impl(pm: pluggy.PluginManager, impl: Any) -> str:
+    tags = [t for t in ("wrapper", "hookwrapper", "tryfirst", "trylast") if getattr(impl, t)]
+    return pm.get_name(impl.plugin) + (f" ({', '.join(tags)})" if tags else "")

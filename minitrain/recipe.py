@@ -1,0 +1,101 @@
+"""Recipes: plain Python files with a ``Config`` (a :class:`RecipeConfig`) and
+``build(config, device) -> Components``; optionally ``PLUGINS``, a list of plugin specs
+(``"checkpoint:every=2"``) or plugin objects enabled whenever the recipe runs.
+
+A recipe is code and runs with the user's rights, like any script they execute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from minitrain.data import default_data_dir
+from minitrain.errors import MinitrainError
+from minitrain.plugins import describe_validation_error
+
+
+class RecipeConfig(BaseModel):
+    """Fields every recipe has; a recipe subclasses it to add its own and change defaults."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+
+@dataclass
+class Components:
+    """What a recipe's ``build`` returns: everything the Trainer needs."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: Iterable
+    val_loader: Iterable | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    scheduler: Any = None
+    scheduler_interval: Literal["epoch", "step"] = "epoch"
+    class_names: list[str] | None = None
+
+
+def load_recipe(path: str | Path) -> ModuleType:
+    path = Path(path)
+    if not path.is_file():
+        raise MinitrainError(f"recipe not found: {path}")
+    name = f"minitrain_recipe_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise MinitrainError(f"recipe {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pydantic and pickle look classes up by module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise MinitrainError(f"recipe {path}: syntax error at line {exc.lineno}: {exc.msg}") from None
+    except MinitrainError:
+        raise
+    except Exception as exc:
+        raise MinitrainError(f"recipe {path}: failed to load: {type(exc).__name__}: {exc}") from None
+    config = getattr(module, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, RecipeConfig)):
+        raise MinitrainError(f"recipe {path}: needs a `Config` class derived from minitrain.RecipeConfig")
+    if not callable(getattr(module, "build", None)):
+        raise MinitrainError(f"recipe {path}: needs a `build(config, device)` function")
+    return module
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "lr=0.1"]`` -> ``{"a": {"b": "1"}, "lr": "0.1"}`` (values stay strings)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MinitrainError(f"--set {item!r}: expected KEY=VALUE")
+        *parents, leaf = key.strip().split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MinitrainError(f"--set {item!r}: {part!r} was already set to a value")
+        node[leaf] = value
+    return nested
+
+
+def make_config(recipe: ModuleType, overrides: Iterable[str] = ()) -> RecipeConfig:
+    """The recipe's defaults with ``--set`` overrides, validated like any input."""
+    try:
+        return recipe.Config.model_validate_strings(parse_overrides(overrides))
+    except ValidationError as exc:
+        raise MinitrainError(f"--set: {describe_validation_error(exc)}") from None

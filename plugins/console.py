@@ -1,0 +1,90 @@
+"""Console progress: a live bar per epoch (step, loss, samples/s, ETA) and one line per epoch.
+
+On a terminal the bar is tqdm's; in a log file (not a terminal) it prints plain lines instead,
+so logs hold no control characters. The loss is read from the device every ``refresh_every``
+steps only, never every step.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from pydantic import Field
+from tqdm import tqdm
+
+from minitrain import PluginConfig, hookimpl
+
+
+class Console:
+    enabled_by_default = True
+
+    class Config(PluginConfig):
+        refresh_every: int = Field(25, ge=1, description="steps between reads of the loss")
+        plain_lines: int = Field(5, ge=0, description="progress lines per epoch when not on a terminal")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.stream = sys.stderr
+        self.bar: tqdm | None = None
+
+    @hookimpl
+    def on_fit_start(self, event, trainer) -> None:
+        self.epochs = event.epochs
+        self.tty = self.stream.isatty()
+        where = f", writing to {event.run_dir}" if event.run_dir else ""
+        resumed = f" from epoch {event.start_epoch + 1}" if event.start_epoch else ""
+        print(f"training {event.epochs} epochs on {event.device}{resumed}{where}", flush=True)
+
+    @hookimpl
+    def on_epoch_start(self, event) -> None:
+        self.steps, self.done, self.samples = event.steps, 0, 0
+        self.started = time.perf_counter()
+        every = self.config.plain_lines and max(1, (event.steps or 50 * self.config.plain_lines) // self.config.plain_lines)
+        self.plain_every = 0 if self.tty else every
+        if self.tty:
+            self.bar = tqdm(total=event.steps, desc=f"epoch {event.epoch + 1}/{self.epochs}", unit="step",
+                            file=self.stream, leave=False, dynamic_ncols=True)
+
+    @hookimpl
+    def on_batch_end(self, event) -> None:
+        self.done += 1
+        self.samples += event.batch_size
+        if self.bar is not None and self.done % self.config.refresh_every == 0:
+            self.bar.set_postfix(loss=f"{float(event.loss):.4f}", rate=f"{self._rate():.0f}/s", refresh=False)
+            self.bar.update(self.done - self.bar.n)
+        elif self.plain_every and self.done % self.plain_every == 0:
+            total = self.steps or 0
+            eta = (total - self.done) * (time.perf_counter() - self.started) / self.done if total else 0
+            print(f"  epoch {event.epoch + 1} step {self.done}/{total or '?'} loss {float(event.loss):.4f} "
+                  f"{self._rate():.0f} samples/s eta {eta:.0f}s", flush=True)
+
+    def _rate(self) -> float:
+        return self.samples / max(time.perf_counter() - self.started, 1e-9)
+
+    @hookimpl
+    def on_epoch_end(self, event) -> None:
+        self._close_bar()
+        m = event.metrics
+        parts = [f"{k} {m[k]:.4f}" for k in ("train_loss", "val_loss", "val_acc") if k in m]
+        print(f"epoch {event.epoch + 1}/{self.epochs}: " + ", ".join(parts)
+              + f" ({m.get('epoch_time', 0):.1f}s, {m.get('samples_per_s', 0):.0f} samples/s, lr {m.get('lr', 0):.3g})",
+              flush=True)
+
+    @hookimpl
+    def on_fit_end(self, event) -> None:
+        self._close_bar()
+        if event.stop_reason:
+            print(f"stopped early: {event.stop_reason}", flush=True)
+
+    @hookimpl
+    def on_exception_raised(self) -> None:
+        self._close_bar()
+
+    @hookimpl
+    def on_interrupted(self) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
