@@ -13,17 +13,20 @@ from minitrain.errors import MinitrainError
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    warnings.showwarning = _show_warning
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return args.func(args) or 0
     except MinitrainError as exc:
         if args.debug:
             raise
-        print(f"minitrain: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
+        print(f"minitrain: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minitrain: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plugin", dest="disabled", action="append", default=[], metavar="NAME",
                      help="disable a plugin that is on by default or enabled by the recipe; repeatable")
     run.add_argument("--run-dir", help="where the run writes its files (default runs/<recipe>-<timestamp>)")
+    run.add_argument("--resume", metavar="PATH|auto",
+                     help="continue from a checkpoint file, or 'auto': the newest in --run-dir's checkpoints "
+                          "(starts fresh, saying so, if there is none)")
     run.add_argument("--trace-hooks", action="store_true", help="print every hook call (very verbose)")
     run.set_defaults(func=_cmd_run)
 
@@ -58,13 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="list the event catalogue")
     events.add_argument("--json-schema", action="store_true", help="print every event's JSON Schema")
     events.set_defaults(func=_cmd_events)
+
+    report = sub.add_parser("report", help="redraw a run's plots and report.html from its events.jsonl")
+    report.add_argument("run_dir", help="a run directory holding events.jsonl")
+    report.set_defaults(func=_cmd_report)
+
+    replay = sub.add_parser("replay", help="feed a run's recorded events to plugins, without training")
+    replay.add_argument("run_dir", help="a run directory holding events.jsonl")
+    replay.add_argument("--plugin", dest="plugins", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
+                        help="plugin to replay the events through, with options; repeatable")
+    replay.set_defaults(func=_cmd_replay)
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from minitrain.run import prepare
 
-    trainer = prepare(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir)
+    trainer = prepare(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume)
     if args.trace_hooks:
         trainer.pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
         trainer.pm.enable_tracing()
@@ -141,3 +157,21 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minitrain.replay import replay
+
+    replay(args.run_dir, ["viz"])
+    print(f"wrote {Path(args.run_dir) / 'report.html'}")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from minitrain.replay import replay
+
+    count = replay(args.run_dir, args.plugins)
+    print(f"replayed {count} events through {', '.join(args.plugins)}")
+    return 0

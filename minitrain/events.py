@@ -48,7 +48,8 @@ EVENT_TYPES: dict[str, type["Event"]] = {}
 
 
 def _hook_name(class_name: str) -> str:
-    return "on_" + re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+    """``CheckpointSaved`` -> ``on_checkpoint_saved``; ``LRChanged`` -> ``on_lr_changed``."""
+    return "on_" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", class_name).lower()
 
 
 class Event(BaseModel):
@@ -90,6 +91,7 @@ class FitStart(Event):
     device: str
     run_dir: str | None = Field(description="where plugins should write files, if anywhere")
     config: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe config")
+    class_names: list[str] | None = Field(default=None, description="label of each class index, if the recipe names them")
 
 
 class EpochStart(Event):

@@ -97,7 +97,7 @@ def _load(info: PluginInfo, ep: importlib.metadata.EntryPoint) -> None:
         info.target, info.error = ep.load(), None
     except Exception as exc:  # a broken third-party package must not stop the others
         info.error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
-        warnings.warn(f"minitrain: skipping plugin {info.name!r}: {info.error}", stacklevel=3)
+        warnings.warn(f"skipping plugin {info.name!r}: {info.error}", stacklevel=3)
 
 
 def parse_plugin_spec(spec: str) -> PluginRequest:
@@ -160,11 +160,16 @@ def register_plugin(pm: pluggy.PluginManager, plugin: Any, name: str | None = No
     name = name or getattr(plugin, "name", None) or _default_name(plugin)
     try:
         specs = getattr(plugin, "hookspecs", None)
-        if specs is not None:
+        if specs is not None and not _specs_added(pm, specs):  # two plugins may share one spec source
             pm.add_hookspecs(specs)
         pm.register(plugin, name=name)
     except (pluggy.PluginValidationError, ValueError) as exc:
         raise MinitrainError(f"plugin {name!r}: {exc}") from None
+
+
+def _specs_added(pm: pluggy.PluginManager, specs: Any) -> bool:
+    return any(getattr(caller, "spec", None) is not None and caller.spec.namespace is specs
+               for caller in vars(pm.hook).values())
 
 
 def check_hooks(pm: pluggy.PluginManager) -> None:

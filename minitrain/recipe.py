@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from minitrain.data import default_data_dir
 from minitrain.errors import MinitrainError
@@ -26,7 +26,7 @@ from minitrain.plugins import describe_validation_error
 class RecipeConfig(BaseModel):
     """Fields every recipe has; a recipe subclasses it to add its own and change defaults."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -34,6 +34,22 @@ class RecipeConfig(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     data_dir: Path = Field(default_factory=default_data_dir)
+
+    # A recipe that changes a default (`epochs: int = 5`) redeclares the field and so drops the
+    # constraints above; these validators are inherited whatever the subclass declares.
+    @field_validator("epochs", "batch_size")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if isinstance(value, (int, float)) and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if isinstance(value, (int, float)) and not value > 0:
+            raise ValueError("must be greater than 0")
+        return value
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from minitrain import checkpointing
 from minitrain.device import resolve_device, seed_everything
 from minitrain.errors import MinitrainError
 from minitrain.plugins import PluginRequest, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
@@ -17,8 +18,14 @@ from minitrain.trainer import Trainer
 
 
 def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
-            disabled: list[str] = (), run_dir: str | Path | None = None) -> Trainer:
-    """Everything ``run`` does short of training: useful for tests and for driving a run by hand."""
+            disabled: list[str] = (), run_dir: str | Path | None = None,
+            resume: str | Path | None = None) -> Trainer:
+    """Everything ``run`` does short of training: useful for tests and for driving a run by hand.
+
+    ``resume`` (a checkpoint file, or ``"auto"`` for the newest in ``run_dir``) restores the
+    trainer once recipe and plugins are in place; see :func:`minitrain.checkpointing.resume`."""
+    if resume is not None:
+        checkpointing.check_resume(resume, run_dir)  # before the recipe spends time building
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     config = make_config(recipe, overrides)
@@ -50,12 +57,15 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
         "recipe": str(recipe_path), "plugins": {name: _plugin_config(p) for name, p in plugins},
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
     })
-    return Trainer(
+    trainer = Trainer(
         parts.model, parts.optimizer, parts.train_loader, parts.val_loader, epochs=config.epochs,
         loss_fn=parts.loss_fn, scheduler=parts.scheduler, scheduler_interval=parts.scheduler_interval,
         device=device, run_dir=str(run_dir), config=config_json, class_names=parts.class_names,
         plugin_manager=pm,
     )
+    if resume is not None:
+        checkpointing.resume(trainer, resume)
+    return trainer
 
 
 def make_run_dir(path: str | Path) -> Path:

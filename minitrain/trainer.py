@@ -73,13 +73,14 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train from the current position to ``epochs``; return the last epoch's metrics."""
-        self.hook.setup(trainer=self)
-        self.emit(ev.FitStart(
-            epochs=self.epochs, start_epoch=self.epoch, global_step=self.global_step,
-            steps_per_epoch=_length(self.train_loader), device=str(self.device),
-            run_dir=self.run_dir, config=self.config,
-        ))
+        self.stop_reason = None
         try:
+            self.hook.setup(trainer=self)
+            self.emit(ev.FitStart(
+                epochs=self.epochs, start_epoch=self.epoch, global_step=self.global_step,
+                steps_per_epoch=_length(self.train_loader), device=str(self.device),
+                run_dir=self.run_dir, config=self.config, class_names=self.class_names,
+            ))
             while self.epoch < self.epochs and self.stop_reason is None:
                 self._train_epoch()
         except KeyboardInterrupt:
@@ -138,7 +139,7 @@ class Trainer:
         emit = self.emit
         emit(ev.ValidationStart(epoch=self.epoch, global_step=self.global_step))
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=self.device)
         confusion, count = None, 0
         for batch in self.val_loader:
             logits, targets = self.hook.eval_step(trainer=self, batch=batch)
@@ -172,12 +173,11 @@ class Trainer:
 
     def emit(self, event: ev.Event) -> None:
         """Deliver ``event`` to every implementation of its hook (custom events included)."""
-        try:
-            caller = getattr(self.hook, event.hook)
-        except AttributeError:
+        caller = getattr(self.hook, event.hook, None)
+        if caller is None or caller.spec is None:  # an optionalhook impl alone is not a spec
             raise MinitrainError(
                 f"event {type(event).__name__} has no hook {event.hook!r}: register its hookspec "
-                "(a plugin's `hookspecs` attribute) before emitting it") from None
+                "(a plugin's `hookspecs` attribute) before emitting it")
         caller(event=event, trainer=self)
         self.hook.on_event(event=event, trainer=self)
 

@@ -1,0 +1,174 @@
+"""Checkpoint files: what one holds, how it is written so that a crash never leaves a broken file
+where a good one was, how it is read back safely, and how ``--resume`` finds one.
+
+*When* to save is the ``checkpoint`` plugin's business; this module is the file format, shared by
+that plugin and by ``minitrain run --resume`` (the core never imports a plugin by name).
+
+A checkpoint is ``{"header": {...}, "trainer": Trainer.state_dict()}``, written with
+``torch.save`` and read with ``torch.load(weights_only=True)``: tensors and plain containers
+only, so opening a file someone sent you cannot run their code. The same holds for what a
+plugin's ``state_dict()`` returns: numbers, strings, tensors, lists, tuples and dicts of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from minitrain import __version__
+from minitrain.errors import MinitrainError
+
+if TYPE_CHECKING:
+    from minitrain.trainer import Trainer
+
+FORMAT = "minitrain-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_DIR = "checkpoints"
+"""The checkpoint folder inside a run directory, unless a plugin says otherwise (see
+:func:`checkpoint_dirs`)."""
+
+
+def header(trainer: Trainer, **extra: Any) -> dict[str, Any]:
+    """What a file says about itself: format, versions and the exact position it resumes at
+    (``epoch`` full epochs done plus ``batch_idx`` batches of the next), plus ``extra``."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "minitrain_version": __version__,
+            "torch_version": str(torch.__version__), "epoch": trainer.epoch, "batch_idx": trainer.batch_idx,
+            "global_step": trainer.global_step, **extra}
+
+
+def save(path: str | Path, header: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: into a temporary file in the same folder, flushed to disk,
+    then renamed over ``path``. Readers see the old file or the new one, never half of one; a
+    failure removes the temporary file, leaves ``path`` as it was and raises MinitrainError."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise MinitrainError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save({"header": header, "trainer": state}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:
+        raise MinitrainError(f"could not write checkpoint {path} ({_one_line(exc)}); "
+                             "any previous file there is unchanged") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # still there only if the rename did not happen
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable. Skipped where directories cannot be opened (Windows) or
+    synced (some network filesystems): the file is already complete and in place by then."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU. Anything that is not a complete minitrain checkpoint (a
+    truncated copy, another program's file, a pickle carrying code) is one MinitrainError that
+    names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MinitrainError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        refused = _refused(exc)
+        if refused:
+            raise MinitrainError(f"checkpoint {path} holds objects that safe loading refuses ({refused}); "
+                                 "only tensors and plain data are loaded") from None
+        raise MinitrainError(f"checkpoint {path} is unreadable: truncated, corrupt or not a checkpoint "
+                             f"({_one_line(exc)})") from None
+    head = checkpoint.get("header") if isinstance(checkpoint, dict) else None
+    if not isinstance(head, dict) or head.get("format") != FORMAT or "trainer" not in checkpoint:
+        raise MinitrainError(f"{path} is not a minitrain checkpoint (no minitrain header)")
+    if head.get("format_version", 0) > FORMAT_VERSION:
+        raise MinitrainError(f"checkpoint {path} has format {head['format_version']}, newer than this "
+                             f"minitrain ({__version__}) reads ({FORMAT_VERSION}); upgrade minitrain")
+    return checkpoint
+
+
+def checkpoint_dirs(trainer: Trainer) -> list[Path]:
+    """Where this run keeps checkpoints: each registered plugin's ``checkpoint_dir(run_dir)``,
+    or ``<run_dir>/checkpoints`` when no plugin declares one."""
+    if trainer.run_dir is None:
+        raise MinitrainError("--resume auto needs a run directory to look in (--run-dir)")
+    dirs = [Path(plugin.checkpoint_dir(trainer.run_dir)) for _, plugin in trainer.pm.list_name_plugin()
+            if callable(getattr(plugin, "checkpoint_dir", None))]
+    return dirs or [Path(trainer.run_dir) / DEFAULT_DIR]
+
+
+def newest(folders: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The most recently written checkpoint in ``folders`` that loads, with its contents; an
+    unreadable newer file is skipped with a warning (a copy cut short by a full disk, say)."""
+    files = sorted((p for folder in folders for p in folder.glob("*.pt") if p.is_file()),
+                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in files:
+        try:
+            return path, load(path)
+        except MinitrainError as exc:
+            warnings.warn(f"--resume auto: skipping {exc}", stacklevel=2)
+    return None
+
+
+def check_resume(spec: str | Path, run_dir: str | Path | None) -> None:
+    """Refuse a ``--resume`` that cannot work before any time goes into building the recipe."""
+    if str(spec) == "auto":
+        if run_dir is None:
+            raise MinitrainError("--resume auto needs --run-dir: the directory of the run to continue")
+    elif not Path(spec).is_file():
+        raise MinitrainError(f"checkpoint not found: {spec}")
+
+
+def resume(trainer: Trainer, spec: str | Path) -> Path | None:
+    """Restore ``trainer`` from ``spec``: a checkpoint file, or ``"auto"`` for the newest readable
+    one in the run's checkpoint folder. Returns the file used, or None when ``auto`` found none
+    (the run then starts fresh, and a warning says so)."""
+    if str(spec) == "auto":
+        folders = checkpoint_dirs(trainer)
+        found = newest(folders)
+        if found is None:
+            warnings.warn(f"--resume auto: no checkpoint in {', '.join(map(str, folders))}; starting fresh",
+                          stacklevel=2)
+            return None
+        path, checkpoint = found
+    else:
+        path, checkpoint = Path(spec), load(spec)
+    try:
+        trainer.load_state_dict(checkpoint["trainer"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise MinitrainError(f"checkpoint {path} does not fit this recipe ({_one_line(exc)})") from None
+    return path
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _refused(exc: Exception) -> str | None:
+    """What ``weights_only`` refused to unpickle, if that is why loading failed. torch says it in a
+    paragraph of advice; the one line naming the object is enough."""
+    if isinstance(exc, pickle.UnpicklingError):
+        for line in str(exc).splitlines():
+            if "WeightsUnpickler error:" in line:
+                return line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()
+    return None

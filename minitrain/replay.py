@@ -1,0 +1,100 @@
+"""Replay a finished run: feed its recorded ``events.jsonl`` to plugins, without training.
+
+A plugin that only reads events (plots, TensorBoard, a remote logger) then produces after the
+fact what it would have produced live: ``minitrain replay RUN --plugin tensorboard`` writes
+TensorBoard files for a run that had it off, and ``minitrain report RUN`` is a replay through
+the ``viz`` plugin. Only notification hooks run; there is no model, so the pipeline hooks and
+the core's default protocol are not registered.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import torch
+from pydantic import ValidationError
+
+from minitrain import events as ev
+from minitrain import hookspecs
+from minitrain.errors import MinitrainError
+from minitrain.plugins import check_hooks, describe_validation_error, instantiate, parse_plugin_spec, register_plugin
+
+
+class ReplayTrainer:
+    """What notification hooks may read from the trainer, rebuilt from the events as they pass:
+    the run directory being replayed, the cpu device, class names, config and progress.
+    ``request_stop`` and ``emit`` do nothing: the run is over, and what it emitted is in the log."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = str(run_dir)
+        self.device = torch.device("cpu")
+        self.class_names: list[str] | None = None
+        self.config: dict[str, Any] = {}
+        self.epochs = self.epoch = self.global_step = 0
+        self.metrics: dict[str, float] = {}
+
+    def follow(self, event: ev.Event) -> None:
+        """Move to where the live trainer was when it emitted ``event``."""
+        if isinstance(event, ev.FitStart):
+            self.epochs, self.config, self.class_names = event.epochs, event.config, event.class_names
+            self.epoch = event.start_epoch
+        self.epoch = getattr(event, "epoch", self.epoch) + isinstance(event, ev.EpochEnd)  # as the loop counts
+        self.global_step = getattr(event, "global_step", self.global_step)
+        if isinstance(event, (ev.EpochEnd, ev.FitEnd)):
+            self.metrics = dict(event.metrics)
+
+    def request_stop(self, reason: str) -> None:
+        pass
+
+    def emit(self, event: ev.Event) -> None:
+        pass
+
+
+def replay(run_dir: str | Path, plugin_specs: list[str]) -> int:
+    """Feed ``run_dir/events.jsonl`` to the plugins named by ``plugin_specs`` (``name[:k=v,...]``),
+    and to them only. Returns the number of events replayed."""
+    from minitrain import plugins  # looked up at call time, like every discovery
+
+    run_dir = Path(run_dir)
+    path = run_dir / "events.jsonl"
+    if not path.is_file():
+        raise MinitrainError(f"{path} not found: nothing to replay (was the jsonl plugin on?)")
+    available = plugins.discover()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for info in available.values():  # custom hooks a replayed plugin may implement
+        if getattr(info.target, "hookspecs", None) is not None:
+            pm.add_hookspecs(info.target.hookspecs)
+    for spec in plugin_specs:
+        request = parse_plugin_spec(spec)
+        if request.name not in available:
+            raise MinitrainError(f"unknown plugin {request.name!r} (known: {', '.join(sorted(available)) or 'none'})")
+        register_plugin(pm, instantiate(available[request.name], request.options), request.name)
+    check_hooks(pm)
+
+    trainer, count, unknown = ReplayTrainer(run_dir), 0, set()
+    lines = path.read_text(encoding="utf-8").splitlines()  # all first: a replayed logger may append
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = ev.Event.from_json(line)
+        except ValueError as exc:
+            if str(exc).startswith("unknown event"):  # declared by a recipe or plugin not loaded here
+                unknown.add(str(exc).removeprefix("unknown event "))
+                continue
+            reason = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise MinitrainError(f"{path}:{number}: not a valid event: {reason}") from None
+        if isinstance(event, ev.FitStart):
+            event = event.model_copy(update={"run_dir": str(run_dir)})  # it may have moved since
+        trainer.follow(event)
+        caller = getattr(pm.hook, event.hook, None)
+        if caller is not None:
+            caller(event=event, trainer=trainer)
+        pm.hook.on_event(event=event, trainer=trainer)
+        count += 1
+    if unknown:
+        warnings.warn(f"replay skipped events of unknown types: {', '.join(sorted(unknown))}", stacklevel=2)
+    return count

@@ -1,0 +1,198 @@
+"""User errors: exit code 2, one stderr line ``minitrain: error: ...`` naming the culprit, no
+traceback. (Warnings, if any, are separate ``minitrain: warning:`` lines.)"""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from minitrain import cli
+from minitrain.data import CIFAR10_FOLDER
+
+
+def run_cli(capsys, *argv) -> str:
+    """Run the CLI, check the error contract, return the one error line."""
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in err.splitlines() if not line.startswith("minitrain: warning:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("minitrain: error: ")
+    return lines[0]
+
+
+def test_unknown_recipe_path(capsys, tmp_path):
+    line = run_cli(capsys, "run", tmp_path / "nope.py")
+    assert "recipe not found" in line and "nope.py" in line
+
+
+def test_recipe_with_syntax_error(capsys, write_recipe):
+    path = write_recipe("import minitrain\n\nclass Config(minitrain.RecipeConfig)\n    pass\n", "broken.py")
+    line = run_cli(capsys, "run", path)
+    assert str(path) in line and "syntax error at line 3" in line
+
+
+def test_recipe_that_fails_to_import(capsys, write_recipe):
+    path = write_recipe("import no_such_module_for_minitrain_tests\n", "badimport.py")
+    line = run_cli(capsys, "run", path)
+    assert str(path) in line and "no_such_module_for_minitrain_tests" in line
+
+
+def test_recipe_without_config(capsys, write_recipe):
+    path = write_recipe("def build(config, device):\n    pass\n", "noconfig.py")
+    line = run_cli(capsys, "run", path)
+    assert str(path) in line and "Config" in line
+
+
+def test_recipe_with_config_of_wrong_type(capsys, write_recipe):
+    path = write_recipe("class Config:\n    pass\n\ndef build(config, device):\n    pass\n", "plainconfig.py")
+    line = run_cli(capsys, "run", path)
+    assert str(path) in line and "minitrain.RecipeConfig" in line
+
+
+def test_recipe_without_build(capsys, write_recipe):
+    path = write_recipe("import minitrain\n\nclass Config(minitrain.RecipeConfig):\n    pass\n", "nobuild.py")
+    line = run_cli(capsys, "run", path)
+    assert str(path) in line and "build" in line
+
+
+RAISING_BUILD = '''
+import minitrain
+
+class Config(minitrain.RecipeConfig):
+    device: str = "cpu"
+
+def build(config, device):
+    raise {error}
+'''
+
+
+@pytest.mark.parametrize("error, expected", [
+    ('ValueError("the model is too big")', "ValueError: the model is too big"),
+    ('RuntimeError("first line\\nsecond line")', "first line"),
+    ("__import__('pydantic').TypeAdapter(int).validate_python('x')", "ValidationError"),
+], ids=["one-line", "multi-line", "pydantic"])
+def test_recipe_whose_build_raises(capsys, write_recipe, tmp_path, error, expected):
+    path = write_recipe(RAISING_BUILD.format(error=error), "raising.py")
+    line = run_cli(capsys, "run", path, "--run-dir", tmp_path / "run")
+    assert str(path) in line and "build() failed" in line and expected in line
+
+
+def test_recipe_whose_build_returns_the_wrong_thing(capsys, write_recipe, tmp_path):
+    path = write_recipe(RAISING_BUILD.replace("raise {error}", "return 42"), "wrongreturn.py")
+    line = run_cli(capsys, "run", path, "--run-dir", tmp_path / "run")
+    assert "minitrain.Components" in line and "int" in line
+
+
+def test_unknown_set_key(capsys, recipe):
+    line = run_cli(capsys, "run", recipe, "--set", "learning_rate=0.1")
+    assert "learning_rate" in line and "unknown key" in line
+
+
+@pytest.mark.parametrize("override, key", [("lr=fast", "lr"), ("epochs=1.5", "epochs"), ("augment=sometimes", "augment"),
+                                           # the recipe redeclares these to change defaults: the
+                                           # base class's bounds must still hold
+                                           ("epochs=0", "epochs"), ("batch_size=-1", "batch_size"), ("lr=0", "lr")])
+def test_bad_set_value(capsys, recipe, override, key):
+    line = run_cli(capsys, "run", recipe, "--set", override)
+    assert line.startswith(f"minitrain: error: --set: {key}:")
+    assert repr(override.split("=")[1]) in line  # what was given
+
+
+@pytest.mark.parametrize("override", ["lr", "=3", "  =x"])
+def test_malformed_set(capsys, recipe, override):
+    line = run_cli(capsys, "run", recipe, "--set", override)
+    assert "--set" in line and repr(override) in line and "KEY=VALUE" in line
+
+
+def test_set_nested_under_a_value(capsys, recipe):
+    line = run_cli(capsys, "run", recipe, "--set", "lr=1", "--set", "lr.x=2")
+    assert "--set" in line and "lr" in line
+
+
+def test_unknown_plugin(capsys, recipe):
+    line = run_cli(capsys, "run", recipe, "--plugin", "no_such_plugin")
+    assert "unknown plugin 'no_such_plugin'" in line and "jsonl" in line  # and what is known
+
+
+@pytest.mark.parametrize("spec, key", [("jsonl:flush_every=often", "flush_every"),
+                                       ("jsonl:flush_every=0", "flush_every"),
+                                       ("jsonl:colour=red", "colour"),
+                                       ("console:refresh_every", "refresh_every")])
+def test_bad_plugin_option(capsys, recipe, spec, key):
+    line = run_cli(capsys, "run", recipe, "--plugin", spec)
+    assert spec.split(":")[0] in line and key in line
+
+
+def test_no_plugin_of_unknown_name(capsys, recipe):
+    line = run_cli(capsys, "run", recipe, "--no-plugin", "consol")
+    assert "--no-plugin" in line and "'consol'" in line and "console" in line
+
+
+def test_unwritable_run_dir(capsys, recipe, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    line = run_cli(capsys, "run", recipe, "--run-dir", blocker / "run")
+    assert str(blocker / "run") in line and "not writable" in line
+
+
+def test_bad_plugin_hook_through_cli(capsys, recipe, install_dist):
+    install_dist("typo_cli_plugin", '''
+        import minitrain
+
+        class Typo:
+            @minitrain.hookimpl
+            def on_epoch_end(self, evnt):
+                pass
+    ''', {"typo": "typo_cli_plugin:Typo"})
+    line = run_cli(capsys, "run", recipe, "--plugin", "typo")
+    assert "'typo'" in line and "on_epoch_end" in line and "evnt" in line
+
+
+def test_missing_data_dir(capsys, recipe, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = run_cli(capsys, "run", recipe, "--set", f"data_dir={empty}", "--run-dir", tmp_path / "run")
+    assert str(empty / CIFAR10_FOLDER) in line  # where the files are expected
+    assert "data_batch_1" in line and "CIFAR-10 not found" in line
+
+
+def test_partial_data_dir_names_the_missing_files(capsys, recipe, fake_cifar, tmp_path):
+    (fake_cifar / CIFAR10_FOLDER / "data_batch_3").unlink()
+    line = run_cli(capsys, "run", recipe, "--run-dir", tmp_path / "run")
+    assert "data_batch_3" in line and "data_batch_1" not in line
+
+
+def test_truncated_data_file(capsys, recipe, fake_cifar, tmp_path):
+    target = fake_cifar / CIFAR10_FOLDER / "data_batch_2"
+    target.write_bytes(target.read_bytes()[:500])
+    line = run_cli(capsys, "run", recipe, "--run-dir", tmp_path / "run")
+    assert str(target) in line and "not a readable CIFAR-10 batch" in line
+
+
+@pytest.mark.parametrize("content, hint", [
+    ({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, "shape"),
+    ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1]}, "labels"),
+    ({"data": np.zeros((4, 3072), np.float32), "labels": [0, 1, 2, 3]}, "uint8"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 42]}, "0..9"),
+    ({"labels": [0]}, "not a readable"),
+    ([1, 2, 3], "not a readable"),
+], ids=["wrong-shape", "label-count", "dtype", "label-range", "no-data", "not-a-dict"])
+def test_malformed_data_file(capsys, recipe, fake_cifar, tmp_path, content, hint):
+    target = fake_cifar / CIFAR10_FOLDER / "test_batch"
+    target.write_bytes(pickle.dumps(content))
+    line = run_cli(capsys, "run", recipe, "--run-dir", tmp_path / "run")
+    assert str(target) in line and hint in line
+
+
+def test_debug_shows_the_traceback(recipe):
+    from minitrain.errors import MinitrainError
+    with pytest.raises(MinitrainError, match="learning_rate"):
+        cli.main(["--debug", "run", str(recipe), "--set", "learning_rate=1"])
+
+
+def test_plugins_order_with_bad_option(capsys):
+    line = run_cli(capsys, "plugins", "--order", "--plugin", "jsonl:nope=1")
+    assert "'jsonl'" in line and "nope" in line
