@@ -1,0 +1,212 @@
+"""Checkpointing: ``last.pt`` to resume from, ``best.pt`` and the top-k by a metric, written
+atomically, restored exactly (weights, optimizer, schedule, position within the epoch, random
+generators and every stateful plugin) by ``minitrain run --resume PATH|auto``.
+
+    minitrain run recipe.py --plugin checkpoint:every_steps=500,monitor=val_acc,top_k=3
+    minitrain run recipe.py --run-dir runs/that-run --resume auto
+
+Files go to ``<run dir>/checkpoints/`` (option ``dir``):
+
+* ``last.pt``, the newest state: at the end of every ``every``-th epoch, every ``every_steps``
+  optimizer steps (mid-epoch too: a resume continues from the next batch, replaying none), at
+  the end of fit, and when the run fails or is interrupted *between* two batches. A failure
+  inside a batch leaves the previous ``last.pt``, as a half-applied step cannot be resumed
+  exactly.
+* ``best.pt``, the best ``monitor`` value seen at a saving epoch end (not with ``top_k=0``);
+* for ``top_k`` above 1, also the k best as ``epoch=E-step=S-<monitor>=V.pt``, where ``E`` counts
+  completed epochs. The ranking is part of the plugin's checkpointed state, so after a resume it
+  goes on deleting exactly the files that drop out of the k best.
+
+The file format, atomic writing and safe loading are :mod:`minitrain.checkpointing`.
+
+**The worked example of a plugin-defined event.** Each file written is announced as a
+:class:`CheckpointSaved` event on a hook this plugin adds, ``on_checkpoint_saved(event,
+trainer)``. Any plugin can implement it, e.g. to upload checkpoints as they appear::
+
+    class Uploader:
+        @minitrain.hookimpl(optionalhook=True)  # without it, a run without checkpoint refuses
+        def on_checkpoint_saved(self, event, trainer):  # this plugin (an unknown hook)
+            upload(event.path)
+
+Declaring your own event takes the same four steps as here:
+
+1. subclass :class:`minitrain.events.Event`; the class name gives the hook name
+   (``CheckpointSaved`` -> ``on_checkpoint_saved``), and the fields are validated, serialise to
+   one JSON line and have a JSON Schema like any core event's;
+2. write its ``@minitrain.hookspec`` in a class or module (:class:`CheckpointHookspecs`);
+3. publish that as the plugin's ``hookspecs`` attribute: the plugin manager adds the spec when
+   it registers the plugin, so implementations elsewhere are checked against it;
+4. ``trainer.emit(event)``: every implementation of the hook runs, then ``on_event`` (which is
+   how the event reaches ``events.jsonl`` without the JSONL plugin knowing about it).
+
+Because the event is emitted from inside the ``on_epoch_end``/``on_fit_end`` hooks, its line in
+``events.jsonl`` comes just before the line of the event that triggered the save.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from minitrain import PluginConfig, checkpointing, hookimpl, hookspec
+from minitrain.events import Count, Event
+from minitrain_plugins._metric import Mode, improves, read_metric, resolve_mode
+
+
+class CheckpointSaved(Event):
+    """A checkpoint file was written (and is complete on disk)."""
+
+    path: str = Field(description="the file written")
+    kind: Literal["last", "best", "topk"] = Field(description="which of the plugin's files it is")
+    epoch: Count = Field(description="epochs completed when saved (with batch_idx: where a resume starts)")
+    batch_idx: Count = Field(description="batches of the next epoch already done (0 at an epoch end)")
+    global_step: Count
+    monitor: str | None = Field(default=None, description="the metric ranking best/top-k files, if measured")
+    metric: float | None = Field(default=None, description="its value at this save, if measured")
+
+
+class CheckpointHookspecs:
+    """The hook this plugin adds. pluggy reads the marker; the body is never called."""
+
+    @staticmethod
+    @hookspec
+    def on_checkpoint_saved(event: CheckpointSaved, trainer) -> None:
+        """After each checkpoint file is written (last.pt, best.pt or a top-k file)."""
+
+
+class Checkpoint:
+    enabled_by_default = False
+    hookspecs = CheckpointHookspecs
+
+    class Config(PluginConfig):
+        dir: str = Field(checkpointing.DEFAULT_DIR, description="checkpoint folder; relative to the run dir")
+        every: int = Field(1, ge=0, description="save at the end of every N-th epoch (0: never)")
+        every_steps: int = Field(0, ge=0, description="also save last.pt every N optimizer steps (0: never)")
+        monitor: str = Field("val_loss", description="epoch metric that ranks best.pt and the top-k files")
+        mode: Mode = Field("auto", description="min or max is better; auto: max for accuracies, else min")
+        top_k: int = Field(1, ge=0, description="keep the k best checkpoints (0: none, no best.pt)")
+        save_last: bool = Field(True, description="keep last.pt, the newest state, for resuming")
+
+        @model_validator(mode="after")
+        def _last_for_steps(self):
+            if self.every_steps and not self.save_last:
+                raise ValueError("every_steps saves last.pt, so it needs save_last=true")
+            return self
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.mode = resolve_mode(config.monitor, config.mode)
+        self.top: list[dict] = []  # best first: {"metric", "epoch", "global_step", "file"}
+        self.folder = Path(config.dir)
+        self.between_batches = True  # False while a batch runs: its state is then half-updated
+        self.last_saved: tuple[int, int, int] | None = None  # (epoch, batch_idx, step) in last.pt
+
+    def checkpoint_dir(self, run_dir: str | Path) -> Path:
+        """Where this plugin writes for ``run_dir`` (``--resume auto`` looks here)."""
+        return Path(run_dir) / self.config.dir
+
+    # --- plugin state, carried in the checkpoints themselves ---------------------------------
+
+    def state_dict(self) -> dict:
+        return {"top": [dict(entry) for entry in self.top]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.top = [dict(entry) for entry in state["top"]]
+
+    # --- when to save ------------------------------------------------------------------------
+
+    @hookimpl
+    def on_fit_start(self, event) -> None:
+        self.folder = self.checkpoint_dir(event.run_dir or ".")
+        self.between_batches = True
+
+    @hookimpl
+    def on_batch_start(self) -> None:
+        self.between_batches = False
+
+    @hookimpl(trylast=True)  # after other plugins, so their state in the file is this step's
+    def on_batch_end(self, event, trainer) -> None:
+        self.between_batches = True
+        if self.config.every_steps and event.global_step % self.config.every_steps == 0:
+            self._save(trainer, {"last": "last.pt"})
+
+    @hookimpl(trylast=True)  # after early stopping & co. have updated their state for this epoch
+    def on_epoch_end(self, event, trainer) -> None:
+        if not self.config.every or trainer.epoch % self.config.every:
+            return
+        files, metric, dropped = {}, None, []
+        if self.config.top_k:
+            metric = read_metric("checkpoint", self.config.monitor, event.metrics)
+            files, dropped = self._rank(metric, trainer)
+        if self.config.save_last:
+            files["last"] = "last.pt"
+        self._save(trainer, files, metric)
+        for entry in dropped:
+            (self.folder / entry["file"]).unlink(missing_ok=True)
+
+    @hookimpl(trylast=True)
+    def on_fit_end(self, trainer) -> None:
+        if self.config.save_last and self.last_saved != _position(trainer):
+            self._save(trainer, {"last": "last.pt"})
+
+    @hookimpl(trylast=True)
+    def on_exception_raised(self, trainer) -> None:
+        self._save_on_failure(trainer)
+
+    @hookimpl(trylast=True)
+    def on_interrupted(self, trainer) -> None:
+        self._save_on_failure(trainer)
+
+    def _save_on_failure(self, trainer) -> None:
+        """Keep the progress made since the last save, if the state is whole; never let a failed
+        save here hide the error that is ending the run."""
+        if not self.config.save_last or self.last_saved == _position(trainer):
+            return
+        if not self.between_batches:
+            held = f"step {self.last_saved[2]}" if self.last_saved else "no state from this run"
+            warnings.warn(f"checkpoint: the run stopped inside a batch, whose half-applied state is not "
+                          f"saved; last.pt holds {held}", stacklevel=2)
+            return
+        try:
+            self._save(trainer, {"last": "last.pt"})
+        except Exception as exc:  # the run's own error is the one to report
+            warnings.warn(f"checkpoint: {exc}", stacklevel=2)
+
+    # --- what to save ------------------------------------------------------------------------
+
+    def _rank(self, metric: float, trainer) -> tuple[dict[str, str], list[dict]]:
+        """Enter this epoch in the best-k list if it qualifies. Returns the files to write for it
+        and the entries it pushed out (whose files go once the new ones are safely written)."""
+        worst = self.top[-1]["metric"] if len(self.top) == self.config.top_k else None
+        if not improves(metric, worst, self.mode):
+            return {}, []
+        name = re.sub(r"[^\w.-]", "_", self.config.monitor)
+        entry = {"metric": metric, "epoch": trainer.epoch, "global_step": trainer.global_step,
+                 "file": f"epoch={trainer.epoch}-step={trainer.global_step}-{name}={metric:.4f}.pt"}
+        ranked = sorted([*self.top, entry], key=lambda e: e["metric"], reverse=self.mode == "max")
+        self.top, dropped = ranked[:self.config.top_k], ranked[self.config.top_k:]
+        files = {"topk": entry["file"]} if self.config.top_k > 1 else {}
+        if ranked[0] is entry:
+            files["best"] = "best.pt"
+        return files, dropped if self.config.top_k > 1 else []  # top-1 keeps best.pt alone, no copy
+
+    def _save(self, trainer, files: dict[str, str], metric: float | None = None) -> None:
+        """Write one trainer state to each of ``files`` (kind -> file name), announcing each."""
+        if not files:
+            return
+        state = trainer.state_dict()
+        monitor = self.config.monitor if metric is not None else None
+        for kind, name in files.items():
+            path = self.folder / name
+            checkpointing.save(path, checkpointing.header(trainer, kind=kind, monitor=monitor, metric=metric), state)
+            if kind == "last":
+                self.last_saved = _position(trainer)
+            trainer.emit(CheckpointSaved(path=str(path), kind=kind, epoch=trainer.epoch, batch_idx=trainer.batch_idx,
+                                         global_step=trainer.global_step, monitor=monitor, metric=metric))
+
+
+def _position(trainer) -> tuple[int, int, int]:
+    return trainer.epoch, trainer.batch_idx, trainer.global_step

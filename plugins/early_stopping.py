@@ -1,0 +1,50 @@
+"""Early stopping: end the run when an epoch metric has stopped improving.
+
+    minitrain run recipe.py --plugin early_stopping:monitor=val_acc,patience=5
+
+After every epoch it compares ``monitor`` with the best value so far; after ``patience`` epochs
+in a row without an improvement larger than ``min_delta`` it calls ``trainer.request_stop``, so
+the run ends there with ``FitEnd.stop_reason`` saying why. The best value and the count of
+epochs without improvement travel in checkpoints, so a resumed run stops when the uninterrupted
+one would have.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from minitrain import PluginConfig, hookimpl
+from minitrain_plugins._metric import Mode, improves, read_metric, resolve_mode
+
+
+class EarlyStopping:
+    enabled_by_default = False
+
+    class Config(PluginConfig):
+        monitor: str = Field("val_loss", description="the epoch metric to watch")
+        patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
+        mode: Mode = Field("auto", description="min or max is better; auto: max for accuracies, else min")
+        min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.mode = resolve_mode(config.monitor, config.mode)
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+
+    @hookimpl
+    def on_epoch_end(self, event, trainer) -> None:
+        value = read_metric("early_stopping", self.config.monitor, event.metrics)
+        if improves(value, self.best, self.mode, self.config.min_delta):
+            self.best, self.bad_epochs = value, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.config.patience:
+            best = "none" if self.best is None else f"{self.best:.4g}"
+            trainer.request_stop(f"{self.config.monitor} did not improve for {self.bad_epochs} epochs "
+                                 f"(best {best}, mode {self.mode})")

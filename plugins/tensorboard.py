@@ -1,0 +1,70 @@
+"""TensorBoard scalars through PyTorch's own ``SummaryWriter``, into ``<run_dir>/tensorboard``.
+
+``tensorboard --logdir runs/`` then shows every run side by side. Written:
+
+* ``train/loss``: the batch loss every ``log_every`` steps. Reading it is a host-device sync, so
+  it happens at most once per ``log_every`` steps, never every step;
+* ``epoch/<name>`` for each epoch metric (train_loss, val_loss, val_acc, lr, samples_per_s, ...);
+* the run's config, as text.
+
+All against the global step, so per-step and per-epoch curves share one x axis. It reads only
+events, so ``minitrain replay RUN --plugin tensorboard`` writes the same files after the fact.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field
+from torch.utils.tensorboard import SummaryWriter
+
+from minitrain import PluginConfig, hookimpl
+
+
+class TensorBoard:
+    enabled_by_default = False
+
+    class Config(PluginConfig):
+        log_every: int = Field(50, ge=1, description="steps between logged batch losses")
+        subdir: str = Field("tensorboard", description="folder under the run directory")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.writer: SummaryWriter | None = None
+
+    @hookimpl
+    def on_fit_start(self, event) -> None:
+        if event.run_dir is None:
+            return
+        self.writer = SummaryWriter(log_dir=str(Path(event.run_dir) / self.config.subdir))
+        self.writer.add_text("config", f"```\n{json.dumps(event.config, indent=2)}\n```", event.global_step)
+
+    @hookimpl
+    def on_batch_end(self, event) -> None:
+        if self.writer is not None and event.global_step % self.config.log_every == 0:
+            self.writer.add_scalar("train/loss", float(event.loss), event.global_step)
+
+    @hookimpl
+    def on_epoch_end(self, event) -> None:
+        if self.writer is None:
+            return
+        for name, value in event.metrics.items():
+            self.writer.add_scalar(f"epoch/{name}", value, event.global_step)
+        self.writer.flush()
+
+    @hookimpl
+    def on_fit_end(self) -> None:
+        self._close()
+
+    @hookimpl
+    def on_exception_raised(self) -> None:
+        self._close()
+
+    @hookimpl
+    def on_interrupted(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

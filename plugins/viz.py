@@ -1,0 +1,246 @@
+"""Plots and a small HTML report: ``<run_dir>/plots/*.png`` and ``<run_dir>/report.html``.
+
+Written at the end of the fit (and after every epoch with ``every_epoch=true``):
+
+* ``loss.png`` (train and validation loss), ``accuracy.png`` (validation accuracy) and ``lr.png``
+  (learning rate), by epoch;
+* ``confusion.png``: the last validation's confusion matrix, with the recipe's class names;
+* ``misclassified.png``: up to ``max_images`` validation images the final model got wrong;
+* ``report.html``: the plots (relative links, so it works offline), final metrics and config.
+
+Everything but the image grid is drawn from events alone (FitStart's config and class names,
+EpochEnd's metrics, ValidationEnd's confusion matrix), which is why ``minitrain report RUN_DIR``
+can redraw it from ``events.jsonl`` without training. The grid needs the images themselves: a
+wrapper on ``eval_step`` collects them on the device during the last scheduled epoch's validation
+only, in fixed-size buffers (no host sync per batch), and moves them to the host once. A replay
+has no images, so it keeps a grid that is already there.
+
+Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas, never
+pyplot, so no global backend is switched and no window opens.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from pydantic import Field
+
+from minitrain import PluginConfig, hookimpl
+
+PLOTS = "plots"
+CURVES = {  # file -> (title, y label, [(metric, legend label)])
+    "loss.png": ("Loss", "loss", [("train_loss", "train"), ("val_loss", "validation")]),
+    "accuracy.png": ("Validation accuracy", "accuracy", [("val_acc", "validation")]),
+    "lr.png": ("Learning rate (end of epoch)", "learning rate", [("lr", "lr")]),
+}
+FIGURES = [*CURVES, "confusion.png", "misclassified.png"]  # the report's order
+
+
+class Visualization:
+    enabled_by_default = False
+
+    class Config(PluginConfig):
+        every_epoch: bool = Field(False, description="also redraw after every epoch, not only at the end")
+        max_images: int = Field(32, ge=0, le=256, description="misclassified images to show (0: no grid)")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.run_dir: Path | None = None
+        self.run_config: dict = {}
+        self.class_names: list[str] | None = None
+        self.total_epochs: int | None = None
+        self.epochs: dict[int, dict[str, float]] = {}  # epoch -> its EpochEnd metrics
+        self.confusion: list[list[int]] | None = None
+        self.confusion_epoch = 0
+        self.stop_reason: str | None = None
+        self.capturing = False
+        self.buffer: tuple[torch.Tensor, ...] | None = None  # (images, targets, preds, wrong) on the device
+        self.misclassified: tuple[torch.Tensor, ...] | None = None  # the same, on the host
+
+    # --- recording ----------------------------------------------------------------------------
+
+    @hookimpl
+    def on_fit_start(self, event) -> None:
+        self.run_dir = Path(event.run_dir) if event.run_dir else None
+        self.run_config, self.class_names, self.total_epochs = event.config, event.class_names, event.epochs
+
+    @hookimpl
+    def on_validation_start(self, event) -> None:
+        self.capturing = bool(self.run_dir) and self.config.max_images > 0 and event.epoch + 1 == self.total_epochs
+        self.buffer = None
+
+    @hookimpl(wrapper=True)
+    def eval_step(self, batch):
+        logits, targets = yield
+        if self.capturing:
+            self._collect(batch[0], logits, targets)
+        return logits, targets
+
+    def _collect(self, images, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep the first ``max_images`` wrong predictions seen so far; every shape is fixed in
+        advance, so nothing waits for the device."""
+        if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] in (1, 3)):
+            return
+        preds = logits.argmax(1)
+        parts = (images.to(logits.device, non_blocking=True), targets, preds, preds != targets)
+        parts = _first_wrong(parts, self.config.max_images)
+        if self.buffer is not None:
+            parts = _first_wrong(tuple(torch.cat(p) for p in zip(self.buffer, parts)), self.config.max_images)
+        self.buffer = parts
+
+    @hookimpl
+    def on_validation_end(self, event) -> None:
+        self.confusion, self.confusion_epoch = event.confusion, event.epoch
+        if self.capturing and self.buffer is not None:
+            self.misclassified = tuple(t.cpu() for t in self.buffer)  # the one move to the host
+        self.capturing, self.buffer = False, None
+
+    @hookimpl(tryfirst=True)  # before a checkpoint plugin saves this plugin's state
+    def on_epoch_end(self, event) -> None:
+        self.epochs[event.epoch] = dict(event.metrics)
+        if self.config.every_epoch:
+            self.write()
+
+    @hookimpl
+    def on_fit_end(self, event) -> None:
+        self.stop_reason = event.stop_reason
+        self.write()
+
+    @hookimpl
+    def on_exception_raised(self) -> None:
+        self.write()
+
+    @hookimpl
+    def on_interrupted(self) -> None:
+        self.write()
+
+    def state_dict(self) -> dict:
+        """The curves so far, so that a resumed run's plots start at epoch 1."""
+        return {"epochs": self.epochs, "confusion": self.confusion, "confusion_epoch": self.confusion_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = {int(k): dict(v) for k, v in state["epochs"].items()}
+        self.confusion, self.confusion_epoch = state["confusion"], state["confusion_epoch"]
+
+    # --- drawing ------------------------------------------------------------------------------
+
+    def write(self) -> None:
+        if self.run_dir is None:
+            return
+        plots = self.run_dir / PLOTS
+        plots.mkdir(parents=True, exist_ok=True)
+        epochs = [{"epoch": e + 1} | self.epochs[e] for e in sorted(self.epochs)]
+        for name, (title, ylabel, series) in CURVES.items():
+            plot_curve(epochs, series, title, ylabel, plots / name)
+        if self.confusion is not None:
+            plot_confusion(self.confusion, self.class_names, self.confusion_epoch, plots / "confusion.png")
+        if self.misclassified is not None:
+            errors = sum(sum(row) - row[i] for i, row in enumerate(self.confusion))
+            plot_misclassified(*self.misclassified, self.class_names, errors, plots / "misclassified.png")
+        write_report(self.run_dir, self.run_config, epochs, self.stop_reason)
+
+
+def _first_wrong(parts: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
+    """The first ``k`` rows of each tensor, wrong predictions (``parts[-1]``) first, in order."""
+    order = torch.argsort((~parts[-1]).to(torch.uint8), stable=True)[:k]
+    return tuple(p[order] for p in parts)
+
+
+def _label(class_names: list[str] | None, index: int) -> str:
+    return class_names[index] if class_names and index < len(class_names) else str(index)
+
+
+def plot_curve(epochs: list[dict], series: list[tuple[str, str]], title: str, ylabel: str, path: Path) -> None:
+    """One line per metric in ``series`` that the epochs recorded; no file if none did."""
+    lines = [(label, [(m["epoch"], m[key]) for m in epochs if key in m]) for key, label in series]
+    lines = [(label, points) for label, points in lines if points]
+    if not lines:
+        return
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for label, points in lines:
+        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def plot_confusion(matrix: list[list[int]], class_names: list[str] | None, epoch: int, path: Path) -> None:
+    """Counts in each cell, coloured by the fraction of the true class (row) they hold."""
+    counts = torch.tensor(matrix, dtype=torch.float64)
+    n = counts.shape[0]
+    names = [_label(class_names, i) for i in range(n)]
+    fractions = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    size = min(4 + 0.55 * n, 20)
+    fig = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="fraction of true class", shrink=0.8)
+    if n <= 30:
+        ax.set_xticks(range(n), names, rotation=45, ha="right")
+        ax.set_yticks(range(n), names)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if fractions[i, j] > 0.5 else "black")
+    accuracy = counts.diagonal().sum() / counts.sum().clamp(min=1)
+    ax.set(title=f"Validation confusion matrix (epoch {epoch + 1}, accuracy {accuracy:.1%})",
+           xlabel="predicted", ylabel="true")
+    fig.savefig(path, dpi=100)
+
+
+def plot_misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, wrong: torch.Tensor,
+                       class_names: list[str] | None, total_wrong: int, path: Path) -> None:
+    """A grid of wrongly classified images, each stretched to its own value range (the inputs
+    are normalised, and the plugin does not know how)."""
+    images, targets, preds = images[wrong].float(), targets[wrong], preds[wrong]
+    if not len(images):
+        return
+    flat = images.flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    images = ((images - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1).numpy()
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4), layout="constrained")
+    fig.suptitle(f"Misclassified validation images ({len(images)} of {total_wrong})")
+    for i, (image, t, p) in enumerate(zip(images, targets.tolist(), preds.tolist())):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(image.squeeze(2) if image.shape[2] == 1 else image, cmap="gray", interpolation="nearest")
+        ax.set_title(f"true: {_label(class_names, t)}\npred: {_label(class_names, p)}", fontsize=8)
+        ax.set_axis_off()
+    fig.savefig(path, dpi=100)
+
+
+def write_report(run_dir: Path, config: dict, epochs: list[dict], stop_reason: str | None) -> None:
+    """``report.html``: whichever plots exist, the final metrics and the config. Links are
+    relative, so the run directory can be copied or opened offline as it is."""
+    esc = html.escape
+    figures = [f'<figure><img src="{PLOTS}/{name}" alt="{esc(name)}"></figure>'
+               for name in FIGURES if (run_dir / PLOTS / name).is_file()]
+    final = epochs[-1] if epochs else {}
+    summary = f"{len(epochs)} epoch(s) recorded" + (f"; stopped early: {esc(stop_reason)}" if stop_reason else "")
+    metrics = "".join(f"<tr><th>{esc(k)}</th><td>{v:.4g}</td></tr>" for k, v in final.items())
+    settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>" for k, v in config.items())
+    (run_dir / "report.html").write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>minitrain report: {esc(run_dir.name)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; }}
+figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{esc(run_dir.name)}</h1>
+<p>{summary}</p>
+<h2>Final metrics</h2>
+<table>{metrics or "<tr><td>no completed epoch</td></tr>"}</table>
+<h2>Plots</h2>
+{chr(10).join(figures) or "<p>no plots</p>"}
+<h2>Config</h2>
+<table>{settings}</table>
+</body></html>
+""", encoding="utf-8")

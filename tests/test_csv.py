@@ -1,0 +1,81 @@
+"""The csv plugin: one row per epoch in metrics.csv, one header, across resumes and new metrics."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import warnings
+
+import pytest
+
+import minitrain.plugins
+from minitrain.events import EpochEnd, FitStart
+from minitrain.run import prepare
+from minitrain_plugins.csv_log import CsvLog
+
+PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
+
+
+@pytest.fixture(autouse=True)
+def _with_these_plugins(_isolate, monkeypatch, real_discover):
+    """The conftest hides first-party plugins other than the core's; these tests need theirs."""
+    def discover(autoload_third_party=None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = real_discover(autoload_third_party)
+        return {n: i for n, i in found.items() if i.distribution != minitrain.plugins.FIRST_PARTY or n in PLUGINS}
+    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+
+
+@pytest.fixture
+def run(recipe, tmp_path):
+    """``run(epochs, resume=None)``: train the tiny recipe in one run dir with checkpoints on."""
+    def train(epochs, resume=None):
+        prepare(recipe, [f"epochs={epochs}"], ["checkpoint"], ["console"], tmp_path / "run", resume=resume).fit()
+    return train
+
+
+def read(path):
+    with open(path, newline="") as file:
+        lines = file.read().splitlines()
+    return lines[0].split(","), list(csv.DictReader(lines))
+
+
+def test_one_row_per_epoch_and_one_header_across_a_resume(run, tmp_path):
+    run(2)
+    run(4, resume="auto")
+    header, rows = read(tmp_path / "run" / "metrics.csv")
+    first = next(json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+                 if '"EpochEnd"' in line)
+    assert header == ["epoch", "global_step", *first["metrics"]]
+    assert [(r["epoch"], r["global_step"]) for r in rows] == [("1", "5"), ("2", "10"), ("3", "15"), ("4", "20")]
+    assert all(float(r["train_loss"]) > 0 and r["val_acc"] for r in rows)
+
+
+def test_resuming_from_an_earlier_checkpoint_replaces_the_epochs_it_redoes(run, tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    run(1)
+    shutil.copy(folder / "last.pt", tmp_path / "after-epoch-1.pt")
+    run(3, resume="auto")
+    run(3, resume=tmp_path / "after-epoch-1.pt")
+    header, rows = read(tmp_path / "run" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_a_metric_that_appears_later_widens_the_table(tmp_path):
+    log = CsvLog(CsvLog.Config())
+    log.on_fit_start(FitStart(epochs=2, start_epoch=0, global_step=0, steps_per_epoch=3, device="cpu",
+                              run_dir=str(tmp_path)))
+    log.on_epoch_end(EpochEnd(epoch=0, global_step=3, metrics={"train_loss": 1.5}))
+    log.on_epoch_end(EpochEnd(epoch=1, global_step=6, metrics={"train_loss": 1.25, "val_acc": 0.5}))
+    header, rows = read(tmp_path / "metrics.csv")
+    assert header == ["epoch", "global_step", "train_loss", "val_acc"]
+    assert [list(r.values()) for r in rows] == [["1", "3", "1.5", ""], ["2", "6", "1.25", "0.5"]]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_without_a_run_dir_it_writes_nothing(tmp_path):
+    log = CsvLog(CsvLog.Config())
+    log.on_fit_start(FitStart(epochs=1, start_epoch=0, global_step=0, steps_per_epoch=3, device="cpu", run_dir=None))
+    log.on_epoch_end(EpochEnd(epoch=0, global_step=3, metrics={"train_loss": 1.5}))
+    assert not list(tmp_path.iterdir())

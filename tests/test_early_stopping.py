@@ -1,0 +1,74 @@
+"""The early_stopping plugin: stops after ``patience`` epochs without improvement, says why, and
+keeps counting across a resume."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+import minitrain.plugins
+from minitrain.errors import MinitrainError
+from minitrain.run import prepare
+from minitrain_plugins._metric import improves, resolve_mode
+
+PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
+NEVER_BETTER = "min_delta=1e9"  # after the first epoch nothing counts as an improvement
+
+
+@pytest.fixture(autouse=True)
+def _with_these_plugins(_isolate, monkeypatch, real_discover):
+    """The conftest hides first-party plugins other than the core's; these tests need theirs."""
+    def discover(autoload_third_party=None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = real_discover(autoload_third_party)
+        return {n: i for n, i in found.items() if i.distribution != minitrain.plugins.FIRST_PARTY or n in PLUGINS}
+    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+
+
+@pytest.fixture
+def start(recipe, tmp_path):
+    def make(plugins, epochs, resume=None):
+        return prepare(recipe, [f"epochs={epochs}"], plugins, ["console"], tmp_path / "run", resume=resume)
+    return make
+
+
+def test_stops_after_patience_epochs_without_improvement(start):
+    trainer = start([f"early_stopping:monitor=train_loss,patience=2,{NEVER_BETTER}"], epochs=10)
+    trainer.fit()
+    assert trainer.epoch == 3  # epoch 1 sets the best; 2 and 3 do not beat it
+    assert trainer.stop_reason.startswith("train_loss did not improve for 2 epochs (best ")
+
+
+def test_a_run_shorter_than_its_patience_finishes(start):
+    trainer = start([f"early_stopping:monitor=train_loss,patience=3,{NEVER_BETTER}"], epochs=3)
+    trainer.fit()
+    assert trainer.epoch == 3 and trainer.stop_reason is None
+
+
+def test_the_count_survives_a_resume(start):
+    spec = f"early_stopping:monitor=train_loss,patience=3,{NEVER_BETTER}"
+    start([spec, "checkpoint"], epochs=2).fit()  # best at epoch 1, one bad epoch so far
+    trainer = start([spec, "checkpoint"], epochs=10, resume="auto")
+    trainer.fit()
+    assert trainer.epoch == 4  # a fresh count would have run to epoch 6
+
+
+def test_a_missing_monitor_names_the_metrics_there_are(start):
+    with pytest.raises(MinitrainError, match="early_stopping: monitor 'val_f1' is not an epoch metric "
+                                             r"\(available: .*train_loss.*val_loss"):
+        start(["early_stopping:monitor=val_f1"], epochs=1).fit()
+
+
+def test_options_are_validated(start):
+    with pytest.raises(MinitrainError, match="plugin 'early_stopping': patience: .*greater than or equal to 1"):
+        start(["early_stopping:patience=0"], epochs=1)
+
+
+def test_direction_and_delta():
+    assert resolve_mode("val_acc", "auto") == "max" and resolve_mode("val_loss", "auto") == "min"
+    assert resolve_mode("val_acc", "min") == "min"
+    assert improves(0.5, None, "min") and not improves(math.nan, None, "min")
+    assert improves(0.4, 0.5, "min", 0.05) and not improves(0.46, 0.5, "min", 0.05)
+    assert improves(0.6, 0.5, "max") and not improves(0.5, 0.5, "max")

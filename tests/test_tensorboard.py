@@ -1,0 +1,55 @@
+"""The tensorboard plugin writes real TensorBoard event files: batch loss every ``log_every``
+steps and every epoch metric, read back here with TensorBoard's own EventAccumulator."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import minitrain.plugins
+from minitrain.events import FitStart
+from minitrain.run import prepare
+from minitrain_plugins.tensorboard import TensorBoard
+
+
+@pytest.fixture(autouse=True)
+def _tensorboard_available(monkeypatch, real_discover):
+    """conftest hides first-party plugins other than console/jsonl; these tests need tensorboard."""
+    def discover(autoload_third_party=None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = real_discover(autoload_third_party)
+        return {name: info for name, info in found.items() if name in ("console", "jsonl", "tensorboard")}
+    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(s.step, s.value) for s in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_scalars_are_written_and_match_the_event_log(recipe, tmp_path):
+    trainer = prepare(recipe, ["epochs=2"], ["tensorboard:log_every=2,subdir=tb"], ["console"], tmp_path / "run")
+    trainer.fit()  # 5 steps per epoch
+
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    scalars = read_scalars(tmp_path / "run" / "tb")
+    assert {"train/loss", "epoch/train_loss", "epoch/val_loss", "epoch/val_acc", "epoch/lr",
+            "epoch/samples_per_s"} <= set(scalars)
+
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    losses = {e["global_step"]: e["loss"] for e in events if e["event"] == "BatchEnd"}
+    assert [step for step, _ in scalars["train/loss"]] == [2, 4, 6, 8, 10]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx([losses[s] for s in (2, 4, 6, 8, 10)])
+    epochs = [e for e in events if e["event"] == "EpochEnd"]
+    for name in ("train_loss", "val_loss", "val_acc", "lr"):
+        assert scalars[f"epoch/{name}"] == [(e["global_step"], pytest.approx(e["metrics"][name])) for e in epochs]
+
+
+def test_nothing_is_written_without_a_run_dir():
+    plugin = TensorBoard(TensorBoard.Config())
+    plugin.on_fit_start(FitStart(epochs=1, start_epoch=0, global_step=0, steps_per_epoch=1, device="cpu", run_dir=None))
+    assert plugin.writer is None
