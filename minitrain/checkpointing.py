@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from minitrain import __version__
+from minitrain import __version__, distributed
 from minitrain.errors import MinitrainError
 
 if TYPE_CHECKING:
@@ -65,6 +65,18 @@ def save(path: str | Path, header: dict[str, Any], state: dict[str, Any]) -> Non
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # still there only if the rename did not happen
     _fsync_dir(path.parent)
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what saves that never finished left behind: the temporary file of a process killed
+    between writing and renaming. Nothing reads these (``--resume auto`` looks at ``*.pt``), but
+    they would pile up. Returns the files removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.pt.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -140,22 +152,47 @@ def check_resume(spec: str | Path, run_dir: str | Path | None) -> None:
 def resume(trainer: Trainer, spec: str | Path) -> Path | None:
     """Restore ``trainer`` from ``spec``: a checkpoint file, or ``"auto"`` for the newest readable
     one in the run's checkpoint folder. Returns the file used, or None when ``auto`` found none
-    (the run then starts fresh, and a warning says so)."""
+    (the run then starts fresh, and a warning says so). Under torchrun rank 0 picks the file
+    (the one that knows where checkpoints are written) and every rank loads it."""
     if str(spec) == "auto":
         folders = checkpoint_dirs(trainer)
-        found = newest(folders)
-        if found is None:
-            warnings.warn(f"--resume auto: no checkpoint in {', '.join(map(str, folders))}; starting fresh",
-                          stacklevel=2)
+        found = newest(folders) if distributed.is_main() else None
+        chosen = distributed.from_main(found and str(found[0]))
+        if chosen is None:
+            if distributed.is_main():
+                warnings.warn(f"--resume auto: no checkpoint in {', '.join(map(str, folders))}; starting fresh",
+                              stacklevel=2)
             return None
-        path, checkpoint = found
+        path, checkpoint = found or (Path(chosen), load(chosen))
     else:
         path, checkpoint = Path(spec), load(spec)
+    saved = checkpoint["trainer"].get("model") if isinstance(checkpoint["trainer"], dict) else None
+    wrong = misfits(trainer.module.state_dict(), saved) if isinstance(saved, dict) else []
+    if wrong:
+        raise MinitrainError(f"checkpoint {path} is for a different model: {len(wrong)} tensor(s) do not fit: "
+                             + "; ".join(wrong))
     try:
         trainer.load_state_dict(checkpoint["trainer"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise MinitrainError(f"checkpoint {path} does not fit this recipe ({_one_line(exc)})") from None
     return path
+
+
+def misfits(model: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Each tensor of the ``model`` state that the ``saved`` one shapes differently or lacks, and
+    each saved tensor the model lacks, named with its shape (torch's own message is a paragraph
+    and stops at the first kind of problem)."""
+    found = [f"{name} {_shape(saved[name])} in the checkpoint, {_shape(value)} in the model"
+             for name, value in model.items() if name in saved and _shape(saved[name]) != _shape(value)]
+    found += [f"{name} {_shape(value)} not in the checkpoint" for name, value in model.items() if name not in saved]
+    found += [f"{name} {_shape(value)} not in the model" for name, value in saved.items() if name not in model]
+    return found
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "(" + ", ".join(map(str, value.shape)) + ")"
+    return type(value).__name__
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

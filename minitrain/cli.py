@@ -1,19 +1,27 @@
-"""The ``minitrain`` command. User errors print one line and exit 2; ``--debug`` shows tracebacks."""
+"""The ``minitrain`` command. User errors print one line and exit 2; ``--debug`` shows tracebacks.
+A run stopped by SIGINT/SIGTERM prints how to resume it and exits 130/143."""
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import os
 import sys
 import warnings
+from typing import NoReturn
 
-from minitrain.errors import MinitrainError
+from minitrain.errors import MinitrainError, TrainingInterrupted
+from minitrain.plugins import DISABLE_AUTOLOAD_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # for `run --nproc` to relaunch itself
     shown, warnings.showwarning = warnings.showwarning, _show_warning
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV)
+    if args.disable_plugin_autoload:  # through the environment, so that torchrun's children see it too
+        os.environ[DISABLE_AUTOLOAD_ENV] = "1"
     try:
         return args.func(args) or 0
     except MinitrainError as exc:
@@ -27,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = shown
+        if autoload is None:
+            os.environ.pop(DISABLE_AUTOLOAD_ENV, None)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -36,6 +46,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minitrain", description="Plugin-based PyTorch training.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--disable-plugin-autoload", action="store_true",
+                        help=f"import no third-party plugin unless named with --plugin (as {DISABLE_AUTOLOAD_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train a recipe")
@@ -43,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field (dotted keys for nested fields); repeatable")
     run.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
-                     help="enable a plugin, with options; repeatable")
+                     help="enable a plugin, with options (every plugin takes role=critical|observer); repeatable")
     run.add_argument("--no-plugin", dest="disabled", action="append", default=[], metavar="NAME",
                      help="disable a plugin that is on by default or enabled by the recipe; repeatable")
     run.add_argument("--run-dir", help="where the run writes its files (default runs/<recipe>-<timestamp>)")
@@ -51,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue from a checkpoint file, or 'auto': the newest in --run-dir's checkpoints "
                           "(starts fresh, saying so, if there is none)")
     run.add_argument("--trace-hooks", action="store_true", help="print every hook call (very verbose)")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train with DDP on N processes of this machine (relaunches itself through torchrun)")
+    run.add_argument("--init-from", metavar="CHECKPOINT",
+                     help="start from this checkpoint's model weights (not its optimizer or progress): fine-tuning")
+    run.add_argument("--init-skip-mismatched", action="store_true",
+                     help="with --init-from: leave tensors whose name or shape differ (a new head) as the recipe "
+                          "initialises them, instead of stopping with the list")
     run.set_defaults(func=_cmd_run)
 
     plugins = sub.add_parser("plugins", help="list installed plugins")
@@ -74,24 +93,83 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--plugin", dest="plugins", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
                         help="plugin to replay the events through, with options; repeatable")
     replay.set_defaults(func=_cmd_replay)
+
+    export = sub.add_parser("export", help="write a trained model as one self-contained file, with its metadata")
+    export.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
+                        help="a run directory (its checkpoints/last.pt) or a checkpoint file inside one")
+    export.add_argument("--format", dest="fmt", choices=["exported-program", "torchscript"], default="exported-program",
+                        help="torch.export archive (.pt2, default) or TorchScript (.torchscript.pt)")
+    export.add_argument("--out", metavar="FILE", help="where to write (default: in the run directory)")
+    export.add_argument("--recipe", metavar="PATH", help="the run's recipe file, if it moved since training")
+    export.set_defaults(func=_cmd_export)
+
+    predict = sub.add_parser("predict", help="classify images with a model written by `minitrain export`")
+    predict.add_argument("model", help="the exported model file")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, any size")
+    predict.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.set_defaults(func=_cmd_predict)
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from minitrain import distributed
     from minitrain.run import prepare
 
-    trainer = prepare(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume)
+    if args.nproc is not None:
+        return _launch(args.nproc, args.argv)
+    trainer = prepare(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume,
+                      args.init_from, args.init_skip_mismatched)
     if args.trace_hooks:
         trainer.pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
         trainer.pm.enable_tracing()
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(f"minitrain: {exc} at step {trainer.global_step}; {_resume_hint(args, trainer)}", file=sys.stderr)
+        return exc.exit_code
     summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    print(f"done: {trainer.epoch} epochs, {trainer.global_step} steps; {summary}; run dir: {trainer.run_dir}")
+    if distributed.is_main():
+        print(f"done: {trainer.epoch} epochs, {trainer.global_step} steps; {summary}; run dir: {trainer.run_dir}")
+    distributed.leave()
     return 0
 
 
+def _resume_hint(args: argparse.Namespace, trainer) -> str:
+    """The command that continues this run, if a checkpoint of it is on disk."""
+    import shlex
+
+    from minitrain import checkpointing
+
+    if not any(any(folder.glob("*.pt")) for folder in checkpointing.checkpoint_dirs(trainer)):
+        return "no checkpoint was written (--plugin checkpoint makes a run resumable)"
+    command = ["minitrain", "run", args.recipe, *(f"--set={o}" for o in args.overrides),
+               *(f"--plugin={p}" for p in args.plugins), *(f"--no-plugin={d}" for d in args.disabled),
+               "--run-dir", trainer.run_dir, "--resume", "auto"]
+    return f"resume with: {shlex.join(command)}"
+
+
+def _launch(nproc: int, argv: list[str]) -> NoReturn:
+    """Replace this process by ``torchrun --standalone --nproc_per_node=N -m minitrain ARGV``
+    (``--nproc`` removed): PyTorch's own launcher starts the processes and watches over them."""
+    from minitrain import distributed
+
+    if nproc < 1:
+        raise MinitrainError(f"--nproc must be at least 1, not {nproc}")
+    if distributed.launched():
+        raise MinitrainError("--nproc: this process was already started by torchrun; drop --nproc")
+    at = next(i for i, arg in enumerate(argv) if arg.startswith("--nproc"))
+    rest = argv[:at] + argv[at + (1 if "=" in argv[at] else 2):]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", "minitrain", *rest])
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from minitrain.plugins import discover, hook_order, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
+    from minitrain.plugins import (
+        discover, hook_order, make_plugin_manager, parse_plugin_spec, register_plugin, resolve, role_of,
+    )
 
     available = discover()
     if args.order:
@@ -108,6 +186,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     rows = [{
         "name": info.name, "version": info.version, "distribution": info.distribution,
         "enabled_by_default": info.enabled_by_default, "hooks": implemented_hooks(info.target),
+        "role": role_of(info.target) if info.error is None else None,
         "options": _options(info.config_model), "error": info.error,
     } for info in available.values()]
     if args.json:
@@ -117,7 +196,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print("no plugins installed")
     for row in rows:
         state = "on by default" if row["enabled_by_default"] else "off by default"
-        print(f"{row['name']} {row['version'] or ''} ({row['distribution']}, {state})")
+        print(f"{row['name']} {row['version'] or ''} ({row['distribution']}, {state}, {row['role'] or '?'})")
         if row["error"]:
             print(f"    unavailable: {row['error']}")
         print(f"    hooks: {', '.join(row['hooks']) or '-'}")
@@ -174,4 +253,23 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     count = replay(args.run_dir, args.plugins)
     print(f"replayed {count} events through {', '.join(args.plugins)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from minitrain.export import export
+
+    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe)}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from minitrain.predict import predict
+
+    results = predict(args.model, args.images, args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(f"{result['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"]))
     return 0

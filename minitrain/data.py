@@ -4,6 +4,7 @@ tensors (in host memory, or resident on the device) deterministically enough to 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import warnings
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minitrain import distributed
 from minitrain.errors import MinitrainError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -58,9 +60,23 @@ def load_cifar10(data_dir: str | Path, train: bool, download: bool = True) -> tu
     return torch.cat(images), torch.cat(labels)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's batches are pickles, and unpickling can run any code the file names. These
+    files only ever hold numpy arrays in plain dicts and lists, so nothing else is looked up."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are read")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: Path, raw: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        entry = pickle.loads(raw, encoding="latin1")
+        entry = _ArraysOnly(io.BytesIO(raw), encoding="latin1").load()
         data, labels = entry["data"], entry.get("labels", entry.get("fine_labels"))
     except Exception as exc:
         raise MinitrainError(f"{path}: not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from None
@@ -113,13 +129,22 @@ class ImageLoader:
     every batch: per step the loader then only gathers, crops and flips (half precision also
     halves the memory the resident set takes). Constant padding then fills with the mean colour
     (0 after normalisation) rather than black.
+
+    Under ``torchrun`` (``world_size`` > 1, read from the process group unless given) every rank
+    draws the same permutation and takes every ``world_size``-th index from its ``rank`` on, as
+    ``DistributedSampler`` does: so a step of W ranks at batch B sees the same images as one
+    process at batch W·B. A shuffled (training) loader first drops the permutation's last
+    ``N mod W`` indices, so that every rank runs the same number of steps, as DDP requires (other
+    images are left out each epoch); an ordered (evaluation) loader keeps them all, so that every
+    image is counted exactly once. Augmentation draws differ per rank.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  device: str | torch.device = "cpu", resident: bool = False, shuffle: bool = False,
                  crop: int = 0, pad_mode: str = "constant", flip: str = "none", seed: int = 0,
                  drop_last: bool = False, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, normalize_once: bool = False):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, normalize_once: bool = False,
+                 rank: int | None = None, world_size: int | None = None):
         if batch_size < 1:
             raise MinitrainError(f"batch_size must be positive, got {batch_size}")
         if flip not in ("none", "random", "alternate"):
@@ -134,6 +159,8 @@ class ImageLoader:
         self.flip, self.seed, self.drop_last = flip, seed, drop_last
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean, self.std = tuple(mean), tuple(std)  # kept for the run's record (``minitrain export``)
+        self.input_size = tuple(images.shape[-2:])
         self.scale = (1.0 / (255.0 * torch.tensor(std, device=self.device))).view(1, -1, 1, 1)
         self.shift = (-torch.tensor(mean, device=self.device) / torch.tensor(std, device=self.device)).view(1, -1, 1, 1)
         self.pin = self.device.type == "cuda" and not resident
@@ -141,9 +168,15 @@ class ImageLoader:
             self.images = self.normalize(self.images).to(self.data_device)
         self.epoch, self.start = 0, 0
         self._flip_base: torch.Tensor | None = None
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
+        if len(self.labels) < self.world_size:
+            raise MinitrainError(f"{len(self.labels)} images cannot be shared among {self.world_size} ranks")
+        n, w = len(self.labels), self.world_size
+        self.shard_size = n // w if shuffle else len(range(self.rank, n, w))
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self.shard_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_position(self, epoch: int, batch_idx: int = 0) -> None:
@@ -159,11 +192,14 @@ class ImageLoader:
             order = torch.randperm(len(self.labels), generator=gen, device=self.data_device)
         else:
             order = torch.arange(len(self.labels), device=self.data_device)
+        if self.world_size > 1:
+            order = order[:self.shard_size * self.world_size if self.shuffle else None][self.rank::self.world_size]
+        rank = (self.rank,) if self.world_size > 1 else ()  # one process keeps its seeds as they were
         for b in range(start, len(self)):
             idx = order[b * bs:(b + 1) * bs]
             images, labels = self.images[idx], self.labels[idx]
             if self.crop or self.flip != "none":
-                gen.manual_seed(_seed(self.seed, epoch, b))
+                gen.manual_seed(_seed(self.seed, epoch, b, *rank))
                 images = self._augment(images, idx, epoch, gen)
             if self.pin:
                 images, labels = images.pin_memory(), labels.pin_memory()

@@ -30,10 +30,41 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
+        moved = [to_device(b, device) for b in batch]
+        if type(batch) is tuple:  # the common (inputs, targets) case, kept cheap: it runs every step
+            return tuple(moved)
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+class HostCopy:
+    """A tensor's value brought to the host without making the host wait for the device.
+
+    On CUDA the copy goes to pinned memory behind an event: :meth:`ready` can be polled at no
+    cost, and :meth:`get` waits for this copy only, not for work queued after it. Elsewhere the
+    copy is made at once. Plugins that show or log device values (a batch loss) use it so that
+    reading them never stalls the training queue.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor, self.event = tensor.detach(), None
+        if tensor.device.type == "cuda":
+            self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.value.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.value = tensor.cpu()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def get(self) -> torch.Tensor:
+        if not self.ready():
+            self.event.synchronize()
+        return self.value
 
 
 def batch_size(batch: Any) -> int:

@@ -1,5 +1,26 @@
-"""The one exception type the CLI turns into a single error line (exit code 2, no traceback)."""
+"""The exceptions a run ends with on purpose. MinitrainError is what the CLI turns into a single
+error line (exit code 2, no traceback); TrainingInterrupted, into a line saying how to resume."""
+from __future__ import annotations
+
+import signal
 
 
 class MinitrainError(Exception):
     """A problem with the user's input: a recipe, an option, a plugin, a data set or a file."""
+
+
+class NonFiniteError(MinitrainError):
+    """Training produced a NaN or infinite loss or weights, and the policy is to stop."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended ``Trainer.fit``. A KeyboardInterrupt, so that code that does not
+    expect it stops as on a plain Ctrl-C (``except Exception`` does not swallow it).
+
+    ``graceful``: the run stopped at a step boundary, so a checkpoint written on the way out
+    resumes exactly; otherwise a second signal cut it short wherever it was."""
+
+    def __init__(self, signal_name: str, graceful: bool):
+        self.signal, self.graceful = signal_name, graceful
+        self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
+        super().__init__(f"stopped by {signal_name}" if graceful else f"stopped at once by a second {signal_name}")

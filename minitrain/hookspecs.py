@@ -28,6 +28,9 @@ PROJECT = "minitrain"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+PIPELINE_HOOKS = frozenset({"setup", "train_step", "backward", "optimizer_step", "eval_step"})
+"""The hooks the loop runs through; every other hook (custom ones too) is a notification."""
+
 
 # --- pipeline hooks -----------------------------------------------------------------------------
 
@@ -126,4 +129,5 @@ def on_exception_raised(event: ev.ExceptionRaised, trainer: Trainer) -> None:
 
 @hookspec
 def on_interrupted(event: ev.Interrupted, trainer: Trainer) -> None:
-    """The run was interrupted by the user; flush what you hold. The interrupt propagates."""
+    """The run was interrupted (SIGINT or SIGTERM, ``event.signal``), normally at a step boundary;
+    flush what you hold. The interrupt propagates afterwards."""

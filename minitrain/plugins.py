@@ -8,26 +8,39 @@ registered as it is. Optional class attributes:
 * ``Config``: the pydantic model that ``--plugin NAME:key=value,...`` is validated against;
 * ``enabled_by_default``: on in every run unless ``--no-plugin NAME``;
 * ``hookspecs``: a module or class of ``@hookspec`` functions the plugin adds (custom hooks);
+* ``main_process_only``: under torchrun, registered on rank 0 only (plugins that write or print);
+* ``role``: ``"critical"`` or ``"observer"`` (see :func:`role_of`); the reserved option
+  ``--plugin NAME:role=...`` overrides it for one run;
 * ``state_dict()`` / ``load_state_dict()``: state that checkpoints carry.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from minitrain import hookspecs
+from minitrain import distributed, hookspecs
 from minitrain.errors import MinitrainError
+from minitrain.hookspecs import PIPELINE_HOOKS
 
 ENTRY_POINT_GROUP = "minitrain"
 DISABLE_AUTOLOAD_ENV = "MINITRAIN_DISABLE_PLUGIN_AUTOLOAD"
 FIRST_PARTY = "minitrain"
+ROLES = ("critical", "observer")
+ROLE_OPTION = "role"
+"""The option key every plugin accepts, taken out before its own ``Config`` sees the options."""
+
+
+class ObserverFailed(UserWarning):
+    """An observer plugin raised and was disabled for the rest of the run."""
 
 
 class PluginConfig(BaseModel):
@@ -116,7 +129,17 @@ def parse_plugin_spec(spec: str) -> PluginRequest:
 
 
 def instantiate(info: PluginInfo, options: dict[str, Any]) -> Any:
-    """The object to register for ``info``, its options validated against its ``Config``."""
+    """The object to register for ``info``, its options validated against its ``Config``, and
+    its role set from the reserved ``role`` option when given."""
+    options = dict(options)
+    role = options.pop(ROLE_OPTION, None)
+    plugin = _create(info, options)
+    if role is not None:
+        plugin.role = _checked_role(info.name, role)
+    return plugin
+
+
+def _create(info: PluginInfo, options: dict[str, Any]) -> Any:
     if isinstance(info.target, importlib.metadata.EntryPoint):  # autoload was off; named explicitly
         _load(info, info.target)
     if info.target is None:
@@ -156,15 +179,70 @@ def describe_validation_error(exc: ValidationError) -> str:
 def register_plugin(pm: pluggy.PluginManager, plugin: Any, name: str | None = None) -> None:
     """Register one plugin object, adding its own hookspecs first. Wrong argument names are
     rejected here, naming plugin and hook; misspelled hook names by :func:`check_hooks`, once
-    every plugin (and so every custom hookspec) is in."""
+    every plugin (and so every custom hookspec) is in. A ``main_process_only`` plugin is left
+    out on ranks other than 0, its hookspecs still added (other plugins may implement them)."""
     name = name or getattr(plugin, "name", None) or _default_name(plugin)
+    if getattr(plugin, "role", None) is not None:
+        _checked_role(name, plugin.role)
     try:
         specs = getattr(plugin, "hookspecs", None)
         if specs is not None and not _specs_added(pm, specs):  # two plugins may share one spec source
             pm.add_hookspecs(specs)
+        if getattr(plugin, "main_process_only", False) and not distributed.is_main():
+            return
         pm.register(plugin, name=name)
     except (pluggy.PluginValidationError, ValueError) as exc:
         raise MinitrainError(f"plugin {name!r}: {exc}") from None
+
+
+def _checked_role(plugin: str, role: Any) -> str:
+    if role not in ROLES:
+        raise MinitrainError(f"plugin {plugin!r}: role must be 'critical' or 'observer' (got {role!r})")
+    return role
+
+
+def role_of(plugin: Any) -> str:
+    """``critical``: a failure must stop the run (checkpointing, mixed precision, anything that
+    changes training); ``observer``: a failure disables the plugin and training goes on
+    (logging, plots, progress). A plugin's ``role`` attribute decides; without one, a plugin
+    that implements a pipeline hook changes training and is critical, any other is an observer."""
+    role = getattr(plugin, "role", None)
+    if role is not None:
+        return role
+    marker = f"{hookspecs.PROJECT}_impl"
+    return "critical" if any(hasattr(getattr(plugin, hook, None), marker) for hook in PIPELINE_HOOKS) else "observer"
+
+
+def guard_observers(pm: pluggy.PluginManager, on_failure: Callable[[str, str, Exception], None]) -> None:
+    """Route an exception raised by an observer's notification hook to ``on_failure(plugin name,
+    hook name, exception)`` instead of up the loop; the call to the other implementations of that
+    hook goes on. Each implementation's function is wrapped once, in place, so a run in which
+    nothing fails pays one plain function call per observer call and no lookup. Pipeline hooks
+    are never guarded: they compute the step, and a step half computed cannot go on."""
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None or role_of(plugin) != "observer":
+            continue
+        for caller in pm.get_hookcallers(plugin) or ():
+            if caller.name in PIPELINE_HOOKS:
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper or _is_guarded(impl.function)):
+                    impl.function = _guarded(impl.function, name, caller.name, on_failure)
+
+
+def _guarded(function: Callable, plugin: str, hook: str, on_failure: Callable) -> Callable:
+    @functools.wraps(function)
+    def guarded(*args):
+        try:
+            return function(*args)
+        except Exception as exc:
+            on_failure(plugin, hook, exc)
+    guarded.minitrain_guarded = True
+    return guarded
+
+
+def _is_guarded(function: Callable) -> bool:
+    return getattr(function, "minitrain_guarded", False)
 
 
 def _specs_added(pm: pluggy.PluginManager, specs: Any) -> bool:

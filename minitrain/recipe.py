@@ -7,6 +7,8 @@ A recipe is code and runs with the user's rights, like any script they execute.
 from __future__ import annotations
 
 import importlib.util
+import json
+import json
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +36,10 @@ class RecipeConfig(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     data_dir: Path = Field(default_factory=default_data_dir)
+    freeze: list[str] = Field(default_factory=list, description="glob patterns of parameters (or their "
+                              "modules) not to train, e.g. whiten,blocks.0 (see minitrain.finetune)")
+    nonfinite_loss: Literal["stop", "skip"] = Field("stop", description="on a NaN/inf training loss: stop the "
+                                                    "run, or skip the step (a host sync per step)")
 
     # A recipe that changes a default (`epochs: int = 5`) redeclares the field and so drops the
     # constraints above; these validators are inherited whatever the subclass declares.
@@ -42,6 +48,14 @@ class RecipeConfig(BaseModel):
     def _at_least_one(cls, value: int) -> int:
         if isinstance(value, (int, float)) and value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _patterns_from_text(cls, value):  # `--set freeze=whiten,blocks.0` or a JSON list
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else [
+                part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("lr")
@@ -109,9 +123,26 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return nested
 
 
+def _structured(values: dict[str, Any]) -> dict[str, Any]:
+    """Parse list and dict values (``widths=[32,64,128]``) as JSON; leave the rest as strings
+    for pydantic's lax mode, which reads numbers, booleans and paths from text."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out[key] = _structured(value)
+        elif value.lstrip()[:1] in ("[", "{"):
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise MinitrainError(f"--set {key}: not valid JSON: {exc.msg} (got {value!r})") from None
+        else:
+            out[key] = value
+    return out
+
+
 def make_config(recipe: ModuleType, overrides: Iterable[str] = ()) -> RecipeConfig:
     """The recipe's defaults with ``--set`` overrides, validated like any input."""
     try:
-        return recipe.Config.model_validate_strings(parse_overrides(overrides))
+        return recipe.Config.model_validate(_structured(parse_overrides(overrides)))
     except ValidationError as exc:
         raise MinitrainError(f"--set: {describe_validation_error(exc)}") from None

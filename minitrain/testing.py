@@ -1,7 +1,10 @@
-"""Helpers for testing recipes and plugins offline: a tiny CIFAR-10 in the real on-disk format."""
+"""Helpers for testing recipes and plugins offline: a tiny CIFAR-10 in the real on-disk format,
+and a way to run ``minitrain`` in a child process that a test can kill."""
 from __future__ import annotations
 
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +38,16 @@ def make_fake_cifar10(root: str | Path, train_per_batch: int = 20, test_size: in
     meta = {"num_cases_per_batch": train_per_batch, "label_names": CIFAR10_CLASSES, "num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
     return Path(root)
+
+
+def cli_in_child(argv: list[str], log: str | Path) -> None:
+    """``minitrain ARGV`` as the body of a child process (``multiprocessing.Process(target=...)``),
+    its output appended to ``log``, exiting with the command's status. Crash tests run it from a
+    forkserver that has torch and minitrain imported already, so a child starts in milliseconds
+    rather than the seconds a fresh interpreter needs, and is a real process a SIGKILL ends."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from minitrain.cli import main
+
+    sys.exit(main(list(argv)))

@@ -3,23 +3,38 @@
 Metrics stay on the device while an epoch runs and are read back once, at its end. Progress
 (epoch, batch within the epoch, global step) lives here so that a checkpoint can stop and resume
 the loop between any two batches.
+
+It is also where a run survives what goes wrong around it (docs/plugins.md, "Faults"): an
+observer plugin that raises is disabled and the run goes on; SIGINT/SIGTERM stop it at the next
+step boundary; a non-finite loss stops it (or, by policy, the step is skipped).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
+import signal
+import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pluggy
 import torch
 import torch.nn.functional as F
 
+from minitrain import distributed
 from minitrain import events as ev
 from minitrain.device import batch_size, get_rng_state, resolve_device, set_rng_state
-from minitrain.errors import MinitrainError
-from minitrain.plugins import check_hooks, make_plugin_manager, register_plugin
+from minitrain.errors import MinitrainError, NonFiniteError, TrainingInterrupted
+from minitrain.plugins import ObserverFailed, check_hooks, guard_observers, make_plugin_manager, register_plugin
+
+ERROR_LOG = "errors.log"
+"""In the run directory: the full traceback of every plugin failure and of the error ending a run."""
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class Trainer:
@@ -40,9 +55,12 @@ class Trainer:
         config: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         plugin_manager: pluggy.PluginManager | None = None,
+        nonfinite_loss: str = "stop",
     ):
         if scheduler_interval not in ("epoch", "step"):
             raise MinitrainError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise MinitrainError(f"nonfinite_loss must be 'stop' or 'skip', not {nonfinite_loss!r}")
         self.module = model  # the recipe's model; `model` may become a wrapper of it (compile, DDP)
         self.model = model
         self.optimizer = optimizer
@@ -56,6 +74,7 @@ class Trainer:
         self.run_dir = run_dir
         self.config = config or {}
         self.class_names = class_names
+        self.nonfinite_loss = nonfinite_loss
         self.pm = plugin_manager or make_plugin_manager()
         for plugin in plugins:
             register_plugin(self.pm, plugin)
@@ -65,39 +84,61 @@ class Trainer:
         self.epoch = 0          # the epoch being run (or next to run)
         self.batch_idx = 0      # the next batch to run within `epoch`
         self.global_step = 0    # optimizer steps taken
+        self.in_step = False    # from a batch's train_step until its progress is counted: a state
+        #                         saved in between (RNG used, weights half updated) cannot resume exactly
         self.stop_reason: str | None = None
         self.metrics: dict[str, float] = {}
         self._loss_sum = torch.zeros((), device=self.device)
+        self._skipped = 0               # steps of this epoch skipped for a non-finite loss
+        self._finite_through = 0        # the last step at which the losses were known finite
+        self._nonfinite: str | None = None  # what was found non-finite, once it was
+        self._signal: str | None = None     # the signal that asked the run to stop
 
     # --- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Train from the current position to ``epochs``; return the last epoch's metrics."""
-        self.stop_reason = None
-        try:
-            self.hook.setup(trainer=self)
-            self.emit(ev.FitStart(
-                epochs=self.epochs, start_epoch=self.epoch, global_step=self.global_step,
-                steps_per_epoch=_length(self.train_loader), device=str(self.device),
-                run_dir=self.run_dir, config=self.config, class_names=self.class_names,
-            ))
-            while self.epoch < self.epochs and self.stop_reason is None:
-                self._train_epoch()
-        except KeyboardInterrupt:
-            self.emit(ev.Interrupted(epoch=self.epoch, global_step=self.global_step))
-            raise
-        except Exception as exc:
-            self.emit(ev.ExceptionRaised(
-                epoch=self.epoch, global_step=self.global_step, error_type=type(exc).__name__,
-                message=str(exc), traceback=traceback.format_exc(),
-            ))
-            raise
+        """Train from the current position to ``epochs``; return the last epoch's metrics.
+
+        Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM and :class:`NonFiniteError` on a
+        NaN/inf loss (policy ``stop``), once every plugin has seen the final event."""
+        self.stop_reason, self._nonfinite, self._signal = None, None, None
+        self._finite_through = self.global_step
+        if self.nonfinite_loss == "skip" and distributed.world_size() > 1:
+            raise MinitrainError("nonfinite_loss=skip needs one process: under torchrun a rank that skips "
+                                 "its backward would leave the others waiting for its gradients")
+        guard_observers(self.pm, self._observer_failed)
+        with self._stop_on_signals():
+            try:
+                self.hook.setup(trainer=self)
+                self.emit(ev.FitStart(
+                    epochs=self.epochs, start_epoch=self.epoch, global_step=self.global_step,
+                    steps_per_epoch=_length(self.train_loader), device=str(self.device),
+                    run_dir=self.run_dir, config=self.config, class_names=self.class_names,
+                ))
+                while self.epoch < self.epochs and self.stop_reason is None:
+                    self._train_epoch()
+                if self._nonfinite is not None:
+                    raise NonFiniteError(self._nonfinite)
+                if self._signal is not None:
+                    raise TrainingInterrupted(self._signal, graceful=True)
+            except KeyboardInterrupt as exc:
+                self._announce(ev.Interrupted(epoch=self.epoch, global_step=self.global_step,
+                                              signal=getattr(exc, "signal", "SIGINT")))
+                raise
+            except Exception as exc:
+                self._log_error("the run failed", exc)
+                self._announce(ev.ExceptionRaised(
+                    epoch=self.epoch, global_step=self.global_step, error_type=type(exc).__name__,
+                    message=str(exc), traceback=traceback.format_exc(),
+                ))
+                raise
         self.emit(ev.FitEnd(epochs_completed=self.epoch, global_step=self.global_step,
                             metrics=self.metrics, stop_reason=self.stop_reason))
         return self.metrics
 
     def _train_epoch(self) -> None:
         epoch, hook, emit = self.epoch, self.hook, self.emit
+        skip = self.nonfinite_loss == "skip"
         batches = self._batches()
         emit(ev.EpochStart(epoch=epoch, global_step=self.global_step, steps=_length(self.train_loader)))
         self.model.train()
@@ -105,13 +146,19 @@ class Trainer:
         for batch in batches:
             n = batch_size(batch)
             emit(ev.BatchStart(epoch=epoch, batch_idx=self.batch_idx, global_step=self.global_step, batch_size=n))
+            self.in_step = True
             loss = hook.train_step(trainer=self, batch=batch)
-            hook.backward(trainer=self, loss=loss)
-            hook.optimizer_step(trainer=self)
-            loss = loss.detach()
-            self._loss_sum += loss
+            if skip and not torch.isfinite(loss):  # policy "skip" only: a host sync per step
+                self._skipped += 1
+                loss = loss.detach()
+            else:
+                hook.backward(trainer=self, loss=loss)
+                hook.optimizer_step(trainer=self)
+                loss = loss.detach()
+                self._loss_sum += loss  # NaN and inf propagate: the one read at epoch end shows them
             self.batch_idx += 1
             self.global_step += 1
+            self.in_step = False
             samples += n
             emit(ev.BatchEnd(epoch=epoch, batch_idx=self.batch_idx - 1, global_step=self.global_step,
                              batch_size=n, loss=loss))
@@ -119,39 +166,53 @@ class Trainer:
                 return  # stopped mid-epoch: progress stays here so a checkpoint resumes from it
 
         elapsed = time.perf_counter() - started
+        ranks = distributed.world_size()  # every rank ran as many batches as this one
+        loss_sum = distributed.sum_over_ranks(self._loss_sum).item()  # the epoch's one read
+        if not math.isfinite(loss_sum):
+            self._nonfinite = self._nonfinite_loss(loss_sum)
+            raise NonFiniteError(self._nonfinite)
+        self._finite_through = self.global_step
         metrics = {
-            "train_loss": self._loss_sum.item() / max(self.batch_idx, 1),  # the epoch's one read
+            "train_loss": loss_sum / max((self.batch_idx - self._skipped) * ranks, 1),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "epoch_time": elapsed,
-            "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+            "samples_per_s": samples * ranks / elapsed if elapsed > 0 else 0.0,
         }
+        if skip:
+            metrics["skipped_steps"] = float(self._skipped)
+            if self._skipped:
+                warnings.warn(f"epoch {epoch + 1}: skipped {self._skipped} step(s) with a non-finite loss "
+                              "(nonfinite_loss=skip)", stacklevel=2)
         if self.val_loader is not None:
             metrics.update(self.validate())
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
-        self.epoch, self.batch_idx, self.metrics = epoch + 1, 0, metrics
+        self.epoch, self.batch_idx, self.metrics, self._skipped = epoch + 1, 0, metrics, 0
         self._loss_sum.zero_()
         emit(ev.EpochEnd(epoch=epoch, global_step=self.global_step, metrics=metrics))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss, accuracy and confusion matrix over ``val_loader``, read from the device once."""
+        """Loss, accuracy and confusion matrix over ``val_loader``, read from the device once.
+        Under DDP each rank evaluates its shard and the sums are added up over ranks here, so
+        every rank (and every plugin) sees the figures of the whole validation set."""
         emit = self.emit
         emit(ev.ValidationStart(epoch=self.epoch, global_step=self.global_step))
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
-        confusion, count = None, 0
+        confusion = None
         for batch in self.val_loader:
             logits, targets = self.hook.eval_step(trainer=self, batch=batch)
             loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
             classes = logits.shape[1]
             pairs = torch.bincount(targets * classes + logits.argmax(1), minlength=classes * classes)
             confusion = pairs if confusion is None else confusion + pairs
-            count += targets.shape[0]
         self.model.train()
         if confusion is None:
             raise MinitrainError("the validation loader yielded no batches")
+        loss_sum, confusion = distributed.sum_over_ranks(loss_sum), distributed.sum_over_ranks(confusion)
         matrix = confusion.view(classes, classes).tolist()
+        count = sum(map(sum, matrix))
         metrics = {"val_loss": loss_sum.item() / count,
                    "val_acc": sum(matrix[i][i] for i in range(classes)) / count}
         emit(ev.ValidationEnd(epoch=self.epoch, global_step=self.global_step, metrics=metrics, confusion=matrix))
@@ -185,6 +246,97 @@ class Trainer:
         """Ask the loop to stop after the current batch (early stopping, signals)."""
         self.stop_reason = reason
 
+    def check_finite(self, weights: bool = False) -> bool:
+        """Whether every training loss of this epoch so far was finite (and, with ``weights``, every
+        weight of the model is). NaN and inf propagate into the epoch's device-side loss sum, so
+        this reads one number, but reading it is a host-device sync: call it where you synchronise
+        anyway, as the checkpoint plugin does before each save. A non-finite value asks the loop to
+        stop at the next step boundary, and ``fit`` then raises :class:`NonFiniteError`."""
+        if self._nonfinite is None:
+            loss_sum = self._loss_sum.item()
+            if not math.isfinite(loss_sum):
+                self._nonfinite = self._nonfinite_loss(loss_sum)
+            elif weights and (bad := _nonfinite_tensors(self.module)):
+                self._nonfinite = (f"non-finite weights after step {self.global_step} ({', '.join(bad)}); "
+                                   "stopped before saving them")
+            else:
+                self._finite_through = self.global_step
+            if self._nonfinite is not None:
+                self.request_stop("non-finite values")
+        return self._nonfinite is None
+
+    def _nonfinite_loss(self, loss_sum: float) -> str:
+        first, last = self._finite_through + 1, self.global_step
+        steps = f"step {last}" if first >= last else f"steps {first}-{last}"
+        return (f"non-finite training loss ({loss_sum}) in epoch {self.epoch + 1}, {steps}; stopped "
+                "(--set nonfinite_loss=skip skips such steps instead)")
+
+    # --- faults -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While fit runs, SIGINT and SIGTERM ask the loop to stop at the next step boundary (so a
+        checkpoint written on the way out resumes exactly); a second one interrupts at once. Only
+        the main thread may set handlers, and under torchrun every rank would have to stop at the
+        same step, so there signals keep whatever behaviour they had."""
+        if threading.current_thread() is not threading.main_thread() or distributed.world_size() > 1:
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._signal is not None:
+            raise TrainingInterrupted(name, graceful=False)
+        self._signal = name
+        self.request_stop(f"{name} received")
+
+    def _observer_failed(self, plugin: str, hook: str, exc: Exception) -> None:
+        """An observer raised: take it out of the run, once, and say so. The other plugins still
+        get the event it failed on (pluggy calls a copy of the list) and every later one."""
+        if self.pm.get_plugin(plugin) is None:
+            return
+        self.pm.unregister(name=plugin)
+        where = self._log_error(f"plugin {plugin!r} failed in {hook} and was disabled", exc)
+        warnings.warn(f"plugin {plugin!r} failed in {hook} ({_one_line(exc)}) and is disabled for the rest of "
+                      f"the run; training goes on{where}", ObserverFailed, stacklevel=2)
+
+    def _announce(self, event: ev.Event) -> None:
+        """Deliver a final event (ExceptionRaised, Interrupted) to every plugin, each on its own,
+        so that one failing again cannot keep the others (a final checkpoint) from it, nor hide
+        the error that is ending the run: its failure is reported as a warning."""
+        for hook in (event.hook, "on_event"):
+            for impl in reversed(getattr(self.hook, hook).get_hookimpls()):
+                others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
+                try:
+                    self.pm.subset_hook_caller(hook, others)(event=event, trainer=self)
+                except Exception as exc:
+                    name = self.pm.get_name(impl.plugin)
+                    where = self._log_error(f"plugin {name!r} failed in {hook} while the run was stopping", exc)
+                    warnings.warn(f"plugin {name!r} failed in {hook} while the run was stopping "
+                                  f"({_one_line(exc)}){where}", stacklevel=2)
+
+    def _log_error(self, title: str, exc: BaseException) -> str:
+        """Append ``exc``'s traceback to the run's error log; returns `` (traceback in PATH)``, or
+        nothing when there is no run directory or it cannot be written."""
+        if self.run_dir is None:
+            return ""
+        path = Path(self.run_dir) / ERROR_LOG
+        try:
+            with open(path, "a", encoding="utf-8") as log:
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} step {self.global_step}: {title}\n")
+                log.write("".join(traceback.format_exception(exc)))
+        except OSError:
+            return ""
+        return f" (traceback in {path})"
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly: weights, optimizer, schedule, progress,
         random generators and the state of every plugin that keeps some."""
@@ -192,7 +344,8 @@ class Trainer:
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "progress": {"epoch": self.epoch, "batch_idx": self.batch_idx, "global_step": self.global_step,
-                         "loss_sum": self._loss_sum.detach().cpu(), "metrics": dict(self.metrics)},
+                         "loss_sum": self._loss_sum.detach().cpu(), "skipped": self._skipped,
+                         "metrics": dict(self.metrics)},
             "rng": get_rng_state(),
             "plugins": {name: plugin.state_dict() for name, plugin in self._stateful_plugins()},
         }
@@ -209,6 +362,7 @@ class Trainer:
         self.epoch, self.batch_idx, self.global_step = progress["epoch"], progress["batch_idx"], progress["global_step"]
         self.metrics = dict(progress["metrics"])
         self._loss_sum = progress["loss_sum"].to(self.device)
+        self._skipped = progress.get("skipped", 0)
         set_rng_state(state["rng"])
         saved = state.get("plugins", {})
         for name, plugin in self._stateful_plugins():
@@ -218,6 +372,18 @@ class Trainer:
     def _stateful_plugins(self) -> list[tuple[str, Any]]:
         return [(name, plugin) for name, plugin in self.pm.list_name_plugin()
                 if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None))]
+
+
+def _nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point tensors holding a NaN or inf (one sync for them all)."""
+    tensors = {name: t for name, t in module.state_dict().items() if t.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
+    return [name for name, ok in zip(tensors, finite) if not ok]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _length(loader: Iterable) -> int | None:

@@ -51,6 +51,7 @@ def unsupported(device: torch.device, dtype: torch.dtype, mode: str) -> str | No
 
 class MixedPrecision:
     enabled_by_default = False
+    role = "critical"  # it changes the numerics of every step
 
     class Config(PluginConfig):
         dtype: Literal["bf16", "fp16"] = "bf16"

@@ -10,14 +10,23 @@ Files go to ``<run dir>/checkpoints/`` (option ``dir``):
 * ``last.pt``, the newest state: at the end of every ``every``-th epoch, every ``every_steps``
   optimizer steps (mid-epoch too: a resume continues from the next batch, replaying none), at
   the end of fit, and when the run fails or is interrupted *between* two batches. A failure
-  inside a batch leaves the previous ``last.pt``, as a half-applied step cannot be resumed
-  exactly.
+  inside a batch (``trainer.in_step``: from its ``train_step`` until its progress is counted)
+  leaves the previous ``last.pt``, as a half-applied step cannot be resumed exactly.
+
+No file is ever written from a state reached through a NaN or infinite loss, or holding
+non-finite weights: before each save the plugin asks ``trainer.check_finite(weights=True)``
+(saving synchronises with the device anyway), and on a non-finite value writes nothing and the
+trainer stops the run, so ``last.pt`` keeps the last finite state. The plugin is ``critical``:
+if it fails, the run stops (docs/plugins.md, "Faults"). Temporary files left by a process killed
+in the middle of a save are removed when the next run starts.
 * ``best.pt``, the best ``monitor`` value seen at a saving epoch end (not with ``top_k=0``);
 * for ``top_k`` above 1, also the k best as ``epoch=E-step=S-<monitor>=V.pt``, where ``E`` counts
   completed epochs. The ranking is part of the plugin's checkpointed state, so after a resume it
   goes on deleting exactly the files that drop out of the k best.
 
-The file format, atomic writing and safe loading are :mod:`minitrain.checkpointing`.
+The file format, atomic writing and safe loading are :mod:`minitrain.checkpointing`. Under
+torchrun only rank 0 runs this plugin (``main_process_only``); ``--resume`` loads the file on
+every rank, and the weights in it are the plain model's, whatever the number of processes.
 
 **The worked example of a plugin-defined event.** Each file written is announced as a
 :class:`CheckpointSaved` event on a hook this plugin adds, ``on_checkpoint_saved(event,
@@ -79,6 +88,8 @@ class CheckpointHookspecs:
 
 class Checkpoint:
     enabled_by_default = False
+    main_process_only = True  # under torchrun, on rank 0 only (see docs/plugins.md)
+    role = "critical"  # a run that cannot save must not go on as if it could
     hookspecs = CheckpointHookspecs
 
     class Config(PluginConfig):
@@ -101,7 +112,6 @@ class Checkpoint:
         self.mode = resolve_mode(config.monitor, config.mode)
         self.top: list[dict] = []  # best first: {"metric", "epoch", "global_step", "file"}
         self.folder = Path(config.dir)
-        self.between_batches = True  # False while a batch runs: its state is then half-updated
         self.last_saved: tuple[int, int, int] | None = None  # (epoch, batch_idx, step) in last.pt
 
     def checkpoint_dir(self, run_dir: str | Path) -> Path:
@@ -121,22 +131,17 @@ class Checkpoint:
     @hookimpl
     def on_fit_start(self, event) -> None:
         self.folder = self.checkpoint_dir(event.run_dir or ".")
-        self.between_batches = True
-
-    @hookimpl
-    def on_batch_start(self) -> None:
-        self.between_batches = False
+        checkpointing.remove_temporaries(self.folder)
 
     @hookimpl(trylast=True)  # after other plugins, so their state in the file is this step's
     def on_batch_end(self, event, trainer) -> None:
-        self.between_batches = True
         if self.config.every_steps and event.global_step % self.config.every_steps == 0:
             self._save(trainer, {"last": "last.pt"})
 
     @hookimpl(trylast=True)  # after early stopping & co. have updated their state for this epoch
     def on_epoch_end(self, event, trainer) -> None:
-        if not self.config.every or trainer.epoch % self.config.every:
-            return
+        if not self.config.every or trainer.epoch % self.config.every or not trainer.check_finite(weights=True):
+            return  # (a non-finite state enters no ranking either)
         files, metric, dropped = {}, None, []
         if self.config.top_k:
             metric = read_metric("checkpoint", self.config.monitor, event.metrics)
@@ -165,10 +170,14 @@ class Checkpoint:
         save here hide the error that is ending the run."""
         if not self.config.save_last or self.last_saved == _position(trainer):
             return
-        if not self.between_batches:
-            held = f"step {self.last_saved[2]}" if self.last_saved else "no state from this run"
+        held = f"step {self.last_saved[2]}" if self.last_saved else "no state from this run"
+        if trainer.in_step:
             warnings.warn(f"checkpoint: the run stopped inside a batch, whose half-applied state is not "
                           f"saved; last.pt holds {held}", stacklevel=2)
+            return
+        if not trainer.check_finite(weights=True):
+            warnings.warn(f"checkpoint: not saving a state with non-finite values; last.pt holds {held}",
+                          stacklevel=2)
             return
         try:
             self._save(trainer, {"last": "last.pt"})
@@ -194,8 +203,9 @@ class Checkpoint:
         return files, dropped if self.config.top_k > 1 else []  # top-1 keeps best.pt alone, no copy
 
     def _save(self, trainer, files: dict[str, str], metric: float | None = None) -> None:
-        """Write one trainer state to each of ``files`` (kind -> file name), announcing each."""
-        if not files:
+        """Write one trainer state to each of ``files`` (kind -> file name), announcing each; nothing
+        when the state is not finite (the trainer then stops the run)."""
+        if not files or not trainer.check_finite(weights=True):
             return
         state = trainer.state_dict()
         monitor = self.config.monitor if metric is not None else None

@@ -1,22 +1,27 @@
 """Console progress: a live bar per epoch (step, loss, samples/s, ETA) and one line per epoch.
 
 On a terminal the bar is tqdm's; in a log file (not a terminal) it prints plain lines instead,
-so logs hold no control characters. The loss is read from the device every ``refresh_every``
-steps only, never every step.
+so logs hold no control characters. The loss is shown every ``refresh_every`` steps only; on an
+accelerator it is the loss of the previous refresh, copied to the host in the background, so the
+display never makes the host wait for the device.
 """
 from __future__ import annotations
 
 import sys
 import time
 
+import torch
 from pydantic import Field
 from tqdm import tqdm
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.device import HostCopy
 
 
 class Console:
     enabled_by_default = True
+    role = "observer"
+    main_process_only = True  # under torchrun, on rank 0 only (see docs/plugins.md)
 
     class Config(PluginConfig):
         refresh_every: int = Field(25, ge=1, description="steps between reads of the loss")
@@ -26,6 +31,7 @@ class Console:
         self.config = config
         self.stream = sys.stderr
         self.bar: tqdm | None = None
+        self.pending: HostCopy | None = None  # the loss asked for at the last refresh
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
@@ -50,13 +56,19 @@ class Console:
         self.done += 1
         self.samples += event.batch_size
         if self.bar is not None and self.done % self.config.refresh_every == 0:
-            self.bar.set_postfix(loss=f"{float(event.loss):.4f}", rate=f"{self._rate():.0f}/s", refresh=False)
+            self.bar.set_postfix(loss=self._loss(event.loss), rate=f"{self._rate():.0f}/s", refresh=False)
             self.bar.update(self.done - self.bar.n)
         elif self.plain_every and self.done % self.plain_every == 0:
             total = self.steps or 0
             eta = (total - self.done) * (time.perf_counter() - self.started) / self.done if total else 0
-            print(f"  epoch {event.epoch + 1} step {self.done}/{total or '?'} loss {float(event.loss):.4f} "
+            print(f"  epoch {event.epoch + 1} step {self.done}/{total or '?'} loss {self._loss(event.loss)} "
                   f"{self._rate():.0f} samples/s eta {eta:.0f}s", flush=True)
+
+    def _loss(self, loss) -> str:
+        if not isinstance(loss, torch.Tensor) or loss.device.type == "cpu":
+            return f"{float(loss):.4f}"
+        shown, self.pending = self.pending, HostCopy(loss)
+        return f"{float(shown.get()):.4f}" if shown is not None and shown.ready() else "-"
 
     def _rate(self) -> float:
         return self.samples / max(time.perf_counter() - self.started, 1e-9)

@@ -18,6 +18,8 @@ from minitrain import PluginConfig, hookimpl
 
 class CsvLog:
     enabled_by_default = True
+    role = "observer"
+    main_process_only = True  # under torchrun, on rank 0 only (see docs/plugins.md)
 
     class Config(PluginConfig):
         filename: str = "metrics.csv"

@@ -18,6 +18,7 @@ from minitrain_plugins._metric import Mode, improves, read_metric, resolve_mode
 
 class EarlyStopping:
     enabled_by_default = False
+    role = "critical"  # it decides when training ends
 
     class Config(PluginConfig):
         monitor: str = Field("val_loss", description="the epoch metric to watch")

@@ -18,6 +18,7 @@ from minitrain.errors import MinitrainError
 
 class Lookahead:
     enabled_by_default = False
+    role = "critical"  # it changes the weights
 
     class Config(PluginConfig):
         every: int = Field(5, ge=1, description="optimizer steps between updates of the average")

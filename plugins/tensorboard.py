@@ -23,6 +23,8 @@ from minitrain import PluginConfig, hookimpl
 
 class TensorBoard:
     enabled_by_default = False
+    role = "observer"
+    main_process_only = True  # under torchrun, on rank 0 only (see docs/plugins.md)
 
     class Config(PluginConfig):
         log_every: int = Field(50, ge=1, description="steps between logged batch losses")

@@ -32,6 +32,7 @@ def augmented_logits(model, inputs: torch.Tensor, flip: bool = True, translate: 
 
 
 class TestTimeAugmentation:
+    role = "critical"  # it computes the validation metrics
     class Config(PluginConfig):
         flip: bool = True
         translate: int = Field(0, ge=0, le=4, description="also shift by ±this many pixels (reflect-padded)")

@@ -14,6 +14,7 @@ from minitrain import PluginConfig, hookimpl
 
 class ValidationSchedule:
     enabled_by_default = False
+    role = "critical"  # it decides what is validated
 
     class Config(PluginConfig):
         every: int = Field(1, ge=0, description="epochs between validations; 0: after the last epoch only")

@@ -41,6 +41,8 @@ FIGURES = [*CURVES, "confusion.png", "misclassified.png"]  # the report's order
 
 class Visualization:
     enabled_by_default = False
+    role = "observer"  # its eval_step wrapper only collects images
+    main_process_only = True  # under torchrun, on rank 0 only (see docs/plugins.md)
 
     class Config(PluginConfig):
         every_epoch: bool = Field(False, description="also redraw after every epoch, not only at the end")

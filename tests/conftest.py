@@ -35,6 +35,9 @@ def _core_only_discover(autoload_third_party: bool | None = None):
 def pytest_configure(config):
     # Generated data never matches the official release's checksums; load_cifar10 says so each time.
     config.addinivalue_line("filterwarnings", "ignore:.*differ from the official release:UserWarning")
+    # A test's own observer plugin that fails (an assert in a hook) would otherwise only be
+    # disabled with a warning; tests that inject such failures expect it with pytest.warns.
+    config.addinivalue_line("filterwarnings", "error::minitrain.plugins.ObserverFailed")
 
 
 @pytest.fixture(autouse=True)

@@ -79,7 +79,8 @@ def start(tmp_path, fake_cifar):
 
 
 class Interrupt:
-    """Ctrl-C at a chosen point: as the batch after ``step`` optimizer steps starts, or inside it."""
+    """Ctrl-C at a chosen point: as the batch after ``step`` optimizer steps starts, or inside it
+    (in its forward pass, after dropout has drawn from the random generator)."""
 
     def __init__(self, step, inside_batch=False):
         self.step, self.inside_batch = step, inside_batch
@@ -89,10 +90,12 @@ class Interrupt:
         if event.global_step == self.step and not self.inside_batch:
             raise KeyboardInterrupt
 
-    @hookimpl
-    def on_batch_end(self, event):
-        if event.global_step == self.step and self.inside_batch:
+    @hookimpl(wrapper=True)
+    def train_step(self, trainer):
+        loss = yield
+        if trainer.global_step == self.step and self.inside_batch:
             raise KeyboardInterrupt
+        return loss
 
 
 class Saved:
@@ -243,6 +246,30 @@ def test_a_failed_write_raises_and_leaves_the_previous_files(tmp_path, start, mo
     assert "\n" not in str(err.value)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file left either
     assert checkpointing.load(folder / "last.pt")["header"]["global_step"] == 5
+
+
+def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    _write(path)
+    before = path.read_bytes()
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(checkpointing.tempfile, "mkstemp", denied)
+    with pytest.raises(MinitrainError, match=f"cannot write checkpoint {path}: Permission denied"):
+        _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_save_killed_before_its_rename_leaves_the_previous_file(tmp_path):
+    """What a SIGKILL between writing and renaming leaves (tests/test_crash.py does it for real):
+    the previous file, still loadable, and a temporary file that the next run removes."""
+    path = tmp_path / "last.pt"
+    _write(path)
+    (tmp_path / ".last.pt.k1ll3d.tmp").write_bytes(b"PK\x03\x04 the first half of a newer checkpoint")
+    assert checkpointing.newest([tmp_path])[0] == path
+    assert checkpointing.remove_temporaries(tmp_path) == [tmp_path / ".last.pt.k1ll3d.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign"])

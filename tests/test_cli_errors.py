@@ -2,13 +2,21 @@
 traceback. (Warnings, if any, are separate ``minitrain: warning:`` lines.)"""
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import pickle
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from minitrain import cli
+import minitrain.plugins
+from minitrain import checkpointing, cli
 from minitrain.data import CIFAR10_FOLDER
+from minitrain.plugins import DISABLE_AUTOLOAD_ENV
 
 
 def run_cli(capsys, *argv) -> str:
@@ -196,3 +204,110 @@ def test_debug_shows_the_traceback(recipe):
 def test_plugins_order_with_bad_option(capsys):
     line = run_cli(capsys, "plugins", "--order", "--plugin", "jsonl:nope=1")
     assert "'jsonl'" in line and "nope" in line
+
+
+def test_misspelled_hook_of_a_third_party_plugin(capsys, recipe, install_dist):
+    install_dist("misspelled_cli_plugin", '''
+        import minitrain
+
+        class Typo:
+            @minitrain.hookimpl
+            def on_epoch_ned(self, event):
+                pass
+    ''', {"typo": "misspelled_cli_plugin:Typo"})
+    line = run_cli(capsys, "run", recipe, "--plugin", "typo")
+    assert "plugin 'typo' implements unknown hook 'on_epoch_ned'" in line and "on_epoch_end" in line
+
+
+def test_a_plugin_that_fails_to_import_is_skipped_and_the_run_goes_on(capsys, recipe, install_dist, real_discover,
+                                                                     monkeypatch, tmp_path):
+    monkeypatch.setattr(minitrain.plugins, "discover", real_discover)  # as installed: third party included
+    install_dist("half_installed", "raise ImportError('libfoo.so: cannot open shared object file')\n",
+                 {"half": "half_installed:Plugin"})
+    assert cli.main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "done: 1 epochs" in out
+    assert "minitrain: warning: skipping plugin 'half': failed to import half_installed:Plugin: ImportError: " \
+           "libfoo.so" in err and "Traceback" not in err
+
+
+def test_disable_plugin_autoload_flag(capsys, install_dist, recipe, tmp_path):
+    install_dist("autoloaded_plugin", "import minitrain\nLOADED = True\n", {"autoloaded": "autoloaded_plugin"})
+    assert cli.main(["--disable-plugin-autoload", "plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert "autoloaded_plugin" not in sys.modules and DISABLE_AUTOLOAD_ENV in rows["autoloaded"]["error"]
+    assert DISABLE_AUTOLOAD_ENV not in os.environ  # only for that command
+    # named explicitly, it still loads
+    assert cli.main(["--disable-plugin-autoload", "run", str(recipe), "--plugin", "autoloaded",
+                     "--run-dir", str(tmp_path / "run")]) == 0
+    assert "autoloaded_plugin" in sys.modules
+
+
+def test_bad_role_option(capsys, recipe):
+    line = run_cli(capsys, "run", recipe, "--plugin", "jsonl:role=boss")
+    assert "plugin 'jsonl': role must be 'critical' or 'observer' (got 'boss')" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_run_dir(capsys, recipe, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    line = run_cli(capsys, "run", recipe, "--run-dir", locked / "run")
+    assert str(locked / "run") in line and "not writable" in line
+
+
+def _save_checkpoint(path, model_state):
+    trainer = SimpleNamespace(epoch=1, batch_idx=0, global_step=5)
+    checkpointing.save(path, checkpointing.header(trainer), {"model": model_state})
+
+
+def test_checkpoint_of_a_different_model_lists_each_tensor(capsys, recipe, tmp_path):
+    path = tmp_path / "other.pt"
+    _save_checkpoint(path, {"2.weight": torch.zeros(10, 12), "2.bias": torch.zeros(10), "3.weight": torch.zeros(5)})
+    line = run_cli(capsys, "run", recipe, "--run-dir", tmp_path / "run", "--resume", path)
+    assert f"checkpoint {path} is for a different model: 2 tensor(s) do not fit: " in line
+    assert "2.weight (10, 12) in the checkpoint, (10, 48) in the model; 3.weight (5) not in the model" in line
+
+
+@pytest.mark.parametrize("content", [b"", b"definitely not a checkpoint", b"PK\x03\x04truncated zip"],
+                         ids=["empty", "text", "truncated"])
+def test_file_that_is_not_a_checkpoint(capsys, recipe, tmp_path, content):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    line = run_cli(capsys, "run", recipe, "--run-dir", tmp_path / "run", "--resume", path)
+    assert f"checkpoint {path} is unreadable" in line
+
+
+def test_checkpoint_carrying_code_is_refused(capsys, recipe, tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    _save_checkpoint(path, {"2.weight": Payload(marker)})
+    line = run_cli(capsys, "run", recipe, "--run-dir", tmp_path / "run", "--resume", path)
+    assert "holds objects that safe loading refuses" in line and not marker.exists()
+
+
+class Payload:
+    """Unpickling this runs code: it creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_data_file_carrying_code_is_refused(capsys, recipe, fake_cifar, tmp_path):
+    marker, target = tmp_path / "pwned", fake_cifar / CIFAR10_FOLDER / "data_batch_1"
+    target.write_bytes(pickle.dumps({"data": Payload(marker), "labels": [0]}))
+    line = run_cli(capsys, "run", recipe, "--run-dir", tmp_path / "run")
+    assert str(target) in line and "refusing to load pathlib" in line and not marker.exists()
+
+
+def test_event_log_is_read_as_json_only(capsys, tmp_path):
+    marker, run = tmp_path / "pwned", tmp_path / "run"
+    run.mkdir()
+    payload = pickle.dumps(Payload(marker), protocol=0).decode("latin1")
+    (run / "events.jsonl").write_text(json.dumps({"event": "FitEnd", "epochs_completed": 1, "global_step": 5,
+                                                  "metrics": {}}) + "\n" + payload.replace("\n", " ") + "\n")
+    line = run_cli(capsys, "replay", run, "--plugin", "jsonl")
+    assert f"{run / 'events.jsonl'}:2" in line and not marker.exists()

@@ -125,13 +125,14 @@ def test_cli_plugins_json_lists_it_with_hooks(thirdparty, capsys):
     assert row["enabled_by_default"] is False
     assert row["hooks"] == ["on_batch_end", "on_epoch_end", "on_fit_start", "train_step"]
     assert set(row["options"]) == {"greeting", "times", "loud"}
-    assert rows["jsonl"]["enabled_by_default"] is True
+    assert row["role"] == "critical"  # it wraps train_step: it changes training
+    assert rows["jsonl"]["enabled_by_default"] is True and rows["jsonl"]["role"] == "observer"
 
 
 def test_cli_plugins_text_lists_it(thirdparty, capsys):
     code, out, _ = _cli(capsys, "plugins")
     assert code == 0
-    assert "thirdparty 1.0 (thirdparty-plugin, off by default)" in out
+    assert "thirdparty 1.0 (thirdparty-plugin, off by default, critical)" in out
     assert "hooks: on_batch_end, on_epoch_end, on_fit_start, train_step" in out
 
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU check of the CIFAR-10 speedrun (benchmarks/README.md says how to call it), in three steps:
+#   prepare   here, once per code change: CIFAR-10 as two transferable parts in .cifar/, and wheels
+#             in .whl/ (pydantic and friends for Python 3.12, plus minitrain itself, which carries
+#             the plugins' entry points). Both folders are git-ignored; nothing here is committed.
+#   stage     device call 1 (carry .cifar/part1): keeps part 1 on the machine in /root/stage.
+#   run       device call 2 (carry .cifar/part2 and .whl), right after call 1 while the machine is
+#             warm: installs the wheels, rebuilds CIFAR-10 from both parts, runs the benchmark in
+#             each of $VARIANTS (default: bf16 with the sync check, fp16, compiled; also: muon),
+#             $RUNS timed runs of each kind (default 10); figures in $OUT/<variant>.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+prepare)
+  py=${PYTHON:-.venv/bin/python}
+  src=${CIFAR_SRC:-$HOME/.cache/minitrain/cifar10}
+  [[ -f $src/cifar-10-batches-py/test_batch ]] || PYTHON=$py ../shared/tools/cifar10/get "$src"
+  [[ -d .cifar/part2 ]] || $py ../shared/tools/cifar10/device-parts "$src" .cifar
+  rm -rf .whl && mkdir .whl
+  pins=$($py -m pip list --format=freeze 2>/dev/null \
+    | grep -iE '^(pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions|pluggy|tqdm)==')
+  platforms=""
+  for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
+    platforms+=" --platform $p"
+  done
+  # shellcheck disable=SC2086
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    $platforms -d .whl $pins
+  $py -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+  du -sh .cifar/part1 .cifar/part2 .whl
+  ;;
+stage)
+  mkdir -p /root/stage && rm -rf /root/stage/part1 && cp -r .cifar/part1 /root/stage/
+  du -sh /root/stage/part1
+  nvidia-smi -L
+  ;;
+run)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  [[ -d /root/stage/part1 ]] || { echo "no /root/stage/part1: the machine was given back after call 1; run stage again" >&2; exit 2; }
+  python3 .cifar/part2/build.py /root/cifar10 /root/stage/part1 .cifar/part2 >/dev/null
+  for variant in ${VARIANTS:-bf16 fp16 compiled}; do  # VARIANTS="bf16 muon" runs just those
+    case $variant in
+      bf16) args=(--sync-debug) ;;
+      fp16) args=(--plugin amp:dtype=fp16 --set data_dtype=fp16) ;;
+      compiled) args=(--set compile=true) ;;
+      muon) args=(--set compile=true --set muon=true) ;;
+      *) echo "unknown variant $variant" >&2; continue ;;
+    esac
+    echo "=== $variant"
+    python3 benchmarks/speedrun.py --data-dir /root/cifar10 --runs "${RUNS:-10}" --log "$OUT/$variant.log" \
+      --json "$OUT/$variant.json" "${args[@]}" || echo "=== $variant failed"
+  done
+  ;;
+*)
+  echo "usage: $0 prepare|stage|run" >&2
+  exit 2
+  ;;
+esac

@@ -1,0 +1,95 @@
+"""Several processes, one run: the little the core needs from ``torch.distributed``.
+
+``torchrun`` starts one process per device and tells each its place through environment
+variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). When they
+are present, :func:`init` joins the process group (NCCL for CUDA devices, gloo otherwise) and
+gives each process the device of its local rank. Without them nothing here does anything, so a
+single-process run never touches ``torch.distributed``.
+
+The rest is what every rank must agree on: who is rank 0 (the one that writes files and
+prints), and sums over ranks, taken once per epoch (training loss) or validation (loss sum and
+confusion matrix), never per step. Gradient averaging is DDP's business (the ``ddp`` plugin).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from minitrain.errors import MinitrainError
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or anything that sets the same variables)."""
+    return all(name in os.environ for name in LAUNCH_ENV)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the process that writes the run's files and prints its progress."""
+    return rank() == 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Join torchrun's process group, if launched by it, and return this process's device:
+    ``cuda:LOCAL_RANK`` when ``device`` is CUDA, ``device`` itself otherwise."""
+    if not launched() or active():
+        return device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise MinitrainError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                                 "here: start at most one process per GPU (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as exc:
+        raise MinitrainError(f"could not join the process group ({backend}): {exc}") from None
+    return device
+
+
+def leave() -> None:
+    """Close the process group once the run has succeeded, on every rank: wait until all ranks
+    are done (a rank that exits while another still writes its final files can abort in gloo's
+    teardown), then destroy the group, as PyTorch asks. A failing run skips this: torchrun
+    stops the other processes when one fails, and a barrier would wait for them forever."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` summed over all ranks (``tensor`` itself when there is one rank).
+    Every rank must call it, in the same order: it is a collective."""
+    if not active():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a path, a run directory name): for choices that all
+    ranks must make alike but only one should make."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
