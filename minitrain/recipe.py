@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import json
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass

@@ -17,19 +17,23 @@ from minitrain.testing import make_fake_cifar10
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core machine
 
-# The only first-party plugins the core tests rely on (on by default).
+# First-party plugins every test sees; a test module lists any others it needs in a
+# module-level FIRST_PARTY_PLUGINS set. The rest are hidden, so one plugin's breakage stays in
+# its own tests.
 CORE_PLUGINS = {"console", "jsonl"}
 _real_discover = minitrain.plugins.discover
 
 
-def _core_only_discover(autoload_third_party: bool | None = None):
+def _discover_only(wanted: set[str]):
     """The real discovery (real entry points, real importlib.metadata), minus first-party plugins
-    other than console/jsonl: those are written in parallel and must not affect core tests."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        found = _real_discover(autoload_third_party)
-    return {name: info for name, info in found.items()
-            if info.distribution != minitrain.plugins.FIRST_PARTY or name in CORE_PLUGINS}
+    not in ``wanted``; third-party plugins pass through."""
+    def discover(autoload_third_party: bool | None = None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = _real_discover(autoload_third_party)
+        return {name: info for name, info in found.items()
+                if info.distribution != minitrain.plugins.FIRST_PARTY or name in wanted}
+    return discover
 
 
 def pytest_configure(config):
@@ -41,10 +45,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch, tmp_path):
-    """Every test: only core first-party plugins, no network, no autoload switch from the
-    environment, and a scratch working directory (default run dirs land under ``runs/``)."""
-    monkeypatch.setattr(minitrain.plugins, "discover", _core_only_discover)
+def _isolate(request, monkeypatch, tmp_path):
+    """Every test: only the first-party plugins its module asks for, no network, no autoload
+    switch from the environment, and a scratch working directory (run dirs land under ``runs/``)."""
+    wanted = CORE_PLUGINS | set(getattr(request.module, "FIRST_PARTY_PLUGINS", ()))
+    monkeypatch.setattr(minitrain.plugins, "discover", _discover_only(wanted))
     monkeypatch.setattr(minitrain.data, "_download", lambda root: None)
     monkeypatch.delenv(minitrain.plugins.DISABLE_AUTOLOAD_ENV, raising=False)
     monkeypatch.chdir(tmp_path)

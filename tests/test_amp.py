@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 
-import minitrain.plugins
 from minitrain import hookimpl
 from minitrain.run import prepare
 from minitrain_plugins import amp
@@ -42,15 +41,7 @@ def build(config, device):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _amp_available(monkeypatch, real_discover):
-    """conftest hides first-party plugins other than console/jsonl; these tests need amp too."""
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {name: info for name, info in found.items() if name in ("console", "jsonl", "amp")}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+FIRST_PARTY_PLUGINS = {"amp"}
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ import json
 import os
 import pathlib
 import shutil
-import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import minitrain.plugins
 from minitrain import checkpointing, hookimpl
 from minitrain.cli import main
 from minitrain.errors import MinitrainError
@@ -21,7 +19,7 @@ from minitrain.plugins import check_hooks, register_plugin
 from minitrain.run import prepare
 from minitrain_plugins.checkpoint import CheckpointSaved
 
-PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
+FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
 
 # Shuffling, random crops and flips, dropout, momentum and a schedule: resuming exactly needs the
 # data order, the augmentation and dropout generators, and optimizer and scheduler state.
@@ -51,15 +49,6 @@ def build(config, device):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _with_these_plugins(_isolate, monkeypatch, real_discover):
-    """The conftest hides first-party plugins other than the core's; these tests need theirs."""
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {n: i for n, i in found.items() if i.distribution != minitrain.plugins.FIRST_PARTY or n in PLUGINS}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
 
 
 @pytest.fixture

@@ -4,27 +4,16 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import warnings
 
 import pytest
 
-import minitrain.plugins
 from minitrain.events import EpochEnd, FitStart
 from minitrain.run import prepare
 from minitrain_plugins.csv_log import CsvLog
 
-PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
+FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
 
 
-@pytest.fixture(autouse=True)
-def _with_these_plugins(_isolate, monkeypatch, real_discover):
-    """The conftest hides first-party plugins other than the core's; these tests need theirs."""
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {n: i for n, i in found.items() if i.distribution != minitrain.plugins.FIRST_PARTY or n in PLUGINS}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
 
 
 @pytest.fixture

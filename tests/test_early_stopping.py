@@ -3,28 +3,17 @@ keeps counting across a resume."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 
-import minitrain.plugins
 from minitrain.errors import MinitrainError
 from minitrain.run import prepare
 from minitrain_plugins._metric import improves, resolve_mode
 
-PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
+FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
 NEVER_BETTER = "min_delta=1e9"  # after the first epoch nothing counts as an improvement
 
 
-@pytest.fixture(autouse=True)
-def _with_these_plugins(_isolate, monkeypatch, real_discover):
-    """The conftest hides first-party plugins other than the core's; these tests need theirs."""
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {n: i for n, i in found.items() if i.distribution != minitrain.plugins.FIRST_PARTY or n in PLUGINS}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
 
 
 @pytest.fixture

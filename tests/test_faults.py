@@ -7,7 +7,6 @@ import math
 import signal
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 from torch import nn
 
@@ -30,18 +29,10 @@ from minitrain_plugins.lookahead import Lookahead
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "cifar10_speedrun.py"
 BENCHMARK = ROOT / "benchmarks" / "speedrun.py"
-PLUGINS = {"console", "jsonl", "amp", "tta", "lookahead", "validation"}
+FIRST_PARTY_PLUGINS = {"console", "jsonl", "amp", "tta", "lookahead", "validation"}
 TINY = ["widths=[8,16,16]", "batch_size=16", "eval_batch_size=16", "device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _speedrun_plugins(monkeypatch, real_discover):
-    """conftest hides first-party plugins other than console/jsonl; the recipe needs these too."""
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return {n: i for n, i in real_discover(autoload_third_party).items() if n in PLUGINS}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
 
 
 class EpochLog:

@@ -3,26 +3,16 @@ steps and every epoch metric, read back here with TensorBoard's own EventAccumul
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import minitrain.plugins
 from minitrain.events import FitStart
 from minitrain.run import prepare
 from minitrain_plugins.tensorboard import TensorBoard
 
 
-@pytest.fixture(autouse=True)
-def _tensorboard_available(monkeypatch, real_discover):
-    """conftest hides first-party plugins other than console/jsonl; these tests need tensorboard."""
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {name: info for name, info in found.items() if name in ("console", "jsonl", "tensorboard")}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+FIRST_PARTY_PLUGINS = {"tensorboard"}
 
 
 def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:

@@ -12,7 +12,6 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-import minitrain.plugins
 from minitrain import hookimpl
 from minitrain.cli import main
 from minitrain.run import prepare
@@ -20,16 +19,7 @@ from minitrain.run import prepare
 CURVES = ["loss.png", "accuracy.png", "lr.png", "confusion.png"]
 
 
-@pytest.fixture(autouse=True)
-def _plugins_available(monkeypatch, real_discover):
-    """conftest hides first-party plugins other than console/jsonl; these tests need viz and
-    tensorboard."""
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {name: info for name, info in found.items() if name in ("console", "jsonl", "viz", "tensorboard")}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+FIRST_PARTY_PLUGINS = {"viz", "tensorboard"}
 
 
 def fit(recipe, run_dir, plugins=("viz",), epochs=2):
