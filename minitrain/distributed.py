@@ -8,11 +8,14 @@ single-process run never touches ``torch.distributed``.
 
 The rest is what every rank must agree on: who is rank 0 (the one that writes files and
 prints), and sums over ranks, taken once per epoch (training loss) or validation (loss sum and
-confusion matrix), never per step. Gradient averaging is DDP's business (the ``ddp`` plugin).
+confusion matrix), never per step; and an orderly goodbye (:func:`leave`), which ``minitrain
+run`` says after a successful run. Gradient averaging is DDP's business (the ``ddp`` plugin).
 """
 from __future__ import annotations
 
 import os
+import time
+import weakref
 from typing import Any
 
 import torch
@@ -66,13 +69,20 @@ def init(device: torch.device) -> torch.device:
 
 
 def leave() -> None:
-    """Close the process group once the run has succeeded, on every rank: wait until all ranks
-    are done (a rank that exits while another still writes its final files can abort in gloo's
-    teardown), then destroy the group, as PyTorch asks. A failing run skips this: torchrun
-    stops the other processes when one fails, and a barrier would wait for them forever."""
-    if active():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Close the process group once the run has succeeded, on every rank. A final all-reduce
+    waits until all ranks are done; then this process waits until gloo's worker thread has let
+    go of that collective's tensor, because a worker still releasing a tensor once Python has
+    begun shutting down aborts the process (DDP keeps the group alive until then). A failing
+    run skips this: torchrun stops the other processes when one fails."""
+    if not active():
+        return
+    marker = torch.zeros(1, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(marker)
+    released, deadline = weakref.ref(marker), time.monotonic() + 10
+    del marker
+    while released() is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    dist.destroy_process_group()
 
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

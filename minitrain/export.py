@@ -66,6 +66,10 @@ def export(source: str | Path, fmt: str = "exported-program", out: str | Path | 
             torch.export.save(program, out, extra_files=extra)
     except OSError as exc:
         raise MinitrainError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except Exception as exc:  # the model does something the tracer cannot capture
+        other = "torchscript" if fmt == "exported-program" else "exported-program"
+        raise MinitrainError(f"{fmt} could not capture the model ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:300]}); --format {other} may") from None
     return out
 
 
@@ -122,7 +126,9 @@ def rebuild(run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = No
         "std": inputs["std"], "checkpoint": str(checkpoint), "global_step": saved["header"].get("global_step"),
         "minitrain_version": __version__, "torch_version": str(torch.__version__),
     }
-    return model.float().eval(), metadata
+    # fp32 and plain memory layout: what a file for other programs should hold (a channels-last
+    # model would save, but with torch warning about its strided weights)
+    return model.to(torch.float32, memory_format=torch.contiguous_format).eval(), metadata
 
 
 def load(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:

@@ -43,9 +43,3 @@ class DataParallel:
             find_unused_parameters=self.config.find_unused_parameters, static_graph=self.config.static_graph,
             bucket_cap_mb=self.config.bucket_cap_mb)
 
-    @hookimpl
-    def on_fit_end(self, trainer) -> None:
-        """Drop the wrapper: its reducer holds the process group, which should close while the
-        interpreter is whole (``minitrain.distributed.leave``), not in its teardown."""
-        if isinstance(trainer.model, DistributedDataParallel):
-            trainer.model = trainer.model.module

@@ -4,30 +4,19 @@ recipe code; bad files give one clear line."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import minitrain.plugins
 from minitrain.cli import main
 from minitrain.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from minitrain.export import export, load
 from minitrain.predict import predict, preprocess
 from minitrain.run import prepare
 
-
-@pytest.fixture(autouse=True)
-def _with_checkpoint(_isolate, monkeypatch, real_discover):
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {n: i for n, i in found.items()
-                if i.distribution != minitrain.plugins.FIRST_PARTY or n in {"console", "jsonl", "checkpoint"}}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+FIRST_PARTY_PLUGINS = {"checkpoint"}
 
 
 @pytest.fixture

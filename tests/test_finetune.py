@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import minitrain.plugins
 from minitrain import checkpointing
 from minitrain.cli import main
 from minitrain.errors import MinitrainError
@@ -19,16 +18,7 @@ from minitrain.run import prepare
 FINETUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_finetune.py"
 TINY = ["data_dir={data}", "device=cpu", "widths=4,8,8", "batch_size=16", "epochs=1"]
 
-
-@pytest.fixture(autouse=True)
-def _with_checkpoint(_isolate, monkeypatch, real_discover):
-    def discover(autoload_third_party=None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = real_discover(autoload_third_party)
-        return {n: i for n, i in found.items()
-                if i.distribution != minitrain.plugins.FIRST_PARTY or n in {"console", "jsonl", "checkpoint", "amp"}}
-    monkeypatch.setattr(minitrain.plugins, "discover", discover)
+FIRST_PARTY_PLUGINS = {"checkpoint", "amp"}
 
 
 @pytest.fixture
