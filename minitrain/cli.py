@@ -7,8 +7,12 @@ import inspect
 import json
 import os
 import sys
+import types
+import typing
 import warnings
 from typing import NoReturn
+
+from pydantic.fields import FieldInfo
 
 from minitrain.errors import MinitrainError, TrainingInterrupted
 from minitrain.plugins import DISABLE_AUTOLOAD_ENV
@@ -235,6 +239,17 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 
 def _type_name(annotation) -> str:
+    """``Optional[Annotated[int, ...]]`` -> ``int | None``: the type as a plugin author reads it."""
+    args = [a for a in typing.get_args(annotation) if not isinstance(a, FieldInfo)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
