@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from minitrain import Trainer
+from minitrain import Trainer, hookimpl
 from minitrain.plugins import discover, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
 
 STEPS, BATCH = 2000, 64
@@ -69,6 +69,42 @@ def framework(specs: list[str], available) -> tuple[float, float]:
         return time.perf_counter() - start, metrics["epoch_time"]
 
 
+class NoOpStep:
+    """Replaces forward/backward/step with nothing, leaving the framework's own per-step work."""
+
+    loss = torch.tensor(1.0)
+
+    @hookimpl
+    def train_step(self) -> torch.Tensor:
+        return self.loss
+
+    @hookimpl
+    def backward(self) -> bool:
+        return True
+
+    @hookimpl
+    def optimizer_step(self) -> bool:
+        return True
+
+
+def framework_alone(specs: list[str], available, steps: int = 20000) -> float:
+    """µs/step of the loop, events and plugins around a step that does nothing, over a list of
+    ready batches: the framework's own cost, without the noise of the real work around it."""
+    batches = [(torch.zeros(BATCH, 256), torch.zeros(BATCH, dtype=torch.long))] * steps
+    model = nn.Linear(1, 1)
+    pm = make_plugin_manager()
+    with tempfile.TemporaryDirectory() as run_dir:
+        requests = [parse_plugin_spec(s) for s in specs]
+        disabled = {name for name, info in available.items() if info.enabled_by_default} - {r.name for r in requests}
+        for name, plugin in resolve(requests, disabled, available=available):
+            register_plugin(pm, plugin, name)
+        register_plugin(pm, NoOpStep(), "noop")
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, epochs=1,
+                          device="cpu", run_dir=run_dir, plugin_manager=pm)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return trainer.fit()["epoch_time"] / steps * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -106,6 +142,9 @@ def main() -> None:
         print(f"{name:<34} {statistics.median(values):>9.1f} {min(values):>7.1f} {max(values):>7.1f} "
               f"{statistics.median(whole_fit[name]):>10.1f}")
     print("per step: the training loop alone; whole fit: also set-up and fit-end work (plots, final files)")
+    print("\nframework alone (a no-op step, 20000 steps, median of 5): " + ", ".join(
+        f"{name} {statistics.median(framework_alone(specs, available) for _ in range(5)):.1f} µs/step"
+        for name, specs in sets.items()))
 
 
 if __name__ == "__main__":
