@@ -36,8 +36,9 @@ stage)
   nvidia-smi -L
   ;;
 run)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  site=$(mktemp -d)  # the wheels' install target, on the device machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH=$site PYTHONUNBUFFERED=1
   [[ -d /root/stage/part1 ]] || { echo "no /root/stage/part1: the machine was given back after call 1; run stage again" >&2; exit 2; }
   python3 .cifar/part2/build.py /root/cifar10 /root/stage/part1 .cifar/part2 >/dev/null
   for variant in ${VARIANTS:-bf16 fp16 compiled}; do  # VARIANTS="bf16 muon" runs just those

@@ -12,7 +12,7 @@ from minitrain import events as ev
 # One valid instance of every core event (ExceptionRaised's traceback has newlines on purpose).
 SAMPLES: dict[type[ev.Event], dict] = {
     ev.FitStart: dict(epochs=3, start_epoch=0, global_step=0, steps_per_epoch=5, device="cpu",
-                      run_dir="/tmp/run", config={"lr": 0.1, "nested": {"a": [1, 2]}}),
+                      run_dir="runs/demo", config={"lr": 0.1, "nested": {"a": [1, 2]}}),
     ev.EpochStart: dict(epoch=1, global_step=5, steps=5),
     ev.BatchStart: dict(epoch=1, batch_idx=2, global_step=7, batch_size=16),
     ev.BatchEnd: dict(epoch=1, batch_idx=2, global_step=8, batch_size=16, loss=torch.tensor(0.25)),
