@@ -53,15 +53,21 @@ def bare() -> float:
     return time.perf_counter() - start
 
 
+def plugin_manager(specs: list[str], available):
+    """Exactly the plugins in ``specs``: the ones on by default are off unless listed."""
+    pm = make_plugin_manager()
+    requests = [parse_plugin_spec(s) for s in specs]
+    disabled = {name for name, info in available.items() if info.enabled_by_default} - {r.name for r in requests}
+    for name, plugin in resolve(requests, disabled, available=available):
+        register_plugin(pm, plugin, name)
+    return pm
+
+
 def framework(specs: list[str], available) -> tuple[float, float]:
     """(whole fit, training loop alone): the first includes one-off work such as plots at fit end."""
     model, optimizer, loader = make_work()
-    pm = make_plugin_manager()
+    pm = plugin_manager(specs, available)
     with tempfile.TemporaryDirectory() as run_dir:
-        requests = [parse_plugin_spec(s) for s in specs]
-        disabled = {name for name, info in available.items() if info.enabled_by_default} - {r.name for r in requests}
-        for name, plugin in resolve(requests, disabled, available=available):
-            register_plugin(pm, plugin, name)
         trainer = Trainer(model, optimizer, loader, epochs=1, device="cpu", run_dir=run_dir, plugin_manager=pm)
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -92,12 +98,8 @@ def framework_alone(specs: list[str], available, steps: int = 20000) -> float:
     ready batches: the framework's own cost, without the noise of the real work around it."""
     batches = [(torch.zeros(BATCH, 256), torch.zeros(BATCH, dtype=torch.long))] * steps
     model = nn.Linear(1, 1)
-    pm = make_plugin_manager()
+    pm = plugin_manager(specs, available)
     with tempfile.TemporaryDirectory() as run_dir:
-        requests = [parse_plugin_spec(s) for s in specs]
-        disabled = {name for name, info in available.items() if info.enabled_by_default} - {r.name for r in requests}
-        for name, plugin in resolve(requests, disabled, available=available):
-            register_plugin(pm, plugin, name)
         register_plugin(pm, NoOpStep(), "noop")
         trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, epochs=1,
                           device="cpu", run_dir=run_dir, plugin_manager=pm)
