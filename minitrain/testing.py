@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from minitrain.data import CIFAR10_CLASSES, CIFAR10_FOLDER
+from minitrain.hookspecs import hookimpl
 
 
 def make_fake_cifar10(root: str | Path, train_per_batch: int = 20, test_size: int = 40, seed: int = 0) -> Path:
@@ -51,3 +52,16 @@ def cli_in_child(argv: list[str], log: str | Path) -> None:
     from minitrain.cli import main
 
     sys.exit(main(list(argv)))
+
+
+class EpochLog:
+    """A plugin that keeps every epoch's metrics, for tests that compare runs."""
+
+    name = "epoch_log"
+
+    def __init__(self):
+        self.metrics: list[dict[str, float]] = []
+
+    @hookimpl
+    def on_epoch_end(self, event) -> None:
+        self.metrics.append(event.metrics)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from minitrain import hookimpl
+from minitrain.testing import EpochLog
 from minitrain.run import prepare
 from minitrain_plugins import amp
 
@@ -47,17 +47,6 @@ FIRST_PARTY_PLUGINS = {"amp"}
 @pytest.fixture
 def bn_recipe(write_recipe, fake_cifar):
     return write_recipe(RECIPE.format(data_dir=str(fake_cifar)), "bn_recipe.py")
-
-
-class EpochLog:
-    name = "epoch_log"
-
-    def __init__(self):
-        self.metrics = []
-
-    @hookimpl
-    def on_epoch_end(self, event):
-        self.metrics.append(event.metrics)
 
 
 def train(recipe, *plugins: str, epochs: int = 3):

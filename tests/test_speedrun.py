@@ -18,6 +18,7 @@ from torch import nn
 import minitrain.plugins
 from minitrain import events as ev
 from minitrain import hookimpl
+from minitrain.testing import EpochLog
 from minitrain.data import ImageLoader, load_cifar10
 from minitrain.muon import Muon, orthogonalize
 from minitrain.recipe import load_recipe, make_config
@@ -33,17 +34,6 @@ FIRST_PARTY_PLUGINS = {"console", "jsonl", "amp", "tta", "lookahead", "validatio
 TINY = ["widths=[8,16,16]", "batch_size=16", "eval_batch_size=16", "device=cpu"]
 
 
-
-
-class EpochLog:
-    name = "epoch_log"
-
-    def __init__(self):
-        self.metrics = []
-
-    @hookimpl
-    def on_epoch_end(self, event):
-        self.metrics.append(event.metrics)
 
 
 def speedrun(fake_cifar, *overrides: str, epochs: int = 2):
