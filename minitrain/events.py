@@ -43,6 +43,11 @@ Scalar = Annotated[
 Count = Annotated[int, Field(ge=0, strict=True)]
 Metrics = dict[str, float]
 
+# what pydantic's own model_construct sets, set through BaseModel's slots directly
+_new, _set = object.__new__, object.__setattr__
+_set_fields_set, _set_extra, _set_private = (
+    BaseModel.__dict__[slot].__set__ for slot in ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__"))
+
 EVENT_TYPES: dict[str, type["Event"]] = {}
 """Every event class by name, core and plugin-defined alike (filled as classes are declared)."""
 
@@ -67,6 +72,19 @@ class Event(BaseModel):
         if "hook" not in cls.__dict__:
             cls.hook = _hook_name(cls.__name__)
         EVENT_TYPES[cls.__name__] = cls
+
+    @classmethod
+    def trusted(cls, **fields: Any) -> "Event":
+        """The event, built without validation, from every one of its fields. Only for values that
+        cannot be wrong, such as the loop's own counters and detached loss: the loop builds two
+        events per step, and validating them cost more than the rest of its per-step work
+        (benchmarks/overhead.py). Everyone else, replay included, builds events validated."""
+        event = _new(cls)
+        _set(event, "__dict__", fields)
+        _set_fields_set(event, set(fields))
+        _set_extra(event, None)
+        _set_private(event, None)
+        return event
 
     def to_json(self) -> str:
         """One JSON line: ``{"event":"<ClassName>", ...fields}``. Serialised by pydantic's compiled
@@ -102,7 +120,8 @@ class EpochStart(Event):
 
     epoch: Count
     global_step: Count
-    steps: Count | None = Field(description="batches this epoch will run, if known")
+    steps: Count | None = Field(description="batches in the epoch, if known")
+    start_batch: Count = Field(default=0, description="first batch to run (0, or later when resumed mid-epoch)")
 
 
 class BatchStart(Event):

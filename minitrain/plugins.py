@@ -28,6 +28,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from minitrain import distributed, hookspecs
+from minitrain.dispatch import PluginManager
 from minitrain.errors import MinitrainError
 from minitrain.hookspecs import PIPELINE_HOOKS
 
@@ -74,10 +75,10 @@ class PluginRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def make_plugin_manager() -> pluggy.PluginManager:
+def make_plugin_manager() -> PluginManager:
     from minitrain.defaults import DefaultProtocol
 
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(DefaultProtocol(), name="core")
     return pm
@@ -213,7 +214,7 @@ def role_of(plugin: Any) -> str:
     return "critical" if any(hasattr(getattr(plugin, hook, None), marker) for hook in PIPELINE_HOOKS) else "observer"
 
 
-def guard_observers(pm: pluggy.PluginManager, on_failure: Callable[[str, str, Exception], None]) -> None:
+def guard_observers(pm: PluginManager, on_failure: Callable[[str, str, Exception], None]) -> None:
     """Route an exception raised by an observer's notification hook to ``on_failure(plugin name,
     hook name, exception)`` instead of up the loop; the call to the other implementations of that
     hook goes on. Each implementation's function is wrapped once, in place, so a run in which
@@ -228,21 +229,25 @@ def guard_observers(pm: pluggy.PluginManager, on_failure: Callable[[str, str, Ex
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper or _is_guarded(impl.function)):
                     impl.function = _guarded(impl.function, name, caller.name, on_failure)
+    pm.calls.forget()
 
 
 def _guarded(function: Callable, plugin: str, hook: str, on_failure: Callable) -> Callable:
+    def failed(exc: Exception) -> None:
+        on_failure(plugin, hook, exc)
+
     @functools.wraps(function)
     def guarded(*args):
         try:
             return function(*args)
         except Exception as exc:
-            on_failure(plugin, hook, exc)
-    guarded.minitrain_guarded = True
+            failed(exc)
+    guarded.minitrain_failed = failed  # minitrain.dispatch calls `function` and this itself
     return guarded
 
 
 def _is_guarded(function: Callable) -> bool:
-    return getattr(function, "minitrain_guarded", False)
+    return hasattr(function, "minitrain_failed")
 
 
 def _specs_added(pm: pluggy.PluginManager, specs: Any) -> bool:

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +29,7 @@ from minitrain import distributed
 from minitrain import events as ev
 from minitrain.device import batch_size, get_rng_state, resolve_device, set_rng_state
 from minitrain.errors import MinitrainError, NonFiniteError, TrainingInterrupted
+from minitrain.dispatch import PluginManager
 from minitrain.plugins import ObserverFailed, check_hooks, guard_observers, make_plugin_manager, register_plugin
 
 ERROR_LOG = "errors.log"
@@ -54,7 +54,7 @@ class Trainer:
         run_dir: str | None = None,
         config: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
-        plugin_manager: pluggy.PluginManager | None = None,
+        plugin_manager: PluginManager | None = None,
         nonfinite_loss: str = "stop",
     ):
         if scheduler_interval not in ("epoch", "step"):
@@ -76,10 +76,13 @@ class Trainer:
         self.class_names = class_names
         self.nonfinite_loss = nonfinite_loss
         self.pm = plugin_manager or make_plugin_manager()
+        if not isinstance(self.pm, PluginManager):
+            raise MinitrainError("plugin_manager must be one made by minitrain.plugins.make_plugin_manager()")
         for plugin in plugins:
             register_plugin(self.pm, plugin)
         check_hooks(self.pm)
-        self.hook = self.pm.hook
+        self.hook = self.pm.hook    # pluggy's hook callers, for calls outside the loop
+        self.calls = self.pm.calls  # the same hooks, resolved once for the loop (minitrain.dispatch)
 
         self.epoch = 0          # the epoch being run (or next to run)
         self.batch_idx = 0      # the next batch to run within `epoch`
@@ -109,7 +112,7 @@ class Trainer:
         guard_observers(self.pm, self._observer_failed)
         with self._stop_on_signals():
             try:
-                self.hook.setup(trainer=self)
+                self.calls.setup(self)
                 self.emit(ev.FitStart(
                     epochs=self.epochs, start_epoch=self.epoch, global_step=self.global_step,
                     steps_per_epoch=_length(self.train_loader), device=str(self.device),
@@ -137,31 +140,36 @@ class Trainer:
         return self.metrics
 
     def _train_epoch(self) -> None:
-        epoch, hook, emit = self.epoch, self.hook, self.emit
+        epoch, calls = self.epoch, self.calls
         skip = self.nonfinite_loss == "skip"
         batches = self._batches()
-        emit(ev.EpochStart(epoch=epoch, global_step=self.global_step, steps=_length(self.train_loader)))
+        self.emit(ev.EpochStart(epoch=epoch, global_step=self.global_step, steps=_length(self.train_loader),
+                                start_batch=self.batch_idx))
         self.model.train()
         started, samples = time.perf_counter(), 0
         for batch in batches:
             n = batch_size(batch)
-            emit(ev.BatchStart(epoch=epoch, batch_idx=self.batch_idx, global_step=self.global_step, batch_size=n))
+            if calls.on_batch_start:  # a per-step event is built only if someone listens, and unvalidated
+                calls.on_batch_start(ev.BatchStart.trusted(
+                    epoch=epoch, batch_idx=self.batch_idx, global_step=self.global_step, batch_size=n), self)
             self.in_step = True
-            loss = hook.train_step(trainer=self, batch=batch)
+            loss = calls.train_step(self, batch)
             if skip and not torch.isfinite(loss):  # policy "skip" only: a host sync per step
                 self._skipped += 1
                 loss = loss.detach()
             else:
-                hook.backward(trainer=self, loss=loss)
-                hook.optimizer_step(trainer=self)
+                calls.backward(self, loss)
+                calls.optimizer_step(self)
                 loss = loss.detach()
                 self._loss_sum += loss  # NaN and inf propagate: the one read at epoch end shows them
             self.batch_idx += 1
             self.global_step += 1
             self.in_step = False
             samples += n
-            emit(ev.BatchEnd(epoch=epoch, batch_idx=self.batch_idx - 1, global_step=self.global_step,
-                             batch_size=n, loss=loss))
+            if calls.on_batch_end:
+                calls.on_batch_end(ev.BatchEnd.trusted(
+                    epoch=epoch, batch_idx=self.batch_idx - 1, global_step=self.global_step, batch_size=n,
+                    loss=loss), self)
             if self.stop_reason is not None:
                 return  # stopped mid-epoch: progress stays here so a checkpoint resumes from it
 
@@ -189,7 +197,7 @@ class Trainer:
             self.scheduler.step()
         self.epoch, self.batch_idx, self.metrics, self._skipped = epoch + 1, 0, metrics, 0
         self._loss_sum.zero_()
-        emit(ev.EpochEnd(epoch=epoch, global_step=self.global_step, metrics=metrics))
+        self.emit(ev.EpochEnd(epoch=epoch, global_step=self.global_step, metrics=metrics))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -202,7 +210,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         confusion = None
         for batch in self.val_loader:
-            logits, targets = self.hook.eval_step(trainer=self, batch=batch)
+            logits, targets = self.calls.eval_step(self, batch)
             loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
             classes = logits.shape[1]
             pairs = torch.bincount(targets * classes + logits.argmax(1), minlength=classes * classes)
@@ -233,14 +241,16 @@ class Trainer:
     # --- what plugins use -------------------------------------------------------------------
 
     def emit(self, event: ev.Event) -> None:
-        """Deliver ``event`` to every implementation of its hook (custom events included)."""
-        caller = getattr(self.hook, event.hook, None)
-        if caller is None or caller.spec is None:  # an optionalhook impl alone is not a spec
+        """Deliver ``event`` to every implementation of its hook, then of ``on_event`` (custom
+        events included)."""
+        try:
+            notify = getattr(self.calls, event.hook)
+        except AttributeError:  # no spec: an optionalhook implementation alone is not one
             raise MinitrainError(
                 f"event {type(event).__name__} has no hook {event.hook!r}: register its hookspec "
-                "(a plugin's `hookspecs` attribute) before emitting it")
-        caller(event=event, trainer=self)
-        self.hook.on_event(event=event, trainer=self)
+                "(a plugin's `hookspecs` attribute) before emitting it") from None
+        if notify is not None:
+            notify(event, self)
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current batch (early stopping, signals)."""
@@ -300,7 +310,8 @@ class Trainer:
 
     def _observer_failed(self, plugin: str, hook: str, exc: Exception) -> None:
         """An observer raised: take it out of the run, once, and say so. The other plugins still
-        get the event it failed on (pluggy calls a copy of the list) and every later one."""
+        get the event it failed on (a call in progress keeps the implementations it began with) and
+        every later one."""
         if self.pm.get_plugin(plugin) is None:
             return
         self.pm.unregister(name=plugin)

@@ -70,6 +70,18 @@ def test_events_are_frozen():
         event.epoch = 3
 
 
+@pytest.mark.parametrize("cls", sorted(SAMPLES, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_trusted_event_is_the_validated_one(cls):
+    fields = {name: SAMPLES[cls].get(name, info.default) for name, info in cls.model_fields.items()}
+    trusted, validated = cls.trusted(**fields), cls(**fields)
+    assert trusted == validated and trusted.to_json() == validated.to_json()
+    assert trusted.model_fields_set == validated.model_fields_set and repr(trusted) == repr(validated)
+    with pytest.raises(ValidationError, match="frozen"):
+        trusted.global_step = 99
+    copied = trusted.model_copy(update={"global_step": 99})
+    assert copied.global_step == 99 and trusted.global_step == validated.global_step
+
+
 @pytest.mark.parametrize("cls, kwargs, field", [
     (ev.EpochStart, dict(epoch=-1, global_step=0, steps=5), "epoch"),
     (ev.BatchStart, dict(epoch=0, batch_idx=0, global_step=0, batch_size=-4), "batch_size"),
