@@ -113,6 +113,8 @@ class Checkpoint:
         self.top: list[dict] = []  # best first: {"metric", "epoch", "global_step", "file"}
         self.folder = Path(config.dir)
         self.last_saved: tuple[int, int, int] | None = None  # (epoch, batch_idx, step) in last.pt
+        if not config.every_steps:
+            self.on_batch_end = None  # not a hook implementation then: no call at every step
 
     def checkpoint_dir(self, run_dir: str | Path) -> Path:
         """Where this plugin writes for ``run_dir`` (``--resume auto`` looks here)."""

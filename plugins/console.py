@@ -31,6 +31,7 @@ class Console:
         self.config = config
         self.stream = sys.stderr
         self.bar: tqdm | None = None
+        self.every = sys.maxsize  # steps between two progress updates
         self.pending: HostCopy | None = None  # the loss asked for at the last refresh
 
     @hookimpl
@@ -43,35 +44,37 @@ class Console:
 
     @hookimpl
     def on_epoch_start(self, event) -> None:
-        self.steps, self.done, self.samples = event.steps, 0, 0
+        self.steps, self.start_batch = event.steps, event.start_batch
         self.started = time.perf_counter()
-        every = self.config.plain_lines and max(1, (event.steps or 50 * self.config.plain_lines) // self.config.plain_lines)
-        self.plain_every = 0 if self.tty else every
         if self.tty:
-            self.bar = tqdm(total=event.steps, desc=f"epoch {event.epoch + 1}/{self.epochs}", unit="step",
-                            file=self.stream, leave=False, dynamic_ncols=True)
+            self.every = self.config.refresh_every
+            self.bar = tqdm(total=event.steps, initial=event.start_batch, desc=f"epoch {event.epoch + 1}/{self.epochs}",
+                            unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+        else:
+            lines = self.config.plain_lines
+            self.every = max(1, (event.steps or 50 * lines) // lines) if lines else sys.maxsize
 
     @hookimpl
     def on_batch_end(self, event) -> None:
-        self.done += 1
-        self.samples += event.batch_size
-        if self.bar is not None and self.done % self.config.refresh_every == 0:
-            self.bar.set_postfix(loss=self._loss(event.loss), rate=f"{self._rate():.0f}/s", refresh=False)
-            self.bar.update(self.done - self.bar.n)
-        elif self.plain_every and self.done % self.plain_every == 0:
+        done = event.batch_idx + 1 - self.start_batch  # steps run this epoch by this process
+        if done % self.every:  # all steps but one in `every` end here
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = done * event.batch_size / elapsed  # as if every batch were this one's size
+        if self.bar is not None:
+            self.bar.set_postfix(loss=self._loss(event.loss), rate=f"{rate:.0f}/s", refresh=False)
+            self.bar.update(event.batch_idx + 1 - self.bar.n)
+        else:
             total = self.steps or 0
-            eta = (total - self.done) * (time.perf_counter() - self.started) / self.done if total else 0
-            print(f"  epoch {event.epoch + 1} step {self.done}/{total or '?'} loss {self._loss(event.loss)} "
-                  f"{self._rate():.0f} samples/s eta {eta:.0f}s", flush=True)
+            eta = (total - event.batch_idx - 1) * elapsed / done if total else 0
+            print(f"  epoch {event.epoch + 1} step {event.batch_idx + 1}/{total or '?'} loss {self._loss(event.loss)} "
+                  f"{rate:.0f} samples/s eta {eta:.0f}s", flush=True)
 
     def _loss(self, loss) -> str:
         if not isinstance(loss, torch.Tensor) or loss.device.type == "cpu":
             return f"{float(loss):.4f}"
         shown, self.pending = self.pending, HostCopy(loss)
         return f"{float(shown.get()):.4f}" if shown is not None and shown.ready() else "-"
-
-    def _rate(self) -> float:
-        return self.samples / max(time.perf_counter() - self.started, 1e-9)
 
     @hookimpl
     def on_epoch_end(self, event) -> None:

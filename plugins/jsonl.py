@@ -1,14 +1,21 @@
 """Every event, one JSON line each, to ``events.jsonl`` in the run directory.
 
-Lines are flushed as they are written, so a crash loses at most the lines not yet written. On
-an accelerator the log never makes the host wait for the device: events queue, in order, and
-every ``flush_every`` steps — and at each event that is not a per-step one (epoch boundaries) —
-the queue becomes a group whose batch losses are copied to the host in the background. A group
-is written at a later ``BatchEnd``, once its copy has landed (by then the device is busy with
-steps queued since), and every group is written at the end of the run.
+An event that is not a per-step one (fit, epoch, validation, checkpoint, failure) is written at
+once, with everything held before it (on an accelerator, once the losses held before it have
+reached the host, see below). The per-step events, ``BatchStart`` and ``BatchEnd``, are
+held and written together, every ``flush_every`` steps or ``flush_secs`` seconds, whichever comes
+first: writing and formatting two lines at every step cost more than the rest of the framework
+did (benchmarks/overhead.py). A process killed outright therefore loses at most that many steps
+of per-step lines, never an epoch's; a run that fails or is interrupted writes everything.
+``flush_every=1`` writes every line as it comes.
+
+On an accelerator the log never makes the host wait for the device: a group's batch losses are
+copied to the host in the background, and the group is written at a later ``BatchEnd``, once its
+copy has landed (by then the device is busy with steps queued since), or at the end of the run.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from pathlib import Path
 
@@ -20,7 +27,6 @@ from minitrain.device import HostCopy
 from minitrain.events import BatchEnd, BatchStart, Event, ExceptionRaised, FitEnd, Interrupted
 
 FINAL = (FitEnd, ExceptionRaised, Interrupted)
-PER_STEP = (BatchStart, BatchEnd)
 
 
 class JsonlLog:
@@ -30,12 +36,15 @@ class JsonlLog:
 
     class Config(PluginConfig):
         filename: str = "events.jsonl"
-        flush_every: int = Field(100, ge=1, description="steps between writes of held-back events (accelerators only)")
+        flush_every: int = Field(100, ge=1, description="most steps whose per-step lines are held before writing")
+        flush_secs: float = Field(2.0, gt=0, description="longest time in seconds a per-step line is held")
 
     def __init__(self, config: Config):
         self.config = config
         self.file = None
-        self.held: list[Event] = []  # queued, not yet grouped
+        self.held: list[Event] = []  # not yet grouped
+        self.held_limit = 2 * config.flush_every  # two events per step
+        self.deadline = 0.0  # when the held events must be grouped, whatever their number
         self.groups: deque[tuple[list[Event], HostCopy | None]] = deque()  # with their losses' copy
 
     @hookimpl(tryfirst=True)
@@ -44,35 +53,60 @@ class JsonlLog:
             return
         # unbuffered: each group of lines reaches the OS in one write, with no separate flush
         self.file = open(Path(event.run_dir) / self.config.filename, "ab", buffering=0)
-        self.defer = trainer.device.type != "cpu"
+        self.copy_losses = trainer.device.type != "cpu"
 
     @hookimpl
     def on_event(self, event) -> None:
+        held = self.held
         if self.file is None:
             return
-        if not self.defer:
-            self._write([event])
-        else:
-            self.held.append(event)
-            if not isinstance(event, PER_STEP) or len(self.held) >= 2 * self.config.flush_every:
-                self._group()
-            if isinstance(event, (*FINAL, BatchEnd)):
-                self._write_groups(wait=isinstance(event, FINAL))
+        held.append(event)
+        kind = type(event)
+        if kind is BatchStart:
+            return
+        if kind is BatchEnd:
+            if len(held) < self.held_limit and time.monotonic() < self.deadline:
+                if self.groups:
+                    self._write_groups(wait=False)
+                return
+        self._group()
+        self._write_groups(wait=isinstance(event, FINAL))
         if isinstance(event, FINAL):
             self.file.close()
             self.file = None
 
     def _group(self) -> None:
-        losses = [e.loss for e in self.held if isinstance(e, BatchEnd)]
-        self.groups.append((self.held, HostCopy(torch.stack(losses)) if losses else None))
+        copy = None
+        if self.copy_losses:
+            losses = [e.loss for e in self.held if type(e) is BatchEnd and isinstance(e.loss, torch.Tensor)]
+            copy = HostCopy(torch.stack(losses)) if losses else None
+        self.groups.append((self.held, copy))
         self.held = []
+        self.deadline = time.monotonic() + self.config.flush_secs
 
     def _write_groups(self, wait: bool) -> None:
+        """Write the groups that are ready, in order. The per-step events, most of the lines, are
+        formatted here directly: pydantic's serialiser took twice as long."""
         while self.groups and (wait or self.groups[0][1] is None or self.groups[0][1].ready()):
             events, copy = self.groups.popleft()
-            losses = iter(copy.get().tolist() if copy is not None else [])
-            self._write([e.model_copy(update={"loss": next(losses)}) if isinstance(e, BatchEnd) else e
-                         for e in events])
+            losses = iter(copy.get().tolist() if copy is not None else ())
+            lines = []
+            for e in events:
+                kind = type(e)
+                if kind is BatchStart:
+                    lines.append(f'{{"event":"BatchStart","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
+                                 f'"global_step":{e.global_step},"batch_size":{e.batch_size}}}\n')
+                elif kind is BatchEnd:
+                    loss = next(losses) if copy is not None and isinstance(e.loss, torch.Tensor) else float(e.loss)
+                    lines.append(f'{{"event":"BatchEnd","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
+                                 f'"global_step":{e.global_step},"batch_size":{e.batch_size},"loss":{_number(loss)}}}\n')
+                else:
+                    lines.append(e.to_json() + "\n")
+            self.file.write("".join(lines).encode())
 
-    def _write(self, events: list[Event]) -> None:
-        self.file.write("".join(e.to_json() + "\n" for e in events).encode())
+
+def _number(value: float) -> str:
+    """As pydantic writes a float into JSON, NaN and infinities included (a test compares them)."""
+    if value - value == 0:  # finite
+        return repr(value)
+    return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
