@@ -87,8 +87,7 @@ class Event(BaseModel):
         return event
 
     def to_json(self) -> str:
-        """One JSON line: ``{"event":"<ClassName>", ...fields}``. Serialised by pydantic's compiled
-        serializer, since the JSONL log calls this twice per training step."""
+        """One JSON line: ``{"event":"<ClassName>", ...fields}``, by pydantic's compiled serialiser."""
         body = self.__pydantic_serializer__.to_json(self).decode()
         return f'{{"event":"{type(self).__name__}"' + ("}" if body == "{}" else "," + body[1:])
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from minitrain import distributed
 from minitrain import events as ev
 from minitrain.device import batch_size, get_rng_state, resolve_device, set_rng_state
-from minitrain.errors import MinitrainError, NonFiniteError, TrainingInterrupted
 from minitrain.dispatch import PluginManager
+from minitrain.errors import MinitrainError, NonFiniteError, TrainingInterrupted
 from minitrain.plugins import ObserverFailed, check_hooks, guard_observers, make_plugin_manager, register_plugin
 
 ERROR_LOG = "errors.log"

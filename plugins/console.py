@@ -31,7 +31,7 @@ class Console:
         self.config = config
         self.stream = sys.stderr
         self.bar: tqdm | None = None
-        self.every = sys.maxsize  # steps between two progress updates
+        self.every, self.start_batch = sys.maxsize, 0  # steps between progress updates; set per epoch
         self.pending: HostCopy | None = None  # the loss asked for at the last refresh
 
     @hookimpl
