@@ -47,6 +47,18 @@ def make_work(data: TensorDataset):
     return model, optimizer, DataLoader(data, batch_size=BATCH, shuffle=True)
 
 
+def handed_out(loader: DataLoader, at_block=None):
+    """``loader``'s batches through a generator, the same one for both loops so that neither pays
+    for plumbing the other does not. ``at_block(ending)`` runs before every BLOCK-th batch, and
+    once more (``ending=True``) after the last."""
+    for index, batch in enumerate(loader):
+        if index % BLOCK == 0 and at_block is not None:
+            at_block(False)
+        yield batch
+    if at_block is not None:
+        at_block(True)
+
+
 def bare_steps(model, optimizer, batches, count: int) -> float:
     """The bare loop, for ``count`` steps; returns the seconds they took."""
     start = time.perf_counter()
@@ -73,15 +85,15 @@ class Interleaved:
 
     def __iter__(self):
         model, optimizer, loader = self.bare
-        bare_batches, bare, started = iter(loader), 0.0, None
-        for index, batch in enumerate(self.loader):
-            if index % BLOCK == 0:
-                if started is not None:
-                    self.blocks.append((bare, time.perf_counter() - started))
-                bare = bare_steps(model, optimizer, bare_batches, BLOCK)
-                started = time.perf_counter()
-            yield batch
-        self.blocks.append((bare, time.perf_counter() - started))
+        bare_batches, last = handed_out(loader), {}
+
+        def at_block(ending: bool) -> None:
+            if last:
+                self.blocks.append((last["bare"], time.perf_counter() - last["started"]))
+            if not ending:
+                last["bare"] = bare_steps(model, optimizer, bare_batches, BLOCK)
+                last["started"] = time.perf_counter()
+        return handed_out(self.loader, at_block)
 
     def over_bare(self) -> tuple[float, float]:
         """µs/step over the bare loop: (whole loop, median block)."""
