@@ -2,8 +2,8 @@
 
 At each call pluggy works out which implementations to run, in what order, and which arguments
 each one takes. Between two real training steps that bookkeeping cost more than the plugins
-themselves did (benchmarks/overhead.py), and so does every Python call: the loop's work runs
-with caches the step has just filled with its own. :class:`Calls` does the work once and keeps,
+themselves did (benchmarks/overhead.py), where every Python call costs several times what it
+costs in isolation. :class:`Calls` does the work once and keeps,
 for each hook, one function written for its implementations that calls them in pluggy's order,
 with pluggy's semantics. A hook that has a wrapper is left to pluggy, and so is every hook while
 hook calls are traced (``--trace-hooks``).
