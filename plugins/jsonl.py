@@ -53,7 +53,6 @@ class JsonlLog:
             return
         # unbuffered: each group of lines reaches the OS in one write, with no separate flush
         self.file = open(Path(event.run_dir) / self.config.filename, "ab", buffering=0)
-        self.copy_losses = trainer.device.type != "cpu"
 
     @hookimpl
     def on_event(self, event) -> None:
@@ -76,11 +75,10 @@ class JsonlLog:
             self.file = None
 
     def _group(self) -> None:
-        copy = None
-        if self.copy_losses:
-            losses = [e.loss for e in self.held if type(e) is BatchEnd and isinstance(e.loss, torch.Tensor)]
-            copy = HostCopy(torch.stack(losses)) if losses else None
-        self.groups.append((self.held, copy))
+        """Close the held events into a group, and start bringing its losses to the host: in one
+        copy (on the CPU, one read) for the group, not one per line."""
+        losses = [e.loss for e in self.held if type(e) is BatchEnd and isinstance(e.loss, torch.Tensor)]
+        self.groups.append((self.held, HostCopy(torch.stack(losses)) if losses else None))
         self.held = []
         self.deadline = time.monotonic() + self.config.flush_secs
 
@@ -97,7 +95,7 @@ class JsonlLog:
                     lines.append(f'{{"event":"BatchStart","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
                                  f'"global_step":{e.global_step},"batch_size":{e.batch_size}}}\n')
                 elif kind is BatchEnd:
-                    loss = next(losses) if copy is not None and isinstance(e.loss, torch.Tensor) else float(e.loss)
+                    loss = next(losses) if isinstance(e.loss, torch.Tensor) else e.loss  # a replayed log's number
                     lines.append(f'{{"event":"BatchEnd","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
                                  f'"global_step":{e.global_step},"batch_size":{e.batch_size},"loss":{_number(loss)}}}\n')
                 else:
