@@ -75,8 +75,8 @@ class Interleaved:
     steps of the bare loop on its own copy of the work, and it times both: each block of
     framework steps (and the fetching of as many batches) against the bare block just before it."""
 
-    def __init__(self, data: TensorDataset):
-        self.loader = make_work(data)[2]
+    def __init__(self, loader: DataLoader, data: TensorDataset):
+        self.loader = loader
         self.bare = make_work(data)
         self.blocks: list[tuple[float, float]] = []  # (bare, framework) seconds, block by block
 
@@ -115,8 +115,8 @@ def plugin_manager(specs: list[str], available):
 def framework(data: TensorDataset, specs: list[str], available) -> tuple[float, float, float, float]:
     """µs/step: the bare loop's, then over it: the whole loop, its median block, and the whole
     fit (which adds set-up and the work done once at the end: plots, final files)."""
-    model, optimizer, _ = make_work(data)
-    loader = Interleaved(data)
+    model, optimizer, loader = make_work(data)
+    loader = Interleaved(loader, data)
     pm = plugin_manager(specs, available)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(model, optimizer, loader, epochs=1, device="cpu", run_dir=run_dir, plugin_manager=pm)

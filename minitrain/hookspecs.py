@@ -2,7 +2,7 @@
 
 Two kinds:
 
-* **Notification hooks** (``on_*``) receive one validated event and the trainer. All
+* **Notification hooks** (``on_*``) receive one event (read-only) and the trainer. All
   implementations run; return values are ignored. Each is named after its event class.
 * **Pipeline hooks** are the loop itself. The core's defaults (``minitrain.defaults``) are an
   ordinary plugin registered ``trylast``; a plugin overrides a step by returning a non-None
