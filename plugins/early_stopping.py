@@ -6,7 +6,8 @@ After every epoch it compares ``monitor`` with the best value so far; after ``pa
 in a row without an improvement larger than ``min_delta`` it calls ``trainer.request_stop``, so
 the run ends there with ``FitEnd.stop_reason`` saying why. The best value and the count of
 epochs without improvement travel in checkpoints, so a resumed run stops when the uninterrupted
-one would have.
+one would have, and a run it ended stays ended when resumed (unless resumed with a larger
+``patience``).
 """
 from __future__ import annotations
 
@@ -39,12 +40,19 @@ class EarlyStopping:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
     @hookimpl
+    def on_fit_start(self, trainer) -> None:
+        self._stop_if_patience_ran_out(trainer)  # a resumed run that this plugin had ended
+
+    @hookimpl
     def on_epoch_end(self, event, trainer) -> None:
         value = read_metric("early_stopping", self.config.monitor, event.metrics)
         if improves(value, self.best, self.mode, self.config.min_delta):
             self.best, self.bad_epochs = value, 0
             return
         self.bad_epochs += 1
+        self._stop_if_patience_ran_out(trainer)
+
+    def _stop_if_patience_ran_out(self, trainer) -> None:
         if self.bad_epochs >= self.config.patience:
             best = "none" if self.best is None else f"{self.best:.4g}"
             trainer.request_stop(f"{self.config.monitor} did not improve for {self.bad_epochs} epochs "

@@ -44,6 +44,24 @@ def test_the_count_survives_a_resume(start):
     assert trainer.epoch == 4  # a fresh count would have run to epoch 6
 
 
+def test_a_run_it_stopped_stays_stopped_when_resumed(start):
+    spec = f"early_stopping:monitor=train_loss,patience=2,{NEVER_BETTER}"
+    stopped = start([spec, "checkpoint"], epochs=10)
+    stopped.fit()
+    assert stopped.epoch == 3
+    resumed = start([spec, "checkpoint"], epochs=10, resume="auto")
+    resumed.fit()
+    assert resumed.epoch == 3 and resumed.stop_reason == stopped.stop_reason  # no epoch more
+
+
+def test_a_larger_patience_lets_a_stopped_run_go_on(start):
+    start([f"early_stopping:monitor=train_loss,patience=2,{NEVER_BETTER}", "checkpoint"], epochs=10).fit()
+    resumed = start([f"early_stopping:monitor=train_loss,patience=3,{NEVER_BETTER}", "checkpoint"], epochs=10,
+                    resume="auto")
+    resumed.fit()
+    assert resumed.epoch == 4  # two bad epochs counted before, one more now
+
+
 def test_a_missing_monitor_names_the_metrics_there_are(start):
     with pytest.raises(MinitrainError, match="early_stopping: monitor 'val_f1' is not an epoch metric "
                                              r"\(available: .*train_loss.*val_loss"):
