@@ -12,9 +12,7 @@ plugin's ``state_dict()`` returns: numbers, strings, tensors, lists, tuples and 
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ import torch
 
 from minitrain import __version__, distributed
 from minitrain.errors import MinitrainError
+from minitrain.files import one_line, write_atomic
 
 if TYPE_CHECKING:
     from minitrain.trainer import Trainer
@@ -43,28 +42,10 @@ def header(trainer: Trainer, **extra: Any) -> dict[str, Any]:
 
 
 def save(path: str | Path, header: dict[str, Any], state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically: into a temporary file in the same folder, flushed to disk,
-    then renamed over ``path``. Readers see the old file or the new one, never half of one; a
-    failure removes the temporary file, leaves ``path`` as it was and raises MinitrainError."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise MinitrainError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save({"header": header, "trainer": state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except Exception as exc:
-        raise MinitrainError(f"could not write checkpoint {path} ({_one_line(exc)}); "
-                             "any previous file there is unchanged") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # still there only if the rename did not happen
-    _fsync_dir(path.parent)
+    """Write a checkpoint atomically (:func:`minitrain.files.write_atomic`): readers see the old
+    file or the new one, never half of one; a failure leaves ``path`` as it was and raises
+    MinitrainError."""
+    write_atomic(path, lambda file: torch.save({"header": header, "trainer": state}, file), what="checkpoint")
 
 
 def remove_temporaries(folder: str | Path) -> list[Path]:
@@ -77,19 +58,6 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
     return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable. Skipped where directories cannot be opened (Windows) or
-    synced (some network filesystems): the file is already complete and in place by then."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -107,7 +75,7 @@ def load(path: str | Path) -> dict[str, Any]:
             raise MinitrainError(f"checkpoint {path} holds objects that safe loading refuses ({refused}); "
                                  "only tensors and plain data are loaded") from None
         raise MinitrainError(f"checkpoint {path} is unreadable: truncated, corrupt or not a checkpoint "
-                             f"({_one_line(exc)})") from None
+                             f"({one_line(exc)})") from None
     head = checkpoint.get("header") if isinstance(checkpoint, dict) else None
     if not isinstance(head, dict) or head.get("format") != FORMAT or "trainer" not in checkpoint:
         raise MinitrainError(f"{path} is not a minitrain checkpoint (no minitrain header)")
@@ -174,7 +142,7 @@ def resume(trainer: Trainer, spec: str | Path) -> Path | None:
     try:
         trainer.load_state_dict(checkpoint["trainer"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise MinitrainError(f"checkpoint {path} does not fit this recipe ({_one_line(exc)})") from None
+        raise MinitrainError(f"checkpoint {path} does not fit this recipe ({one_line(exc)})") from None
     return path
 
 
@@ -193,12 +161,6 @@ def _shape(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return "(" + ", ".join(map(str, value.shape)) + ")"
     return type(value).__name__
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _refused(exc: Exception) -> str | None:

@@ -13,6 +13,7 @@ import torch
 from minitrain import checkpointing, distributed, finetune
 from minitrain.device import resolve_device, seed_everything
 from minitrain.errors import MinitrainError
+from minitrain.files import write_atomic
 from minitrain.plugins import PluginRequest, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
 from minitrain.recipe import Components, load_recipe, make_config
 from minitrain.trainer import Trainer
@@ -112,4 +113,5 @@ def _plugin_config(plugin: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    write_atomic(path, lambda file: file.write(text), what="run file")

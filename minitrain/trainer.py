@@ -30,6 +30,7 @@ from minitrain import events as ev
 from minitrain.device import batch_size, get_rng_state, resolve_device, set_rng_state
 from minitrain.dispatch import PluginManager
 from minitrain.errors import MinitrainError, NonFiniteError, TrainingInterrupted
+from minitrain.files import one_line
 from minitrain.plugins import ObserverFailed, check_hooks, guard_observers, make_plugin_manager, register_plugin
 
 ERROR_LOG = "errors.log"
@@ -316,7 +317,7 @@ class Trainer:
             return
         self.pm.unregister(name=plugin)
         where = self._log_error(f"plugin {plugin!r} failed in {hook} and was disabled", exc)
-        warnings.warn(f"plugin {plugin!r} failed in {hook} ({_one_line(exc)}) and is disabled for the rest of "
+        warnings.warn(f"plugin {plugin!r} failed in {hook} ({one_line(exc)}) and is disabled for the rest of "
                       f"the run; training goes on{where}", ObserverFailed, stacklevel=2)
 
     def _announce(self, event: ev.Event) -> None:
@@ -332,7 +333,7 @@ class Trainer:
                     name = self.pm.get_name(impl.plugin)
                     where = self._log_error(f"plugin {name!r} failed in {hook} while the run was stopping", exc)
                     warnings.warn(f"plugin {name!r} failed in {hook} while the run was stopping "
-                                  f"({_one_line(exc)}){where}", stacklevel=2)
+                                  f"({one_line(exc)}){where}", stacklevel=2)
 
     def _log_error(self, title: str, exc: BaseException) -> str:
         """Append ``exc``'s traceback to the run's error log; returns `` (traceback in PATH)``, or
@@ -390,11 +391,6 @@ def _nonfinite_tensors(module: torch.nn.Module) -> list[str]:
     tensors = {name: t for name, t in module.state_dict().items() if t.is_floating_point()}
     finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
     return [name for name, ok in zip(tensors, finite) if not ok]
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _length(loader: Iterable) -> int | None:

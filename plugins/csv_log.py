@@ -10,10 +10,11 @@ earlier checkpoint than the last row) are dropped first, so each epoch keeps exa
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.files import write_atomic
 
 
 class CsvLog:
@@ -61,13 +62,14 @@ class CsvLog:
             return list(reader.fieldnames or []), list(reader)
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        """Header and ``rows`` into a new file that then replaces the old one in one step."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, self.fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        """Header and ``rows`` into a new file that then replaces the old one in one step: a crash
+        leaves the old table or the new one."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = text.getvalue().encode()
+        write_atomic(self.path, lambda file: file.write(data), what="metrics table")
 
 
 def _after(row: dict[str, str], start_epoch: int) -> bool:

@@ -244,7 +244,7 @@ def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeyp
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(checkpointing.tempfile, "mkstemp", denied)
+    monkeypatch.setattr("minitrain.files.tempfile.mkstemp", denied)
     with pytest.raises(MinitrainError, match=f"cannot write checkpoint {path}: Permission denied"):
         _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

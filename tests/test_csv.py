@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from minitrain.errors import MinitrainError
 from minitrain.events import EpochEnd, FitStart
 from minitrain.run import prepare
 from minitrain_plugins.csv_log import CsvLog
@@ -68,3 +69,19 @@ def test_without_a_run_dir_it_writes_nothing(tmp_path):
     log.on_fit_start(FitStart(epochs=1, start_epoch=0, global_step=0, steps_per_epoch=3, device="cpu", run_dir=None))
     log.on_epoch_end(EpochEnd(epoch=0, global_step=3, metrics={"train_loss": 1.5}))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_rewrite_that_fails_leaves_the_old_table(tmp_path, monkeypatch):
+    log = CsvLog(CsvLog.Config())
+    log.on_fit_start(FitStart(epochs=2, start_epoch=0, global_step=0, steps_per_epoch=3, device="cpu",
+                              run_dir=str(tmp_path)))
+    log.on_epoch_end(EpochEnd(epoch=0, global_step=3, metrics={"train_loss": 1.5}))
+    before = (tmp_path / "metrics.csv").read_bytes()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("minitrain.files.os.replace", disk_full)
+    with pytest.raises(MinitrainError, match=r"could not write metrics table .*metrics\.csv \(OSError: .*No space"):
+        log.on_epoch_end(EpochEnd(epoch=1, global_step=6, metrics={"train_loss": 1.25, "val_acc": 0.5}))
+    assert (tmp_path / "metrics.csv").read_bytes() == before  # widening rewrites the file: it stays whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # and no temporary file is left
