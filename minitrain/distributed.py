@@ -95,6 +95,16 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` with one process). A
+    collective, for small picklable values such as a stop request's reason."""
+    if not active():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def from_main(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a path, a run directory name): for choices that all
     ranks must make alike but only one should make."""

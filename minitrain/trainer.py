@@ -106,6 +106,7 @@ class Trainer:
         Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM and :class:`NonFiniteError` on a
         NaN/inf loss (policy ``stop``), once every plugin has seen the final event."""
         self.stop_reason, self._nonfinite, self._signal = None, None, None
+        self._alone = distributed.world_size() == 1  # under torchrun, ranks stop together (_stopping)
         self._finite_through = self.global_step
         if self.nonfinite_loss == "skip" and distributed.world_size() > 1:
             raise MinitrainError("nonfinite_loss=skip needs one process: under torchrun a rank that skips "
@@ -119,7 +120,7 @@ class Trainer:
                     steps_per_epoch=_length(self.train_loader), device=str(self.device),
                     run_dir=self.run_dir, config=self.config, class_names=self.class_names,
                 ))
-                while self.epoch < self.epochs and self.stop_reason is None:
+                while self.epoch < self.epochs and not self._stopping():
                     self._train_epoch()
                 if self._nonfinite is not None:
                     raise NonFiniteError(self._nonfinite)
@@ -171,7 +172,7 @@ class Trainer:
                 calls.on_batch_end(ev.BatchEnd.trusted(
                     epoch=epoch, batch_idx=self.batch_idx - 1, global_step=self.global_step, batch_size=n,
                     loss=loss), self)
-            if self.stop_reason is not None:
+            if self.stop_reason is not None and self._alone:
                 return  # stopped mid-epoch: progress stays here so a checkpoint resumes from it
 
         elapsed = time.perf_counter() - started
@@ -254,8 +255,17 @@ class Trainer:
             notify(event, self)
 
     def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop after the current batch (early stopping, signals)."""
+        """Ask the loop to stop after the current batch (early stopping, signals); under torchrun,
+        at the end of the current epoch, on every rank (see :meth:`_stopping`)."""
         self.stop_reason = reason
+
+    def _stopping(self) -> bool:
+        """Whether the run ends here, before another epoch. Under torchrun a rank that stopped
+        alone would leave the others waiting at their next collective, so the ranks agree here, at
+        every epoch's end: a stop that any of them requested ends the run on all of them."""
+        if not self._alone:
+            self.stop_reason = next((r for r in distributed.gather(self.stop_reason) if r is not None), None)
+        return self.stop_reason is not None
 
     def check_finite(self, weights: bool = False) -> bool:
         """Whether every training loss of this epoch so far was finite (and, with ``weights``, every

@@ -171,6 +171,35 @@ def test_resume_auto_under_ddp_continues_exactly(runs):
     assert losses == pytest.approx(one[STEPS:], rel=1e-5, abs=1e-6)  # epochs 2 and 3 only
 
 
+STOPPER = '''
+
+class StopOnRankZero:
+    """Asks for a stop on rank 0 alone, mid-epoch, as a plugin that writes or prints might."""
+    main_process_only = True
+
+    @minitrain.hookimpl
+    def on_batch_end(self, event, trainer):
+        if event.global_step == 2:
+            trainer.request_stop("asked on rank 0 only")
+
+
+PLUGINS.append(StopOnRankZero())
+'''
+
+
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_epoch_end(runs, tmp_path):
+    root, _ = runs
+    recipe = tmp_path / "stopper.py"
+    recipe.write_text(RECIPE.format(epochs=EPOCHS, data_dir=str(root / "data")) + STOPPER)
+    _torchrun(["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--run-dir", "stopped"], tmp_path,
+              ["-m", "minitrain"])  # a rank left behind would wait at its next collective: a timeout here
+    events = [json.loads(line) for line in (tmp_path / "stopped" / "events.jsonl").read_text().splitlines()]
+    end = events[-1]
+    assert end["event"] == "FitEnd" and end["stop_reason"] == "asked on rank 0 only"
+    assert end["epochs_completed"] == 1 and end["global_step"] == STEPS  # the epoch ran to its end
+    assert len(json.loads((tmp_path / "stopped" / "step_losses.json").read_text())) == STEPS
+
+
 # --- the pieces, in one process ------------------------------------------------------------------
 
 def _loaders(n: int, batch: int, world: int, shuffle: bool, **options) -> list[ImageLoader]:
