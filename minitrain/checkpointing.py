@@ -85,6 +85,17 @@ def load(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def read_header(path: str | Path) -> dict[str, Any] | None:
+    """A checkpoint's header alone, or None when the file is not a readable minitrain checkpoint.
+    Memory-mapped: the tensors are not read."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    head = checkpoint.get("header") if isinstance(checkpoint, dict) else None
+    return head if isinstance(head, dict) and head.get("format") == FORMAT else None
+
+
 def checkpoint_dirs(trainer: Trainer) -> list[Path]:
     """Where this run keeps checkpoints: each registered plugin's ``checkpoint_dir(run_dir)``,
     or ``<run_dir>/checkpoints`` when no plugin declares one."""

@@ -24,6 +24,12 @@ in the middle of a save are removed when the next run starts.
   completed epochs. The ranking is part of the plugin's checkpointed state, so after a resume it
   goes on deleting exactly the files that drop out of the k best.
 
+A run that starts from an earlier step than its folder's checkpoints reached (resumed from an
+older checkpoint, or started afresh in a used run directory) redoes those steps. Their files
+are moved out of the way, into ``set-aside-after-step-S/`` in the folder, with a warning:
+left in place they would crowd the ranking, and ``--resume auto``, which takes the newest file,
+would go back to the abandoned ``last.pt`` if this run stopped before its first save.
+
 The file format, atomic writing and safe loading are :mod:`minitrain.checkpointing`. Under
 torchrun only rank 0 runs this plugin (``main_process_only``); ``--resume`` loads the file on
 every rank, and the weights in it are the plain model's, whatever the number of processes.
@@ -53,6 +59,7 @@ Because the event is emitted from inside the ``on_epoch_end``/``on_fit_end`` hoo
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -134,6 +141,23 @@ class Checkpoint:
     def on_fit_start(self, event) -> None:
         self.folder = self.checkpoint_dir(event.run_dir or ".")
         checkpointing.remove_temporaries(self.folder)
+        self._set_aside_later_than(event.global_step)
+
+    def _set_aside_later_than(self, step: int) -> None:
+        """Move the checkpoints of steps after ``step``, which this run redoes, to a subfolder."""
+        later = [path for path in sorted(self.folder.glob("*.pt"))
+                 if (head := checkpointing.read_header(path)) is not None and head.get("global_step", 0) > step]
+        if not later:
+            return
+        aside, tries = self.folder / f"set-aside-after-step-{step}", 1
+        while aside.exists():  # set aside at this step before: keep that too
+            tries += 1
+            aside = self.folder / f"set-aside-after-step-{step}-{tries}"
+        aside.mkdir()
+        for path in later:
+            os.replace(path, aside / path.name)
+        warnings.warn(f"checkpoint: this run starts at step {step} and redoes later steps; moved their "
+                      f"{len(later)} checkpoint(s) ({', '.join(p.name for p in later)}) to {aside}", stacklevel=2)
 
     @hookimpl(trylast=True)  # after other plugins, so their state in the file is this step's
     def on_batch_end(self, event, trainer) -> None:

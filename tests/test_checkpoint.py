@@ -324,6 +324,34 @@ def test_top_k_keeps_exactly_the_k_best_across_a_resume(tmp_path, start, mode):
     assert sorted(p.name for p in folder.iterdir()) == sorted(["best.pt", "last.pt", *ranked_files])
 
 
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_files_aside(tmp_path, start):
+    run, spec = tmp_path / "run", "checkpoint:top_k=3,monitor=val_loss"
+    start(run, [spec], epochs=1).fit()
+    folder = run / "checkpoints"
+    shutil.copy(folder / "last.pt", tmp_path / "after-epoch-1.pt")
+    start(run, [spec], epochs=3, resume="auto").fit()
+    later = sorted(p.name for p in folder.glob("*.pt") if checkpointing.load(p)["header"]["epoch"] > 1)
+    assert later  # epochs 2 and 3 wrote last.pt and at least one ranked file
+
+    with pytest.warns(UserWarning, match=r"starts at step 5 and redoes later steps; moved their \d checkpoint"):
+        trainer = start(run, [spec], epochs=1, resume=tmp_path / "after-epoch-1.pt")
+        trainer.fit()  # nothing to train: it ends where it starts, and saves nothing new
+    aside = folder / "set-aside-after-step-5"
+    assert sorted(p.name for p in aside.iterdir()) == later  # moved, not deleted
+    assert all(checkpointing.load(p)["header"]["global_step"] <= 5 for p in folder.glob("*.pt"))
+    assert checkpointing.newest([folder])[1]["header"]["global_step"] == 5  # --resume auto: not the abandoned run
+
+
+def test_a_fresh_run_in_a_used_run_directory_sets_the_old_files_aside(tmp_path, start):
+    run = tmp_path / "run"
+    start(run, ["checkpoint"], epochs=1).fit()
+    with pytest.warns(UserWarning, match=r"starts at step 0 .* \(best.pt, last.pt\)"):
+        start(run, ["checkpoint"], epochs=1).fit()
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in (folder / "set-aside-after-step-0").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "last.pt"]  # the new run's own
+
+
 def test_defaults_keep_last_and_best_only(tmp_path, start):
     run = tmp_path / "run"
     start(run, ["checkpoint"], epochs=2).fit()
