@@ -27,10 +27,7 @@ def init_from(model: torch.nn.Module, path: str | Path, skip_mismatched: bool = 
     when everything fitted); raises naming each misfit unless ``skip_mismatched``."""
     saved = checkpointing.load(path)["trainer"]["model"]
     own = model.state_dict()
-    misfits = [f"{name} {_shape(saved[name])} in the checkpoint, {_shape(own[name])} in the model"
-               for name in own if name in saved and saved[name].shape != own[name].shape]
-    misfits += [f"{name} {_shape(own[name])} not in the checkpoint" for name in own if name not in saved]
-    misfits += [f"{name} {_shape(saved[name])} not in the model" for name in saved if name not in own]
+    misfits = checkpointing.misfits(own, saved)
     if misfits and not skip_mismatched:
         raise MinitrainError(f"--init-from {path}: {len(misfits)} tensor(s) do not fit the model: "
                              f"{'; '.join(misfits)} (--init-skip-mismatched starts them from the recipe's "
@@ -64,6 +61,3 @@ def _matches(name: str, pattern: str) -> bool:
     parts = name.split(".")
     return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
-
-def _shape(tensor: torch.Tensor) -> str:
-    return "(" + ", ".join(map(str, tensor.shape)) + ")"
