@@ -127,6 +127,7 @@ def events(run_dir, name):
 
 # --- exact resume --------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:checkpoint. this run starts at step")  # later files set aside
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, start):
     straight = start(tmp_path / "straight")
     straight.fit()

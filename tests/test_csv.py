@@ -42,6 +42,7 @@ def test_one_row_per_epoch_and_one_header_across_a_resume(run, tmp_path):
     assert all(float(r["train_loss"]) > 0 and r["val_acc"] for r in rows)
 
 
+@pytest.mark.filterwarnings("ignore:checkpoint. this run starts at step")  # later files set aside
 def test_resuming_from_an_earlier_checkpoint_replaces_the_epochs_it_redoes(run, tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     run(1)
