@@ -34,11 +34,20 @@ DEFAULT_DIR = "checkpoints"
 
 
 def header(trainer: Trainer, **extra: Any) -> dict[str, Any]:
-    """What a file says about itself: format, versions and the exact position it resumes at
-    (``epoch`` full epochs done plus ``batch_idx`` batches of the next), plus ``extra``."""
+    """What a file says about itself: format, versions, the exact position it resumes at
+    (``epoch`` full epochs done plus ``batch_idx`` batches of the next), the recipe config the
+    run was using (a resume starts from it) and its critical plugins, plus ``extra``."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "minitrain_version": __version__,
             "torch_version": str(torch.__version__), "epoch": trainer.epoch, "batch_idx": trainer.batch_idx,
-            "global_step": trainer.global_step, **extra}
+            "global_step": trainer.global_step, "config": trainer.config,
+            "critical_plugins": critical_plugins(trainer.pm.list_name_plugin()), **extra}
+
+
+def critical_plugins(named: list[tuple[str, Any]]) -> list[str]:
+    """The names of the plugins that change training, of ``(name, plugin)`` pairs."""
+    from minitrain.plugins import role_of
+
+    return sorted(name for name, plugin in named if plugin is not None and name != "core" and role_of(plugin) == "critical")
 
 
 def save(path: str | Path, header: dict[str, Any], state: dict[str, Any]) -> None:
@@ -96,14 +105,14 @@ def read_header(path: str | Path) -> dict[str, Any] | None:
     return head if isinstance(head, dict) and head.get("format") == FORMAT else None
 
 
-def checkpoint_dirs(trainer: Trainer) -> list[Path]:
-    """Where this run keeps checkpoints: each registered plugin's ``checkpoint_dir(run_dir)``,
-    or ``<run_dir>/checkpoints`` when no plugin declares one."""
-    if trainer.run_dir is None:
+def checkpoint_dirs(run_dir: str | Path | None, plugins: list[Any]) -> list[Path]:
+    """Where a run keeps checkpoints: each plugin's ``checkpoint_dir(run_dir)``, or
+    ``<run_dir>/checkpoints`` when no plugin declares one."""
+    if run_dir is None:
         raise MinitrainError("--resume auto needs a run directory to look in (--run-dir)")
-    dirs = [Path(plugin.checkpoint_dir(trainer.run_dir)) for _, plugin in trainer.pm.list_name_plugin()
+    dirs = [Path(plugin.checkpoint_dir(run_dir)) for plugin in plugins
             if callable(getattr(plugin, "checkpoint_dir", None))]
-    return dirs or [Path(trainer.run_dir) / DEFAULT_DIR]
+    return dirs or [Path(run_dir) / DEFAULT_DIR]
 
 
 def newest(folders: list[Path]) -> tuple[Path, dict[str, Any]] | None:
@@ -128,23 +137,24 @@ def check_resume(spec: str | Path, run_dir: str | Path | None) -> None:
         raise MinitrainError(f"checkpoint not found: {spec}")
 
 
-def resume(trainer: Trainer, spec: str | Path) -> Path | None:
-    """Restore ``trainer`` from ``spec``: a checkpoint file, or ``"auto"`` for the newest readable
-    one in the run's checkpoint folder. Returns the file used, or None when ``auto`` found none
-    (the run then starts fresh, and a warning says so). Under torchrun rank 0 picks the file
-    (the one that knows where checkpoints are written) and every rank loads it."""
-    if str(spec) == "auto":
-        folders = checkpoint_dirs(trainer)
-        found = newest(folders) if distributed.is_main() else None
-        chosen = distributed.from_main(found and str(found[0]))
-        if chosen is None:
-            if distributed.is_main():
-                warnings.warn(f"--resume auto: no checkpoint in {', '.join(map(str, folders))}; starting fresh",
-                              stacklevel=2)
-            return None
-        path, checkpoint = found or (Path(chosen), load(chosen))
-    else:
-        path, checkpoint = Path(spec), load(spec)
+def find(spec: str | Path, folders: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``spec`` names, loaded: a file, or ``"auto"`` for the newest readable one in
+    ``folders`` (None, with a warning, when there is none: the run starts fresh). Under torchrun
+    rank 0 picks the file and every rank loads that one."""
+    if str(spec) != "auto":
+        return Path(spec), load(spec)
+    found = newest(folders) if distributed.is_main() else None
+    chosen = distributed.from_main(found and str(found[0]))
+    if chosen is None:
+        if distributed.is_main():
+            warnings.warn(f"--resume auto: no checkpoint in {', '.join(map(str, folders))}; starting fresh",
+                          stacklevel=2)
+        return None
+    return found or (Path(chosen), load(chosen))
+
+
+def restore(trainer: Trainer, path: Path, checkpoint: dict[str, Any]) -> None:
+    """Put ``trainer`` where ``checkpoint`` (read from ``path``) left its run."""
     saved = checkpoint["trainer"].get("model") if isinstance(checkpoint["trainer"], dict) else None
     wrong = misfits(trainer.module.state_dict(), saved) if isinstance(saved, dict) else []
     if wrong:
@@ -154,7 +164,19 @@ def resume(trainer: Trainer, spec: str | Path) -> Path | None:
         trainer.load_state_dict(checkpoint["trainer"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise MinitrainError(f"checkpoint {path} does not fit this recipe ({one_line(exc)})") from None
-    return path
+    trainer.resumed_from = str(path)
+
+
+def resume(trainer: Trainer, spec: str | Path) -> Path | None:
+    """Restore ``trainer`` from ``spec``: a checkpoint file, or ``"auto"`` for the newest readable
+    one in the run's checkpoint folder. Returns the file used, or None when ``auto`` found none.
+    ``minitrain run`` does more (the run's config comes from the checkpoint, see
+    :mod:`minitrain.run`); this is the part a trainer built by hand needs."""
+    found = find(spec, checkpoint_dirs(trainer.run_dir, [p for _, p in trainer.pm.list_name_plugin()]))
+    if found is None:
+        return None
+    restore(trainer, *found)
+    return found[0]
 
 
 def misfits(model: dict[str, Any], saved: dict[str, Any]) -> list[str]:

@@ -52,7 +52,7 @@ def load_cifar10(data_dir: str | Path, train: bool, download: bool = True) -> tu
             raise MinitrainError(_missing_message(folder, missing))
     raws = {n: (folder / n).read_bytes() for n in names}
     differ = [n for n, raw in raws.items() if hashlib.md5(raw).hexdigest() != CIFAR10_MD5[n]]
-    if differ and folder not in _checksums_reported:
+    if differ and folder not in _checksums_reported and distributed.is_main():  # once per command
         _checksums_reported.add(folder)
         warnings.warn(f"{folder}: checksums of {', '.join(differ)} differ from the official release "
                       "(expected for a losslessly rebuilt copy; contents are checked instead)", stacklevel=2)

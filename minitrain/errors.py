@@ -24,3 +24,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal, self.graceful = signal_name, graceful
         self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention: 130, 143
         super().__init__(f"stopped by {signal_name}" if graceful else f"stopped at once by a second {signal_name}")
+
+
+class NothingTrained(MinitrainError):
+    """A run ended without a single step that updated the weights (an empty training loader,
+    every step skipped for a non-finite loss)."""

@@ -41,6 +41,9 @@ Scalar = Annotated[
 """A scalar that may still live on the device: reading it is what synchronises, not emitting it."""
 
 Count = Annotated[int, Field(ge=0, strict=True)]
+EpochNumber = Annotated[int, Field(ge=1, strict=True, description="the epoch, numbered from 1")]
+"""Epochs are numbered from 1 wherever a person or a plugin reads them: events, metrics.csv, the
+console, plots. ``Trainer.epoch`` is a count instead: epochs completed."""
 Metrics = dict[str, float]
 
 # what pydantic's own model_construct sets, set through BaseModel's slots directly
@@ -105,19 +108,22 @@ class FitStart(Event):
     """Training is about to begin (after set-up; on resume, from the restored position)."""
 
     epochs: Count = Field(description="total number of epochs the run is configured for")
-    start_epoch: Count = Field(description="first epoch to run (0, or later on resume)")
+    start_epoch: EpochNumber = Field(description="the epoch this fit starts in (1, or later on resume)")
     global_step: Count = Field(description="optimizer steps taken before this fit")
     steps_per_epoch: Count | None = Field(description="batches per epoch, if the loader knows")
     device: str
     run_dir: str | None = Field(description="where plugins should write files, if anywhere")
     config: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe config")
     class_names: list[str] | None = Field(default=None, description="label of each class index, if the recipe names them")
+    resumed_from: str | None = Field(default=None, description="the checkpoint this fit resumed from, if any")
+    changed: dict[str, list[Any]] = Field(
+        default_factory=dict, description="config fields a resume changed: name -> [value in the checkpoint, value now]")
 
 
 class EpochStart(Event):
     """A training epoch begins."""
 
-    epoch: Count
+    epoch: EpochNumber
     global_step: Count
     steps: Count | None = Field(description="batches in the epoch, if known")
     start_batch: Count = Field(default=0, description="first batch to run (0, or later when resumed mid-epoch)")
@@ -126,7 +132,7 @@ class EpochStart(Event):
 class BatchStart(Event):
     """A training batch is about to go through train_step/backward/optimizer_step."""
 
-    epoch: Count
+    epoch: EpochNumber
     batch_idx: Count = Field(description="index of the batch within its epoch")
     global_step: Count = Field(description="optimizer steps taken before this batch")
     batch_size: Count
@@ -135,7 +141,7 @@ class BatchStart(Event):
 class BatchEnd(Event):
     """A training batch is done and the optimizer has stepped."""
 
-    epoch: Count
+    epoch: EpochNumber
     batch_idx: Count
     global_step: Count = Field(description="optimizer steps taken, this batch included")
     batch_size: Count
@@ -145,25 +151,25 @@ class BatchEnd(Event):
 class ValidationStart(Event):
     """Validation over the whole validation loader begins."""
 
-    epoch: Count
+    epoch: EpochNumber
     global_step: Count
 
 
 class ValidationEnd(Event):
     """Validation is done; metrics were read from the device once, here."""
 
-    epoch: Count
+    epoch: EpochNumber
     global_step: Count
-    metrics: Metrics = Field(description="val_loss, val_acc, ...")
+    metrics: Metrics = Field(description="val_loss and the recipe's metrics, each prefixed val_ (val_acc, ...)")
     confusion: list[list[int]] | None = Field(
-        default=None, description="confusion matrix, rows = true class, columns = predicted"
+        default=None, description="confusion matrix of a classifier, rows = true class, columns = predicted"
     )
 
 
 class EpochEnd(Event):
     """A training epoch (and its validation, if any) is done."""
 
-    epoch: Count
+    epoch: EpochNumber
     global_step: Count
     metrics: Metrics = Field(description="train_loss, lr, epoch_time, samples_per_s, and the val_* metrics")
 
@@ -180,7 +186,7 @@ class FitEnd(Event):
 class ExceptionRaised(Event):
     """The run failed; plugins get a last chance to flush or save. The error is re-raised."""
 
-    epoch: Count
+    epoch: EpochNumber = Field(description="the epoch running when it failed")
     global_step: Count
     error_type: str
     message: str
@@ -190,7 +196,7 @@ class ExceptionRaised(Event):
 class Interrupted(Event):
     """The run was interrupted (Ctrl-C or SIGTERM); like ExceptionRaised, the interrupt is re-raised."""
 
-    epoch: Count
+    epoch: EpochNumber = Field(description="the epoch running when it was interrupted")
     global_step: Count
     signal: Literal["SIGINT", "SIGTERM"] = "SIGINT"
 

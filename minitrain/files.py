@@ -27,6 +27,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], what: st
         raise MinitrainError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o666 & ~_umask())  # mkstemp's file is private; a run's files are not
             write(file)
             file.flush()
             os.fsync(file.fileno())
@@ -38,6 +39,23 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], what: st
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # still there only if the rename did not happen
     _fsync_dir(path.parent)
+
+
+def check_writable(path: str | Path, what: str = "folder") -> None:
+    """Refuse, before any work, a ``path`` (a folder a plugin or command will write to) that this
+    user cannot create or write: it, or its nearest existing parent, must be a writable folder."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise MinitrainError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MinitrainError(f"{what} {path} is not writable: {existing} does not let this user create files")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

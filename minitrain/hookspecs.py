@@ -28,11 +28,22 @@ PROJECT = "minitrain"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-PIPELINE_HOOKS = frozenset({"setup", "train_step", "backward", "optimizer_step", "eval_step"})
+PIPELINE_HOOKS = frozenset({"check", "setup", "train_step", "backward", "optimizer_step", "eval_step"})
 """The hooks the loop runs through; every other hook (custom ones too) is a notification."""
+STEP_HOOKS = PIPELINE_HOOKS - {"check"}
+"""The pipeline hooks that compute training: a plugin implementing one changes training."""
 
 
 # --- pipeline hooks -----------------------------------------------------------------------------
+
+@hookspec
+def check(trainer: Trainer) -> None:
+    """Refuse settings that cannot work before anything is written or trained: raise
+    ``MinitrainError`` with one line naming the option and the reason (a ``monitor`` naming a
+    metric the run never produces, a folder that cannot be written). Every implementation runs,
+    observers' too, unguarded. Called once per fit, after a resume has restored the trainer and
+    before ``setup``; ``trainer.metric_names()`` lists the epoch metrics the run will report."""
+
 
 @hookspec
 def setup(trainer: Trainer) -> None:
@@ -66,10 +77,10 @@ def optimizer_step(trainer: Trainer) -> bool:
 
 @hookspec(firstresult=True)
 def eval_step(trainer: Trainer, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluate one validation batch under ``torch.no_grad``; return ``(logits, targets)``.
+    """Evaluate one validation batch under ``torch.no_grad``; return ``(outputs, targets)``.
 
-    The core turns these into loss, accuracy and a confusion matrix on the device. Override it
-    for test-time augmentation.
+    The core feeds these to the validation loss and the recipe's metrics (``minitrain.metrics``),
+    on the device. Override it for test-time augmentation.
     """
 
 
@@ -108,7 +119,7 @@ def on_validation_start(event: ev.ValidationStart, trainer: Trainer) -> None:
 
 @hookspec
 def on_validation_end(event: ev.ValidationEnd, trainer: Trainer) -> None:
-    """After validation; ``event.metrics`` holds val_loss and val_acc as plain floats."""
+    """After validation; ``event.metrics`` holds val_loss and the recipe's metrics as plain floats."""
 
 
 @hookspec

@@ -19,6 +19,7 @@ import functools
 import importlib.metadata
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from minitrain import distributed, hookspecs
 from minitrain.dispatch import PluginManager
 from minitrain.errors import MinitrainError
-from minitrain.hookspecs import PIPELINE_HOOKS
+from minitrain.files import one_line
+from minitrain.hookspecs import PIPELINE_HOOKS, STEP_HOOKS
 
 ENTRY_POINT_GROUP = "minitrain"
 DISABLE_AUTOLOAD_ENV = "MINITRAIN_DISABLE_PLUGIN_AUTOLOAD"
@@ -211,7 +213,7 @@ def role_of(plugin: Any) -> str:
     if role is not None:
         return role
     marker = f"{hookspecs.PROJECT}_impl"
-    return "critical" if any(hasattr(getattr(plugin, hook, None), marker) for hook in PIPELINE_HOOKS) else "observer"
+    return "critical" if any(hasattr(getattr(plugin, hook, None), marker) for hook in STEP_HOOKS) else "observer"
 
 
 def guard_observers(pm: PluginManager, on_failure: Callable[[str, str, Exception], None]) -> None:
@@ -275,22 +277,53 @@ def _default_name(plugin: Any) -> str:
 def resolve(requests: list[PluginRequest | object], disabled: set[str] = frozenset(),
             available: dict[str, PluginInfo] | None = None) -> list[tuple[str, Any]]:
     """Turn the default plugins plus ``requests`` (names with options, or plugin objects given
-    directly by a recipe) minus ``disabled`` into ``(name, object)`` pairs ready to register."""
-    available = discover() if available is None else available
-    unknown = sorted(disabled - set(available))
-    if unknown:
-        raise MinitrainError(f"--no-plugin: unknown plugin {unknown[0]!r} (known: {', '.join(sorted(available))})")
+    directly by a recipe) minus ``disabled`` into ``(name, object)`` pairs ready to register. A
+    name with a dot that no entry point offers is an import path (:func:`import_plugin`)."""
+    available = dict(discover() if available is None else available)
     wanted: dict[str, dict[str, Any]] = {n: {} for n, i in available.items() if i.enabled_by_default}
     objects: list[tuple[str, Any]] = []
     for req in requests:
         if isinstance(req, PluginRequest):
             if req.name not in available:
-                raise MinitrainError(f"unknown plugin {req.name!r} (known: {', '.join(sorted(available)) or 'none'})")
+                if "." not in req.name:
+                    raise MinitrainError(f"unknown plugin {req.name!r} (known: {', '.join(sorted(available)) or 'none'}; "
+                                         "a plugin in a local file is named by its import path, module.Class)")
+                available[req.name] = import_plugin(req.name)
             wanted.setdefault(req.name, {}).update(req.options)
         else:
             objects.append((getattr(req, "name", None) or _default_name(req), req))
+    unknown = sorted(set(disabled) - set(available) - {name for name, _ in objects})
+    if unknown:
+        raise MinitrainError(f"--no-plugin: unknown plugin {unknown[0]!r} (known: {', '.join(sorted(available))})")
     chosen = [(name, instantiate(available[name], opts)) for name, opts in wanted.items() if name not in disabled]
-    return chosen + objects
+    return chosen + [(name, plugin) for name, plugin in objects if name not in disabled]
+
+
+def import_plugin(path: str) -> PluginInfo:
+    """A plugin named by its import path, ``module.Class`` (or a module of hook functions),
+    imported from the current directory, the recipe's folder or anywhere Python looks: for trying
+    a plugin before packaging it. Its name is the path, in ``--no-plugin`` and ``run.json`` too."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    module_name, _, attr = path.rpartition(".")
+    module = _import(path, module_name)
+    target = getattr(module, attr, None)
+    if target is None:
+        target = _import(path, path, f"module {module_name} has no {attr!r}")  # the path names a module
+    return PluginInfo(path, target=target, distribution="(local)")
+
+
+def _import(path: str, module: str, missing: str | None = None) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module and not module.startswith(f"{exc.name}."):
+            raise MinitrainError(f"plugin {path!r}: failed to import: {one_line(exc)}") from None
+        raise MinitrainError(f"plugin {path!r}: {missing or f'no module {module!r}'} (looked in the current "
+                             "directory, the recipe's folder and the installed packages)") from None
+    except Exception as exc:
+        raise MinitrainError(f"plugin {path!r}: failed to import {module}: {one_line(exc)}") from None
 
 
 def hook_order(pm: pluggy.PluginManager) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,13 @@ from minitrain.plugins import describe_validation_error
 class RecipeConfig(BaseModel):
     """Fields every recipe has; a recipe subclasses it to add its own and change defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an lr of inf or nan cannot train
+
+    changeable_on_resume: ClassVar[frozenset[str]] = frozenset({"epochs", "device", "data_dir", "nonfinite_loss"})
+    """Fields a resumed run may change (``--resume auto --set epochs=12``): the change is applied and
+    recorded. Any other field fixes what the checkpoint holds (model shape, batch size, seed, data,
+    optimizer settings) and a change is refused. A recipe adds its own fields that can change
+    (``changeable_on_resume = RecipeConfig.changeable_on_resume | {"eval_batch_size"}``)."""
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -67,7 +73,13 @@ class RecipeConfig(BaseModel):
 
 @dataclass
 class Components:
-    """What a recipe's ``build`` returns: everything the Trainer needs."""
+    """What a recipe's ``build`` returns: everything the Trainer needs.
+
+    ``metrics``: the validation metrics (torchmetrics: a ``Metric``, a ``MetricCollection`` or a
+    dict of them; default for a classifier: accuracy and confusion matrix, see
+    :mod:`minitrain.metrics`). ``eval_loss_fn``: the loss ``val_loss`` reports, if not
+    ``loss_fn``. ``inputs``: what an exported model expects, ``{"size": [H, W], "mean": [...],
+    "std": [...]}``, for a recipe whose loader does not say (``ImageLoader`` does)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -77,6 +89,32 @@ class Components:
     scheduler: Any = None
     scheduler_interval: Literal["epoch", "step"] = "epoch"
     class_names: list[str] | None = None
+    metrics: Any = None
+    eval_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    inputs: dict[str, Any] | None = None
+
+    def check(self, recipe: str | Path) -> None:
+        """Refuse, with one line, parts that the loop could only fail on later."""
+        problems = []
+        if not isinstance(self.model, torch.nn.Module):
+            problems.append(f"model is a {type(self.model).__name__}, not a torch.nn.Module")
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            problems.append(f"optimizer is a {type(self.optimizer).__name__}, not a torch.optim.Optimizer")
+        for name in ("train_loader", "val_loader"):
+            loader = getattr(self, name)
+            if not (loader is None and name == "val_loader") and not isinstance(loader, Iterable):
+                problems.append(f"{name} is a {type(loader).__name__}, which cannot be iterated")
+        if not callable(self.loss_fn) or (self.eval_loss_fn is not None and not callable(self.eval_loss_fn)):
+            problems.append("loss_fn and eval_loss_fn must be callable")
+        if self.scheduler is not None and not callable(getattr(self.scheduler, "step", None)):
+            problems.append(f"scheduler is a {type(self.scheduler).__name__}, which has no step()")
+        if self.scheduler_interval not in ("epoch", "step"):
+            problems.append(f"scheduler_interval must be 'epoch' or 'step', not {self.scheduler_interval!r}")
+        if self.class_names is not None and not (isinstance(self.class_names, (list, tuple))
+                                                 and all(isinstance(n, str) for n in self.class_names)):
+            problems.append("class_names must be a list of strings")
+        if problems:
+            raise MinitrainError(f"recipe {recipe}: build() returned {'; '.join(problems)}")
 
 
 def load_recipe(path: str | Path) -> ModuleType:
@@ -89,6 +127,9 @@ def load_recipe(path: str | Path) -> ModuleType:
         raise MinitrainError(f"recipe {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # pydantic and pickle look classes up by module
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:  # as for `python recipe.py`: modules beside the recipe import
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
@@ -139,9 +180,19 @@ def _structured(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(recipe: ModuleType, overrides: Iterable[str] = ()) -> RecipeConfig:
-    """The recipe's defaults with ``--set`` overrides, validated like any input."""
+def make_config(recipe: ModuleType, overrides: Iterable[str] = (), base: dict[str, Any] | None = None) -> RecipeConfig:
+    """The recipe's defaults, or ``base`` (a resumed run's config), with ``--set`` overrides,
+    validated like any input."""
+    values = _merged(base or {}, _structured(parse_overrides(overrides)))
     try:
-        return recipe.Config.model_validate(_structured(parse_overrides(overrides)))
+        return recipe.Config.model_validate(values)
     except ValidationError as exc:
-        raise MinitrainError(f"--set: {describe_validation_error(exc)}") from None
+        where = "--set" if base is None else "the resumed run's config with --set"
+        raise MinitrainError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged

@@ -39,8 +39,9 @@ class ReplayTrainer:
         """Move to where the live trainer was when it emitted ``event``."""
         if isinstance(event, ev.FitStart):
             self.epochs, self.config, self.class_names = event.epochs, event.config, event.class_names
-            self.epoch = event.start_epoch
-        self.epoch = getattr(event, "epoch", self.epoch) + isinstance(event, ev.EpochEnd)  # as the loop counts
+            self.epoch = event.start_epoch - 1
+        elif hasattr(event, "epoch"):  # the trainer counts epochs completed; events number them from 1
+            self.epoch = event.epoch - (not isinstance(event, ev.EpochEnd))
         self.global_step = getattr(event, "global_step", self.global_step)
         if isinstance(event, (ev.EpochEnd, ev.FitEnd)):
             self.metrics = dict(event.metrics)

@@ -1,37 +1,64 @@
-"""``minitrain run``: recipe + overrides + plugins -> a run directory and a fitted Trainer."""
+"""``minitrain run``: recipe + overrides + plugins -> a run directory and a fitted Trainer.
+
+A run directory belongs to one run. A fresh run refuses a directory that already holds files
+(``--resume auto`` continues the run there, ``--move-aside`` moves it to ``DIR.aside-TIME/``
+first). A resumed run starts from the config its checkpoint recorded, and ``--set`` may change
+only the fields that can change mid-run (:attr:`minitrain.RecipeConfig.changeable_on_resume`):
+each change is applied, announced in ``FitStart`` and kept in ``run.json``'s ``history``; any
+other is refused, naming each field. Everything is checked before the first file is written, so a
+start that fails leaves no run directory behind and no file of an earlier run changed.
+"""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from minitrain import checkpointing, distributed, finetune
+from minitrain import __version__, checkpointing, distributed, finetune
 from minitrain.device import resolve_device, seed_everything
 from minitrain.errors import MinitrainError
 from minitrain.files import write_atomic
 from minitrain.plugins import PluginRequest, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
-from minitrain.recipe import Components, load_recipe, make_config
+from minitrain.recipe import Components, RecipeConfig, load_recipe, make_config
 from minitrain.trainer import Trainer
 
+RUN_FILES = ("config.json", "run.json")
 
-def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
-            disabled: list[str] = (), run_dir: str | Path | None = None,
-            resume: str | Path | None = None, init_from: str | Path | None = None,
-            init_skip_mismatched: bool = False) -> Trainer:
-    """Everything ``run`` does short of training: useful for tests and for driving a run by hand.
 
-    ``resume`` (a checkpoint file, or ``"auto"`` for the newest in ``run_dir``) restores the
-    trainer once recipe and plugins are in place; see :func:`minitrain.checkpointing.resume`.
-    ``init_from`` starts the model from a checkpoint's weights (see :mod:`minitrain.finetune`);
-    a resume, applied after it, wins. Under torchrun every rank calls this; rank 0 alone creates
-    the run directory and writes to it."""
+@dataclass
+class Plan:
+    """A run as asked for, checked, before anything is built or written."""
+
+    recipe_path: Path
+    recipe: ModuleType
+    config: RecipeConfig
+    plugins: list[tuple[str, Any]]
+    run_dir: Path
+    device: torch.device
+    resumed: tuple[Path, dict[str, Any]] | None = None  # the checkpoint a resume starts from
+    changes: dict[str, list[Any]] = field(default_factory=dict)  # field -> [checkpoint's value, new value]
+    move_aside: bool = False
+
+
+def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
+         disabled: list[str] = (), run_dir: str | Path | None = None, resume: str | Path | None = None,
+         init_from: str | Path | None = None, move_aside: bool = False) -> Plan:
+    """Everything about a run that can be checked without building it: recipe, config, plugins and
+    their options, the run directory and the checkpoint a resume starts from. Writes nothing.
+    ``minitrain run --nproc`` calls it before it starts torchrun; under torchrun every rank calls
+    it, and rank 0's view of the run directory is the one all of them act on."""
     if resume is not None:
-        checkpointing.check_resume(resume, run_dir)  # before the recipe spends time building
+        checkpointing.check_resume(resume, run_dir)  # before the recipe spends time loading
+        if move_aside:
+            raise MinitrainError("--move-aside starts a run afresh; it does not go with --resume")
     if init_from is not None and not Path(init_from).is_file():
         raise MinitrainError(f"--init-from: checkpoint not found: {init_from}")
     recipe_path = Path(recipe_path)
@@ -44,13 +71,91 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
     plugins = resolve(requests, set(disabled))
 
     device = distributed.init(resolve_device(config.device))
-    run_dir = run_dir or Path("runs") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(distributed.from_main(str(run_dir)))  # one name, even if ranks' clocks differ
-    if distributed.is_main():
-        make_run_dir(run_dir)
+    if run_dir is None:  # a new name; rank 0's, even if the ranks' clocks differ
+        run_dir = distributed.from_main(str(new_run_dir(recipe_path)) if distributed.is_main() else None)
+    run_dir = Path(run_dir)
+    problem = distributed.from_main(run_dir_problem(run_dir, resume is None, move_aside)
+                                    if distributed.is_main() else None)
+    if problem:
+        raise MinitrainError(problem)
+    planned = Plan(recipe_path, recipe, config, plugins, run_dir, device, move_aside=move_aside)
+    if resume is not None:
+        planned.resumed = checkpointing.find(resume, checkpointing.checkpoint_dirs(run_dir, [p for _, p in plugins]))
+    if planned.resumed is not None:
+        _continue(planned, overrides)
+    return planned
+
+
+def _continue(planned: Plan, overrides: list[str]) -> None:
+    """Take a resumed run's config from its checkpoint, with the ``--set`` changes it allows."""
+    path, checkpoint = planned.resumed
+    saved = checkpoint["header"].get("config")
+    if not saved:  # written before checkpoints carried their config
+        warnings.warn(f"--resume: {path} does not record its run's config; using the recipe's with --set", stacklevel=3)
+        return
+    asked = planned.config
+    config = make_config(planned.recipe, overrides, base={**saved, "device": asked.device})
+    new = config.model_dump(mode="json")
+    changes = {key: [saved.get(key), value] for key, value in new.items() if saved.get(key) != value}
+    refused = {key: change for key, change in changes.items()  # a field new to the recipe: recorded, not refused
+               if key in saved and key not in type(config).changeable_on_resume}
+    if refused:
+        listed = ", ".join(f"{key} ({old!r} in the checkpoint, {value!r} now)" for key, (old, value) in refused.items())
+        raise MinitrainError(f"--resume {path}: cannot change {listed}: what the checkpoint holds depends on "
+                             f"{'it' if len(refused) == 1 else 'them'}. Continue without changing "
+                             f"{'it' if len(refused) == 1 else 'them'}, or start a new run (another --run-dir; "
+                             "--init-from CHECKPOINT starts from its weights)")
+    planned.config, planned.changes = config, changes
+    had, has = set(checkpoint["header"].get("critical_plugins", [])), set(checkpointing.critical_plugins(planned.plugins))
+    for names, verb in ((had - has, "leaves out"), (has - had, "adds")):
+        if names:
+            warnings.warn(f"--resume: this run {verb} the plugin(s) {', '.join(sorted(names))}, which change "
+                          "training; the steps from here differ from an uninterrupted run", stacklevel=3)
+
+
+def new_run_dir(recipe_path: Path, root: Path = Path("runs")) -> Path:
+    """``runs/<recipe>-<time>``, with ``-2``, ``-3``... if runs started in the same second."""
+    base = root / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def run_dir_problem(run_dir: Path, fresh: bool, move_aside: bool) -> str | None:
+    """Why a run cannot use ``run_dir``, or None. A fresh run needs it absent or empty."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"--run-dir {run_dir} is a file, not a directory"
+    if fresh and run_dir.is_dir() and (entries := sorted(p.name for p in run_dir.iterdir())):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        if not move_aside:
+            return (f"run directory {run_dir} is not empty ({shown}): a run directory holds one run. "
+                    f"--resume auto continues the run in it, another --run-dir starts a new one, and --move-aside "
+                    f"moves its contents to {run_dir}.aside-<time>/ and starts afresh")
+        if not any(name in entries for name in RUN_FILES):
+            return f"--move-aside: {run_dir} holds files that are not a minitrain run ({shown}); choose another --run-dir"
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"run directory {run_dir} is not writable: {existing} does not let this user create files"
+    return None
+
+
+def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
+            disabled: list[str] = (), run_dir: str | Path | None = None,
+            resume: str | Path | None = None, init_from: str | Path | None = None,
+            init_skip_mismatched: bool = False, move_aside: bool = False) -> Trainer:
+    """Everything ``run`` does short of training: useful for tests and for driving a run by hand.
+
+    ``resume`` (a checkpoint file, or ``"auto"`` for the newest in ``run_dir``) restores the
+    trainer once recipe and plugins are in place. ``init_from`` starts the model from a
+    checkpoint's weights (see :mod:`minitrain.finetune`); a resume, applied after it, wins. Under
+    torchrun every rank calls this; rank 0 alone creates the run directory and writes to it."""
+    planned = plan(recipe_path, overrides, plugin_specs, disabled, run_dir, resume, init_from, move_aside)
+    config, recipe_path = planned.config, planned.recipe_path
     seed_everything(config.seed)
     try:
-        parts = recipe.build(config, device)
+        parts = planned.recipe.build(config, planned.device)
     except MinitrainError:
         raise
     except Exception as exc:
@@ -58,6 +163,7 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
     if not isinstance(parts, Components):
         raise MinitrainError(f"recipe {recipe_path}: build() must return minitrain.Components, "
                              f"not {type(parts).__name__}")
+    parts.check(recipe_path)
     if init_from is not None:
         skipped = finetune.init_from(parts.model, init_from, init_skip_mismatched)
         if skipped and distributed.is_main():
@@ -65,35 +171,52 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
     finetune.freeze(parts.model, config.freeze)
 
     pm = make_plugin_manager()
-    for name, plugin in plugins:
+    for name, plugin in planned.plugins:
         register_plugin(pm, plugin, name)
-    config_json = config.model_dump(mode="json")
-    if distributed.is_main():
-        _write_json(run_dir / "config.json", config_json)
-        _write_json(run_dir / "run.json", {
-            "recipe": str(recipe_path), "plugins": {name: _plugin_config(p) for name, p in plugins},
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "world_size": distributed.world_size(), "class_names": parts.class_names,
-            "inputs": _inputs(parts.train_loader), "init_from": init_from and str(init_from),
-        })
     trainer = Trainer(
         parts.model, parts.optimizer, parts.train_loader, parts.val_loader, epochs=config.epochs,
         loss_fn=parts.loss_fn, scheduler=parts.scheduler, scheduler_interval=parts.scheduler_interval,
-        device=device, run_dir=str(run_dir), config=config_json, class_names=parts.class_names,
-        plugin_manager=pm, nonfinite_loss=config.nonfinite_loss,
+        device=planned.device, run_dir=str(planned.run_dir), config=config.model_dump(mode="json"),
+        class_names=parts.class_names, plugin_manager=pm, nonfinite_loss=config.nonfinite_loss,
+        metrics=parts.metrics, eval_loss_fn=parts.eval_loss_fn,
     )
-    if resume is not None:
-        checkpointing.resume(trainer, resume)
+    trainer.config_changes = planned.changes
+    if planned.resumed is not None:
+        checkpointing.restore(trainer, *planned.resumed)
+    trainer.check()
+    if distributed.is_main():
+        _write_run_files(planned, parts, trainer, init_from)
     return trainer
+
+
+def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_from: str | Path | None) -> None:
+    """The run's ``config.json`` (what it uses now) and ``run.json`` (what it is, and the history
+    of its starts), in a directory created only now that every check has passed."""
+    run_dir = planned.run_dir
+    if planned.move_aside and run_dir.is_dir() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(run_dir, aside)
+        warnings.warn(f"moved the earlier run in {run_dir} to {aside}", stacklevel=3)
+    make_run_dir(run_dir)
+    history = _read_json(run_dir / "run.json").get("history", []) if planned.resumed else []
+    start: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": trainer.resumed_from}
+    if planned.resumed:
+        start |= {"epoch": trainer.epoch, "global_step": trainer.global_step, "changed": planned.changes}
+    _write_json(run_dir / "config.json", trainer.config)
+    _write_json(run_dir / "run.json", {
+        "recipe": str(planned.recipe_path.resolve()), "plugins": {name: _plugin_config(p) for name, p in planned.plugins},
+        "event_log": next((p.event_log for _, p in planned.plugins if getattr(p, "event_log", None)), None),
+        "minitrain": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(planned.device), "world_size": distributed.world_size(), "class_names": parts.class_names,
+        "inputs": parts.inputs or _inputs(parts.train_loader), "init_from": init_from and str(init_from),
+        "history": [*history, start],
+    })
 
 
 def make_run_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as exc:
         raise MinitrainError(f"run directory {path} is not writable: {exc.strerror or exc}") from None
     return path
@@ -110,6 +233,13 @@ def _inputs(loader: Any) -> dict[str, Any] | None:
 def _plugin_config(plugin: Any) -> dict[str, Any]:
     config = getattr(plugin, "config", None)
     return config.model_dump(mode="json") if hasattr(config, "model_dump") else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -29,9 +29,10 @@ from minitrain import distributed
 from minitrain import events as ev
 from minitrain.device import batch_size, get_rng_state, resolve_device, set_rng_state
 from minitrain.dispatch import PluginManager
-from minitrain.errors import MinitrainError, NonFiniteError, TrainingInterrupted
+from minitrain.errors import MinitrainError, NonFiniteError, NothingTrained, TrainingInterrupted
 from minitrain.files import one_line
-from minitrain.plugins import ObserverFailed, check_hooks, guard_observers, make_plugin_manager, register_plugin
+from minitrain.metrics import Validation, collection, is_classifier
+from minitrain.plugins import ObserverFailed, check_hooks, guard_observers, make_plugin_manager, register_plugin, resolve
 
 ERROR_LOG = "errors.log"
 """In the run directory: the full traceback of every plugin failure and of the error ending a run."""
@@ -51,12 +52,14 @@ class Trainer:
         scheduler: Any = None,
         scheduler_interval: str = "epoch",
         device: str | torch.device = "auto",
-        plugins: Iterable[object] = (),
+        plugins: Iterable[object] | None = None,
         run_dir: str | None = None,
         config: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         plugin_manager: PluginManager | None = None,
         nonfinite_loss: str = "stop",
+        metrics: Any = None,
+        eval_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     ):
         if scheduler_interval not in ("epoch", "step"):
             raise MinitrainError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
@@ -76,9 +79,13 @@ class Trainer:
         self.config = config or {}
         self.class_names = class_names
         self.nonfinite_loss = nonfinite_loss
+        self.validation = Validation(collection(metrics), eval_loss_fn or loss_fn, is_classifier(loss_fn, class_names),
+                                     len(class_names) if class_names else None)
         self.pm = plugin_manager or make_plugin_manager()
         if not isinstance(self.pm, PluginManager):
             raise MinitrainError("plugin_manager must be one made by minitrain.plugins.make_plugin_manager()")
+        if plugins is None:  # built by hand (a notebook): the plugins a run has by default, progress included
+            plugins = [plugin for _, plugin in resolve([])] if plugin_manager is None else []
         for plugin in plugins:
             register_plugin(self.pm, plugin)
         check_hooks(self.pm)
@@ -91,23 +98,59 @@ class Trainer:
         self.in_step = False    # from a batch's train_step until its progress is counted: a state
         #                         saved in between (RNG used, weights half updated) cannot resume exactly
         self.stop_reason: str | None = None
+        self.resumed_from: str | None = None  # the checkpoint a resume loaded (minitrain.checkpointing.resume)
+        self.config_changes: dict[str, list[Any]] = {}  # what that resume changed (minitrain.run)
+        self.checked = False    # check() passed for the current settings
         self.metrics: dict[str, float] = {}
         self._loss_sum = torch.zeros((), device=self.device)
         self._skipped = 0               # steps of this epoch skipped for a non-finite loss
+        self._skipped_in_fit = 0        # of this fit's steps (a fit of skipped steps alone trained nothing)
         self._finite_through = 0        # the last step at which the losses were known finite
         self._nonfinite: str | None = None  # what was found non-finite, once it was
         self._signal: str | None = None     # the signal that asked the run to stop
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Refuse, before anything is written or trained, settings that cannot work: a finished
+        run with nothing left to train, an empty training loader, and whatever each plugin's
+        ``check`` hook refuses (a ``monitor`` naming a metric the run never produces, a folder that
+        cannot be written). ``minitrain run`` calls it before it writes the run's files; ``fit``
+        calls it when nobody has."""
+        if self.epoch >= self.epochs:
+            raise MinitrainError(f"nothing to train: {self.epoch} of {self.epochs} epochs are done (to train on, "
+                                 "raise epochs: --set epochs=N with --resume, or trainer.epochs)")
+        if _length(self.train_loader) == 0:
+            raise MinitrainError("the training loader has no batches (is the data set smaller than one batch "
+                                 "with drop_last?)")
+        if self.calls.check:
+            self.calls.check(self)
+        self.checked = True
+
+    def metric_names(self) -> list[str]:
+        """The epoch metrics this run reports (in ``EpochEnd``), for plugins that check a
+        ``monitor`` before the first epoch. Vector metrics add ``_<index>`` to their name."""
+        names = ["train_loss", "lr", "epoch_time", "samples_per_s"]
+        if self.nonfinite_loss == "skip":
+            names.append("skipped_steps")
+        return names + (self.validation.names() if self.val_loader is not None else [])
+
+    def metric_mode(self, name: str) -> str | None:
+        """``"min"`` or ``"max"``: which way is better for metric ``name``, where the run knows."""
+        return "min" if name == "train_loss" else self.validation.mode(name)
+
     def fit(self) -> dict[str, float]:
         """Train from the current position to ``epochs``; return the last epoch's metrics.
 
-        Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM and :class:`NonFiniteError` on a
-        NaN/inf loss (policy ``stop``), once every plugin has seen the final event."""
+        Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM, :class:`NonFiniteError` on a
+        NaN/inf loss (policy ``stop``) and :class:`NothingTrained` when no step trained, once every
+        plugin has seen the final event."""
+        if not self.checked:
+            self.check()
+        self.checked = False  # a later fit() checks again
         self.stop_reason, self._nonfinite, self._signal = None, None, None
         self._alone = distributed.world_size() == 1  # under torchrun, ranks stop together (_stopping)
-        self._finite_through = self.global_step
+        self._finite_through, first_step, self._skipped_in_fit = self.global_step, self.global_step, 0
         if self.nonfinite_loss == "skip" and distributed.world_size() > 1:
             raise MinitrainError("nonfinite_loss=skip needs one process: under torchrun a rank that skips "
                                  "its backward would leave the others waiting for its gradients")
@@ -115,10 +158,12 @@ class Trainer:
         with self._stop_on_signals():
             try:
                 self.calls.setup(self)
+                self.validation.to(self.device)
                 self.emit(ev.FitStart(
-                    epochs=self.epochs, start_epoch=self.epoch, global_step=self.global_step,
+                    epochs=self.epochs, start_epoch=self.epoch + 1, global_step=self.global_step,
                     steps_per_epoch=_length(self.train_loader), device=str(self.device),
                     run_dir=self.run_dir, config=self.config, class_names=self.class_names,
+                    resumed_from=self.resumed_from, changed=self.config_changes,
                 ))
                 while self.epoch < self.epochs and not self._stopping():
                     self._train_epoch()
@@ -126,14 +171,17 @@ class Trainer:
                     raise NonFiniteError(self._nonfinite)
                 if self._signal is not None:
                     raise TrainingInterrupted(self._signal, graceful=True)
+                if self.global_step > first_step and self._skipped_in_fit == self.global_step - first_step:
+                    raise NothingTrained(f"no step trained: all {self.global_step - first_step} steps had a "
+                                         "non-finite loss and were skipped (nonfinite_loss=skip)")
             except KeyboardInterrupt as exc:
-                self._announce(ev.Interrupted(epoch=self.epoch, global_step=self.global_step,
+                self._announce(ev.Interrupted(epoch=self.epoch_number, global_step=self.global_step,
                                               signal=getattr(exc, "signal", "SIGINT")))
                 raise
             except Exception as exc:
                 self._log_error("the run failed", exc)
                 self._announce(ev.ExceptionRaised(
-                    epoch=self.epoch, global_step=self.global_step, error_type=type(exc).__name__,
+                    epoch=self.epoch_number, global_step=self.global_step, error_type=type(exc).__name__,
                     message=str(exc), traceback=traceback.format_exc(),
                 ))
                 raise
@@ -141,11 +189,16 @@ class Trainer:
                             metrics=self.metrics, stop_reason=self.stop_reason))
         return self.metrics
 
+    @property
+    def epoch_number(self) -> int:
+        """The epoch running (or the last one, once all are done), numbered from 1 as events are."""
+        return max(1, min(self.epoch + 1, self.epochs))
+
     def _train_epoch(self) -> None:
-        epoch, calls = self.epoch, self.calls
+        epoch, number, calls = self.epoch, self.epoch + 1, self.calls
         skip = self.nonfinite_loss == "skip"
         batches = self._batches()
-        self.emit(ev.EpochStart(epoch=epoch, global_step=self.global_step, steps=_length(self.train_loader),
+        self.emit(ev.EpochStart(epoch=number, global_step=self.global_step, steps=_length(self.train_loader),
                                 start_batch=self.batch_idx))
         self.model.train()
         started, samples = time.perf_counter(), 0
@@ -153,11 +206,12 @@ class Trainer:
             n = batch_size(batch)
             if calls.on_batch_start:  # a per-step event is built only if someone listens, and unvalidated
                 calls.on_batch_start(ev.BatchStart.trusted(
-                    epoch=epoch, batch_idx=self.batch_idx, global_step=self.global_step, batch_size=n), self)
+                    epoch=number, batch_idx=self.batch_idx, global_step=self.global_step, batch_size=n), self)
             self.in_step = True
             loss = calls.train_step(self, batch)
             if skip and not torch.isfinite(loss):  # policy "skip" only: a host sync per step
                 self._skipped += 1
+                self._skipped_in_fit += 1
                 loss = loss.detach()
             else:
                 calls.backward(self, loss)
@@ -170,11 +224,13 @@ class Trainer:
             samples += n
             if calls.on_batch_end:
                 calls.on_batch_end(ev.BatchEnd.trusted(
-                    epoch=epoch, batch_idx=self.batch_idx - 1, global_step=self.global_step, batch_size=n,
+                    epoch=number, batch_idx=self.batch_idx - 1, global_step=self.global_step, batch_size=n,
                     loss=loss), self)
             if self.stop_reason is not None and self._alone:
                 return  # stopped mid-epoch: progress stays here so a checkpoint resumes from it
 
+        if self.batch_idx == 0:
+            raise NothingTrained(f"epoch {number}: the training loader yielded no batches")
         elapsed = time.perf_counter() - started
         ranks = distributed.world_size()  # every rank ran as many batches as this one
         loss_sum = distributed.sum_over_ranks(self._loss_sum).item()  # the epoch's one read
@@ -191,41 +247,38 @@ class Trainer:
         if skip:
             metrics["skipped_steps"] = float(self._skipped)
             if self._skipped:
-                warnings.warn(f"epoch {epoch + 1}: skipped {self._skipped} step(s) with a non-finite loss "
+                warnings.warn(f"epoch {number}: skipped {self._skipped} step(s) with a non-finite loss "
                               "(nonfinite_loss=skip)", stacklevel=2)
         if self.val_loader is not None:
-            metrics.update(self.validate())
+            metrics.update(self.validate(number))
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
         self.epoch, self.batch_idx, self.metrics, self._skipped = epoch + 1, 0, metrics, 0
         self._loss_sum.zero_()
-        self.emit(ev.EpochEnd(epoch=epoch, global_step=self.global_step, metrics=metrics))
+        self.emit(ev.EpochEnd(epoch=number, global_step=self.global_step, metrics=metrics))
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Loss, accuracy and confusion matrix over ``val_loader``, read from the device once.
-        Under DDP each rank evaluates its shard and the sums are added up over ranks here, so
-        every rank (and every plugin) sees the figures of the whole validation set."""
-        emit = self.emit
-        emit(ev.ValidationStart(epoch=self.epoch, global_step=self.global_step))
+    def validate(self, epoch: int | None = None) -> dict[str, float]:
+        """The validation loss and the recipe's metrics over ``val_loader`` (see
+        :mod:`minitrain.metrics`), read from the device once. Under DDP each rank evaluates its
+        shard and torchmetrics adds the states up over ranks, so every rank (and every plugin)
+        sees the figures of the whole validation set. ``epoch`` labels the events (default: the
+        current one)."""
+        emit, epoch = self.emit, epoch or self.epoch_number
+        emit(ev.ValidationStart(epoch=epoch, global_step=self.global_step))
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        confusion = None
+        validation = self.validation.to(self.device)
+        validation.reset()
+        batches = 0
         for batch in self.val_loader:
-            logits, targets = self.calls.eval_step(self, batch)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
-            classes = logits.shape[1]
-            pairs = torch.bincount(targets * classes + logits.argmax(1), minlength=classes * classes)
-            confusion = pairs if confusion is None else confusion + pairs
+            outputs, targets = self.calls.eval_step(self, batch)
+            validation.update(outputs, targets)
+            batches += 1
         self.model.train()
-        if confusion is None:
+        if batches == 0:
             raise MinitrainError("the validation loader yielded no batches")
-        loss_sum, confusion = distributed.sum_over_ranks(loss_sum), distributed.sum_over_ranks(confusion)
-        matrix = confusion.view(classes, classes).tolist()
-        count = sum(map(sum, matrix))
-        metrics = {"val_loss": loss_sum.item() / count,
-                   "val_acc": sum(matrix[i][i] for i in range(classes)) / count}
-        emit(ev.ValidationEnd(epoch=self.epoch, global_step=self.global_step, metrics=metrics, confusion=matrix))
+        metrics, confusion = validation.results()
+        emit(ev.ValidationEnd(epoch=epoch, global_step=self.global_step, metrics=metrics, confusion=confusion))
         return metrics
 
     def _batches(self) -> Iterable:

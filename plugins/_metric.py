@@ -1,8 +1,9 @@
-"""What the plugins that watch an epoch metric (checkpoint, early_stopping) share: which way is
-better, whether a value beats the best so far, and a clear error for a metric that is not there."""
+"""What the plugins that watch an epoch metric (checkpoint, early_stopping) share: which metric and
+which way is better, checked before the run starts, and whether a value beats the best so far."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from minitrain.errors import MinitrainError
@@ -10,11 +11,20 @@ from minitrain.errors import MinitrainError
 Mode = Literal["auto", "min", "max"]
 
 
-def resolve_mode(monitor: str, mode: Mode) -> Literal["min", "max"]:
-    """``auto``: accuracies are better high, everything else (losses) low."""
-    if mode != "auto":
-        return mode
-    return "max" if "acc" in monitor.lower() else "min"
+def resolve_monitor(plugin: str, monitor: str | None, mode: Mode, trainer) -> tuple[str, Literal["min", "max"]]:
+    """The metric to watch and which way is better. ``monitor=None``: ``val_loss`` when the run
+    validates, else ``train_loss``. A metric the run never reports is an error naming those it
+    does. ``auto``: the direction the recipe's torchmetrics metric declares (``higher_is_better``),
+    else max for accuracies and min for everything else (losses)."""
+    names = trainer.metric_names()
+    monitor = monitor or ("val_loss" if "val_loss" in names else "train_loss")
+    base = next((n for n in names if monitor == n or re.fullmatch(rf"{re.escape(n)}(_\d+)+", monitor)), None)
+    if base is None:
+        raise MinitrainError(f"{plugin}: monitor {monitor!r} is not a metric this run reports "
+                             f"(it reports {', '.join(names)})")
+    if mode == "auto":
+        mode = trainer.metric_mode(base) or ("max" if "acc" in monitor.lower() else "min")
+    return monitor, mode
 
 
 def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -25,10 +35,3 @@ def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-def read_metric(plugin: str, monitor: str, metrics: dict[str, float]) -> float:
-    if monitor not in metrics:
-        raise MinitrainError(f"{plugin}: monitor {monitor!r} is not an epoch metric "
-                             f"(available: {', '.join(sorted(metrics)) or 'none'})")
-    return metrics[monitor]

@@ -68,8 +68,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from minitrain import PluginConfig, checkpointing, hookimpl, hookspec
+from minitrain.files import check_writable
 from minitrain.events import Count, Event
-from minitrain_plugins._metric import Mode, improves, read_metric, resolve_mode
+from minitrain_plugins._metric import Mode, improves, resolve_monitor
 
 
 class CheckpointSaved(Event):
@@ -103,7 +104,8 @@ class Checkpoint:
         dir: str = Field(checkpointing.DEFAULT_DIR, description="checkpoint folder; relative to the run dir")
         every: int = Field(1, ge=0, description="save at the end of every N-th epoch (0: never)")
         every_steps: int = Field(0, ge=0, description="also save last.pt every N optimizer steps (0: never)")
-        monitor: str = Field("val_loss", description="epoch metric that ranks best.pt and the top-k files")
+        monitor: str | None = Field(None, description="epoch metric that ranks best.pt and the top-k files "
+                                    "(default: val_loss, or train_loss in a run without validation)")
         mode: Mode = Field("auto", description="min or max is better; auto: max for accuracies, else min")
         top_k: int = Field(1, ge=0, description="keep the k best checkpoints (0: none, no best.pt)")
         save_last: bool = Field(True, description="keep last.pt, the newest state, for resuming")
@@ -116,7 +118,7 @@ class Checkpoint:
 
     def __init__(self, config: Config):
         self.config = config
-        self.mode = resolve_mode(config.monitor, config.mode)
+        self.monitor, self.mode = config.monitor, config.mode
         self.top: list[dict] = []  # best first: {"metric", "epoch", "global_step", "file"}
         self.folder = Path(config.dir)
         self.last_saved: tuple[int, int, int] | None = None  # (epoch, batch_idx, step) in last.pt
@@ -136,6 +138,12 @@ class Checkpoint:
         self.top = [dict(entry) for entry in state["top"]]
 
     # --- when to save ------------------------------------------------------------------------
+
+    @hookimpl
+    def check(self, trainer) -> None:
+        if self.config.top_k:
+            self.monitor, self.mode = resolve_monitor("checkpoint", self.config.monitor, self.config.mode, trainer)
+        check_writable(self.checkpoint_dir(trainer.run_dir or "."), "checkpoint folder")
 
     @hookimpl
     def on_fit_start(self, event) -> None:
@@ -168,9 +176,9 @@ class Checkpoint:
     def on_epoch_end(self, event, trainer) -> None:
         if not self.config.every or trainer.epoch % self.config.every or not trainer.check_finite(weights=True):
             return  # (a non-finite state enters no ranking either)
-        files, metric, dropped = {}, None, []
-        if self.config.top_k:
-            metric = read_metric("checkpoint", self.config.monitor, event.metrics)
+        files, dropped = {}, []
+        metric = event.metrics.get(self.monitor) if self.config.top_k else None
+        if metric is not None:  # (an epoch without validation enters no ranking)
             files, dropped = self._rank(metric, trainer)
         if self.config.save_last:
             files["last"] = "last.pt"
@@ -218,7 +226,7 @@ class Checkpoint:
         worst = self.top[-1]["metric"] if len(self.top) == self.config.top_k else None
         if not improves(metric, worst, self.mode):
             return {}, []
-        name = re.sub(r"[^\w.-]", "_", self.config.monitor)
+        name = re.sub(r"[^\w.-]", "_", self.monitor)
         entry = {"metric": metric, "epoch": trainer.epoch, "global_step": trainer.global_step,
                  "file": f"epoch={trainer.epoch}-step={trainer.global_step}-{name}={metric:.4f}.pt"}
         ranked = sorted([*self.top, entry], key=lambda e: e["metric"], reverse=self.mode == "max")
@@ -234,7 +242,7 @@ class Checkpoint:
         if not files or not trainer.check_finite(weights=True):
             return
         state = trainer.state_dict()
-        monitor = self.config.monitor if metric is not None else None
+        monitor = self.monitor if metric is not None else None
         for kind, name in files.items():
             path = self.folder / name
             checkpointing.save(path, checkpointing.header(trainer, kind=kind, monitor=monitor, metric=metric), state)

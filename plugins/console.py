@@ -39,7 +39,11 @@ class Console:
         self.epochs = event.epochs
         self.tty = self.stream.isatty()
         where = f", writing to {event.run_dir}" if event.run_dir else ""
-        resumed = f" from epoch {event.start_epoch + 1}" if event.start_epoch else ""
+        if event.resumed_from:
+            print(f"resuming from {event.resumed_from}: epoch {event.start_epoch}, step {event.global_step}", flush=True)
+        for key, (old, new) in event.changed.items():
+            print(f"  changed on resume: {key} {old} -> {new}", flush=True)
+        resumed = f" from epoch {event.start_epoch}" if event.start_epoch > 1 else ""
         print(f"training {event.epochs} epochs on {event.device}{resumed}{where}", flush=True)
 
     @hookimpl
@@ -48,7 +52,7 @@ class Console:
         self.started = time.perf_counter()
         if self.tty:
             self.every = self.config.refresh_every
-            self.bar = tqdm(total=event.steps, initial=event.start_batch, desc=f"epoch {event.epoch + 1}/{self.epochs}",
+            self.bar = tqdm(total=event.steps, initial=event.start_batch, desc=f"epoch {event.epoch}/{self.epochs}",
                             unit="step", file=self.stream, leave=False, dynamic_ncols=True)
         else:
             lines = self.config.plain_lines
@@ -67,7 +71,7 @@ class Console:
         else:
             total = self.steps or 0
             eta = (total - event.batch_idx - 1) * elapsed / done if total else 0
-            print(f"  epoch {event.epoch + 1} step {event.batch_idx + 1}/{total or '?'} loss {self._loss(event.loss)} "
+            print(f"  epoch {event.epoch} step {event.batch_idx + 1}/{total or '?'} loss {self._loss(event.loss)} "
                   f"{rate:.0f} samples/s eta {eta:.0f}s", flush=True)
 
     def _loss(self, loss) -> str:
@@ -81,7 +85,7 @@ class Console:
         self._close_bar()
         m = event.metrics
         parts = [f"{k} {m[k]:.4f}" for k in ("train_loss", "val_loss", "val_acc") if k in m]
-        print(f"epoch {event.epoch + 1}/{self.epochs}: " + ", ".join(parts)
+        print(f"epoch {event.epoch}/{self.epochs}: " + ", ".join(parts)
               + f" ({m.get('epoch_time', 0):.1f}s, {m.get('samples_per_s', 0):.0f} samples/s, lr {m.get('lr', 0):.3g})",
               flush=True)
 

@@ -1,7 +1,7 @@
 """Per-epoch metrics as a table: ``metrics.csv`` in the run directory, one row per epoch, written
 and flushed as each epoch ends, for spreadsheets and ``pandas.read_csv``.
 
-Columns: ``epoch`` (epochs completed, counting from 1 as the console does), ``global_step``, then
+Columns: ``epoch`` (numbered from 1, as in events and on the console), ``global_step``, then
 the epoch's metrics in the order the first epoch reported them. A metric that first appears later
 widens the table: the file is rewritten once with the new column, blank in earlier rows. A
 resumed run appends to the file; rows of epochs it is about to redo (because it resumed from an
@@ -37,7 +37,7 @@ class CsvLog:
         if self.path is None or not self.path.is_file() or not self.path.stat().st_size:
             return
         self.fields, rows = self._read()
-        kept = [row for row in rows if not _after(row, event.start_epoch)]
+        kept = [row for row in rows if not _redone(row, event.start_epoch)]
         if len(kept) < len(rows):
             self._rewrite(kept)
 
@@ -45,7 +45,7 @@ class CsvLog:
     def on_epoch_end(self, event) -> None:
         if self.path is None:
             return
-        row = {"epoch": event.epoch + 1, "global_step": event.global_step, **event.metrics}
+        row = {"epoch": event.epoch, "global_step": event.global_step, **event.metrics}
         if self.fields is None:
             self.fields = list(row)
             self._rewrite([])
@@ -72,7 +72,7 @@ class CsvLog:
         write_atomic(self.path, lambda file: file.write(data), what="metrics table")
 
 
-def _after(row: dict[str, str], start_epoch: int) -> bool:
-    """Whether the row is of an epoch past ``start_epoch`` completed ones (the resumed run redoes it)."""
+def _redone(row: dict[str, str], start_epoch: int) -> bool:
+    """Whether the row is of ``start_epoch`` or later, which the resumed run (re)does."""
     epoch = row.get("epoch") or ""
-    return epoch.isdigit() and int(epoch) > start_epoch
+    return epoch.isdigit() and int(epoch) >= start_epoch

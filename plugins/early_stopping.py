@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain_plugins._metric import Mode, improves, read_metric, resolve_mode
+from minitrain_plugins._metric import Mode, improves, resolve_monitor
 
 
 class EarlyStopping:
@@ -22,14 +22,15 @@ class EarlyStopping:
     role = "critical"  # it decides when training ends
 
     class Config(PluginConfig):
-        monitor: str = Field("val_loss", description="the epoch metric to watch")
+        monitor: str | None = Field(None, description="the epoch metric to watch (default: val_loss, or "
+                                    "train_loss in a run without validation)")
         patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
         mode: Mode = Field("auto", description="min or max is better; auto: max for accuracies, else min")
         min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
 
     def __init__(self, config: Config):
         self.config = config
-        self.mode = resolve_mode(config.monitor, config.mode)
+        self.monitor, self.mode = config.monitor, config.mode
         self.best: float | None = None
         self.bad_epochs = 0
 
@@ -40,12 +41,18 @@ class EarlyStopping:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
     @hookimpl
+    def check(self, trainer) -> None:
+        self.monitor, self.mode = resolve_monitor("early_stopping", self.config.monitor, self.config.mode, trainer)
+
+    @hookimpl
     def on_fit_start(self, trainer) -> None:
         self._stop_if_patience_ran_out(trainer)  # a resumed run that this plugin had ended
 
     @hookimpl
     def on_epoch_end(self, event, trainer) -> None:
-        value = read_metric("early_stopping", self.config.monitor, event.metrics)
+        value = event.metrics.get(self.monitor)
+        if value is None:
+            return  # an epoch without validation (the validation plugin): nothing to compare
         if improves(value, self.best, self.mode, self.config.min_delta):
             self.best, self.bad_epochs = value, 0
             return
@@ -55,5 +62,5 @@ class EarlyStopping:
     def _stop_if_patience_ran_out(self, trainer) -> None:
         if self.bad_epochs >= self.config.patience:
             best = "none" if self.best is None else f"{self.best:.4g}"
-            trainer.request_stop(f"{self.config.monitor} did not improve for {self.bad_epochs} epochs "
+            trainer.request_stop(f"{self.monitor} did not improve for {self.bad_epochs} epochs "
                                  f"(best {best}, mode {self.mode})")

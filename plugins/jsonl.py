@@ -41,6 +41,7 @@ class JsonlLog:
 
     def __init__(self, config: Config):
         self.config = config
+        self.event_log = config.filename  # recorded in run.json, where report and replay look for it
         self.file = None
         self.held: list[Event] = []  # not yet grouped
         self.held_limit = 2 * config.flush_every  # two events per step

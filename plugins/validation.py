@@ -27,7 +27,7 @@ class ValidationSchedule:
     def on_epoch_start(self, event, trainer) -> None:
         if self.loader is None:
             self.loader = trainer.val_loader
-        every, done = self.config.every, event.epoch + 1
+        every, done = self.config.every, event.epoch
         due = done >= trainer.epochs or (every > 0 and done % every == 0)
         trainer.val_loader = self.loader if due else None
 

@@ -2,10 +2,12 @@
 
 Written at the end of the fit (and after every epoch with ``every_epoch=true``):
 
-* ``loss.png`` (train and validation loss), ``accuracy.png`` (validation accuracy) and ``lr.png``
-  (learning rate), by epoch;
-* ``confusion.png``: the last validation's confusion matrix, with the recipe's class names;
-* ``misclassified.png``: up to ``max_images`` validation images the final model got wrong;
+* ``loss.png`` (train and validation loss), ``accuracy.png`` (validation accuracy, for a
+  classifier), ``metrics.png`` (the recipe's other validation metrics) and ``lr.png`` (learning
+  rate), by epoch;
+* for a classifier, ``confusion.png``: the last validation's confusion matrix, with the recipe's
+  class names, and ``misclassified.png``: up to ``max_images`` validation images the final model
+  got wrong;
 * ``report.html``: the plots (relative links, so it works offline), final metrics and config.
 
 Everything but the image grid is drawn from events alone (FitStart's config and class names,
@@ -36,7 +38,8 @@ CURVES = {  # file -> (title, y label, [(metric, legend label)])
     "accuracy.png": ("Validation accuracy", "accuracy", [("val_acc", "validation")]),
     "lr.png": ("Learning rate (end of epoch)", "learning rate", [("lr", "lr")]),
 }
-FIGURES = [*CURVES, "confusion.png", "misclassified.png"]  # the report's order
+OTHER_METRICS = "metrics.png"  # every validation metric the curves above leave out
+FIGURES = ["loss.png", "accuracy.png", OTHER_METRICS, "lr.png", "confusion.png", "misclassified.png"]  # the report's order
 
 
 class Visualization:
@@ -71,7 +74,7 @@ class Visualization:
 
     @hookimpl
     def on_validation_start(self, event) -> None:
-        self.capturing = bool(self.run_dir) and self.config.max_images > 0 and event.epoch + 1 == self.total_epochs
+        self.capturing = bool(self.run_dir) and self.config.max_images > 0 and event.epoch == self.total_epochs
         self.buffer = None
 
     @hookimpl(wrapper=True)
@@ -84,8 +87,9 @@ class Visualization:
     def _collect(self, images, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Keep the first ``max_images`` wrong predictions seen so far; every shape is fixed in
         advance, so nothing waits for the device."""
-        if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] in (1, 3)):
-            return
+        if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] in (1, 3)
+                and logits.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()):
+            return  # not images, or not a classifier's outputs
         preds = logits.argmax(1)
         parts = (images.to(logits.device, non_blocking=True), targets, preds, preds != targets)
         parts = _first_wrong(parts, self.config.max_images)
@@ -134,9 +138,13 @@ class Visualization:
             return
         plots = self.run_dir / PLOTS
         plots.mkdir(parents=True, exist_ok=True)
-        epochs = [{"epoch": e + 1} | self.epochs[e] for e in sorted(self.epochs)]
+        epochs = [{"epoch": e} | self.epochs[e] for e in sorted(self.epochs)]
         for name, (title, ylabel, series) in CURVES.items():
             plot_curve(epochs, series, title, ylabel, plots / name)
+        shown = {key for _, _, series in CURVES.values() for key, _ in series}
+        others = sorted({key for m in epochs for key in m if key.startswith("val_") and key not in shown})
+        plot_curve(epochs, [(key, key.removeprefix("val_")) for key in others], "Validation metrics", "value",
+                   plots / OTHER_METRICS)
         if self.confusion is not None:
             plot_confusion(self.confusion, self.class_names, self.confusion_epoch, plots / "confusion.png")
         if self.misclassified is not None:
@@ -192,7 +200,7 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str] | None, epoch
                 ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if fractions[i, j] > 0.5 else "black")
     accuracy = counts.diagonal().sum() / counts.sum().clamp(min=1)
-    ax.set(title=f"Validation confusion matrix (epoch {epoch + 1}, accuracy {accuracy:.1%})",
+    ax.set(title=f"Validation confusion matrix (epoch {epoch}, accuracy {accuracy:.1%})",
            xlabel="predicted", ylabel="true")
     fig.savefig(path, dpi=100)
 

@@ -75,7 +75,7 @@ class SpeedrunHooks:
 
     @minitrain.hookimpl
     def on_epoch_start(self, event, trainer) -> None:
-        trainer.module.whiten.bias.requires_grad_(event.epoch < trainer.config["whiten_bias_epochs"])
+        trainer.module.whiten.bias.requires_grad_(event.epoch <= trainer.config["whiten_bias_epochs"])
 
 
 PLUGINS = [

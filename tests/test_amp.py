@@ -52,7 +52,7 @@ def bn_recipe(write_recipe, fake_cifar):
 def train(recipe, *plugins: str, epochs: int = 3):
     """Fit ``recipe`` with ``plugins``; returns the trainer, each epoch's metrics and the amp
     warnings raised."""
-    trainer = prepare(recipe, [f"epochs={epochs}"], list(plugins), ["console", "jsonl"], "run")
+    trainer = prepare(recipe, [f"epochs={epochs}"], list(plugins), ["console", "jsonl"])
     log = EpochLog()
     trainer.pm.register(log)
     with warnings.catch_warnings(record=True) as caught:

@@ -15,7 +15,7 @@ from minitrain import checkpointing, hookimpl
 from minitrain.cli import main
 from minitrain.errors import MinitrainError
 from minitrain.events import Event
-from minitrain.plugins import check_hooks, register_plugin
+from minitrain.plugins import check_hooks, make_plugin_manager, register_plugin
 from minitrain.run import prepare
 from minitrain_plugins.checkpoint import CheckpointSaved
 
@@ -128,6 +128,7 @@ def events(run_dir, name):
 # --- exact resume --------------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore:checkpoint. this run starts at step")  # later files set aside
+@pytest.mark.filterwarnings("ignore:--resume. this run leaves out the plugin")  # the test's Interrupt
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, start):
     straight = start(tmp_path / "straight")
     straight.fit()
@@ -150,7 +151,8 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, sta
         assert resumed.global_step == steps_done
         resumed.fit()
         assert resumed.global_step == 15
-        assert len(steps.run) == 15 - steps_done and steps.run[0] == divmod(steps_done, 5)  # no batch replayed
+        epoch, batch = divmod(steps_done, 5)
+        assert len(steps.run) == 15 - steps_done and steps.run[0] == (epoch + 1, batch)  # no batch replayed
         assert_bitwise_equal(weights(resumed), expected)
 
 
@@ -192,7 +194,7 @@ def test_cli_resume(tmp_path, fake_cifar, capsys):
     assert main(args + ["--set", "epochs=1"]) == 0
     assert main(args + ["--set", "epochs=2", "--resume", "auto"]) == 0
     assert "done: 2 epochs, 10 steps" in capsys.readouterr().out
-    assert [e["start_epoch"] for e in events(run, "FitStart")] == [0, 1]
+    assert [e["start_epoch"] for e in events(run, "FitStart")] == [1, 2]
     assert main(args + ["--resume", str(tmp_path / "missing.pt")]) == 2
     assert capsys.readouterr().err.strip() == f"minitrain: error: checkpoint not found: {tmp_path / 'missing.pt'}"
 
@@ -200,7 +202,7 @@ def test_cli_resume(tmp_path, fake_cifar, capsys):
 # --- writing and reading files -------------------------------------------------------------------
 
 def _fake_trainer():
-    return SimpleNamespace(epoch=2, batch_idx=0, global_step=10)
+    return SimpleNamespace(epoch=2, batch_idx=0, global_step=10, config={}, pm=make_plugin_manager())
 
 
 def _write(path, trainer=None, **header):
@@ -247,7 +249,7 @@ def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeyp
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr("minitrain.files.tempfile.mkstemp", denied)
     with pytest.raises(MinitrainError, match=f"cannot write checkpoint {path}: Permission denied"):
-        _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15))
+        _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15, config={}, pm=make_plugin_manager()))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
@@ -311,7 +313,7 @@ def test_top_k_keeps_exactly_the_k_best_across_a_resume(tmp_path, start, mode):
     start(run, [spec], epochs=3).fit()
     start(run, [spec], epochs=5, resume="auto").fit()  # the ranking continues from the checkpoint
 
-    losses = {e["epoch"] + 1: e["metrics"]["val_loss"] for e in events(run, "EpochEnd")}
+    losses = {e["epoch"]: e["metrics"]["val_loss"] for e in events(run, "EpochEnd")}
     assert sorted(losses) == [1, 2, 3, 4, 5]
     ranked = sorted(losses, key=losses.get, reverse=mode == "max")
     folder = run / "checkpoints"
@@ -335,22 +337,32 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_files_aside(tmp_path
     assert later  # epochs 2 and 3 wrote last.pt and at least one ranked file
 
     with pytest.warns(UserWarning, match=r"starts at step 5 and redoes later steps; moved their \d checkpoint"):
-        trainer = start(run, [spec], epochs=1, resume=tmp_path / "after-epoch-1.pt")
-        trainer.fit()  # nothing to train: it ends where it starts, and saves nothing new
+        trainer = start(run, [spec], epochs=3, resume=tmp_path / "after-epoch-1.pt", extra=[StopAtStart()])
+        trainer.fit()  # stopped before its first step: only last.pt of step 5 is saved again
     aside = folder / "set-aside-after-step-5"
     assert sorted(p.name for p in aside.iterdir()) == later  # moved, not deleted
     assert all(checkpointing.load(p)["header"]["global_step"] <= 5 for p in folder.glob("*.pt"))
     assert checkpointing.newest([folder])[1]["header"]["global_step"] == 5  # --resume auto: not the abandoned run
 
 
-def test_a_fresh_run_in_a_used_run_directory_sets_the_old_files_aside(tmp_path, start):
+class StopAtStart:
+    @hookimpl
+    def on_fit_start(self, trainer):
+        trainer.request_stop("stopped by the test")
+
+
+def test_a_resume_that_finds_no_readable_checkpoint_starts_afresh_in_the_same_directory(tmp_path, start):
     run = tmp_path / "run"
     start(run, ["checkpoint"], epochs=1).fit()
-    with pytest.warns(UserWarning, match=r"starts at step 0 .* \(best.pt, last.pt\)"):
-        start(run, ["checkpoint"], epochs=1).fit()
+    for name in ("best.pt", "last.pt"):  # a copy cut short: --resume auto skips them and starts afresh
+        path = run / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="starting fresh"):
+        trainer = start(run, ["checkpoint"], epochs=1, resume="auto")
+    trainer.fit()
     folder = run / "checkpoints"
-    assert sorted(p.name for p in (folder / "set-aside-after-step-0").iterdir()) == ["best.pt", "last.pt"]
-    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "last.pt"]  # the new run's own
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "last.pt"]  # the new run's own, whole
+    assert all(checkpointing.load(p)["header"]["global_step"] == 5 for p in folder.glob("*.pt"))
 
 
 def test_defaults_keep_last_and_best_only(tmp_path, start):
@@ -359,9 +371,11 @@ def test_defaults_keep_last_and_best_only(tmp_path, start):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
-def test_a_missing_monitor_is_a_clear_error(tmp_path, start):
-    with pytest.raises(MinitrainError, match="monitor 'f1' is not an epoch metric .*val_loss"):
-        start(tmp_path / "run", ["checkpoint:monitor=f1"], epochs=1).fit()
+def test_a_missing_monitor_is_refused_before_anything_is_written(tmp_path, start):
+    with pytest.raises(MinitrainError, match=r"checkpoint: monitor 'f1' is not a metric this run reports \(it "
+                                             r"reports train_loss, lr, epoch_time, samples_per_s, val_loss, val_acc\)"):
+        start(tmp_path / "run", ["checkpoint:monitor=f1"], epochs=1)
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_steps_needs_last(tmp_path, start):

@@ -55,10 +55,10 @@ def test_resuming_from_an_earlier_checkpoint_replaces_the_epochs_it_redoes(run, 
 
 def test_a_metric_that_appears_later_widens_the_table(tmp_path):
     log = CsvLog(CsvLog.Config())
-    log.on_fit_start(FitStart(epochs=2, start_epoch=0, global_step=0, steps_per_epoch=3, device="cpu",
+    log.on_fit_start(FitStart(epochs=2, start_epoch=1, global_step=0, steps_per_epoch=3, device="cpu",
                               run_dir=str(tmp_path)))
-    log.on_epoch_end(EpochEnd(epoch=0, global_step=3, metrics={"train_loss": 1.5}))
-    log.on_epoch_end(EpochEnd(epoch=1, global_step=6, metrics={"train_loss": 1.25, "val_acc": 0.5}))
+    log.on_epoch_end(EpochEnd(epoch=1, global_step=3, metrics={"train_loss": 1.5}))
+    log.on_epoch_end(EpochEnd(epoch=2, global_step=6, metrics={"train_loss": 1.25, "val_acc": 0.5}))
     header, rows = read(tmp_path / "metrics.csv")
     assert header == ["epoch", "global_step", "train_loss", "val_acc"]
     assert [list(r.values()) for r in rows] == [["1", "3", "1.5", ""], ["2", "6", "1.25", "0.5"]]
@@ -67,22 +67,22 @@ def test_a_metric_that_appears_later_widens_the_table(tmp_path):
 
 def test_without_a_run_dir_it_writes_nothing(tmp_path):
     log = CsvLog(CsvLog.Config())
-    log.on_fit_start(FitStart(epochs=1, start_epoch=0, global_step=0, steps_per_epoch=3, device="cpu", run_dir=None))
-    log.on_epoch_end(EpochEnd(epoch=0, global_step=3, metrics={"train_loss": 1.5}))
+    log.on_fit_start(FitStart(epochs=1, start_epoch=1, global_step=0, steps_per_epoch=3, device="cpu", run_dir=None))
+    log.on_epoch_end(EpochEnd(epoch=1, global_step=3, metrics={"train_loss": 1.5}))
     assert not list(tmp_path.iterdir())
 
 
 def test_a_rewrite_that_fails_leaves_the_old_table(tmp_path, monkeypatch):
     log = CsvLog(CsvLog.Config())
-    log.on_fit_start(FitStart(epochs=2, start_epoch=0, global_step=0, steps_per_epoch=3, device="cpu",
+    log.on_fit_start(FitStart(epochs=2, start_epoch=1, global_step=0, steps_per_epoch=3, device="cpu",
                               run_dir=str(tmp_path)))
-    log.on_epoch_end(EpochEnd(epoch=0, global_step=3, metrics={"train_loss": 1.5}))
+    log.on_epoch_end(EpochEnd(epoch=1, global_step=3, metrics={"train_loss": 1.5}))
     before = (tmp_path / "metrics.csv").read_bytes()
 
     def disk_full(*args):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr("minitrain.files.os.replace", disk_full)
     with pytest.raises(MinitrainError, match=r"could not write metrics table .*metrics\.csv \(OSError: .*No space"):
-        log.on_epoch_end(EpochEnd(epoch=1, global_step=6, metrics={"train_loss": 1.25, "val_acc": 0.5}))
+        log.on_epoch_end(EpochEnd(epoch=2, global_step=6, metrics={"train_loss": 1.25, "val_acc": 0.5}))
     assert (tmp_path / "metrics.csv").read_bytes() == before  # widening rewrites the file: it stays whole
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # and no temporary file is left

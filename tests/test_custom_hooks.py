@@ -81,13 +81,13 @@ def test_custom_event_reaches_other_plugin_and_jsonl(fake_cifar, tmp_path, liste
 
     lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     custom = [line for line in lines if line["event"] == "WeightsChecked"]
-    assert [c["epoch"] for c in custom] == [0, 1]
+    assert [c["epoch"] for c in custom] == [1, 2]
     assert custom[0]["weight_norm"] == pytest.approx(float(inspector.emitted[0].weight_norm))
     # emitted from inside on_epoch_end, so logged just before that EpochEnd
     names = [line["event"] for line in lines]
     assert names[names.index("WeightsChecked") + 1] == "EpochEnd"
     # the log line replays into the plugin's own event class
-    assert ev.Event.from_json(json.dumps(custom[1])) == WeightsChecked(epoch=1, weight_norm=custom[1]["weight_norm"])
+    assert ev.Event.from_json(json.dumps(custom[1])) == WeightsChecked(epoch=2, weight_norm=custom[1]["weight_norm"])
 
 
 def test_custom_hook_declared_from_recipe(write_recipe, fake_cifar, tmp_path):
@@ -210,6 +210,6 @@ def test_emit_delivers_core_event_to_own_hook_then_on_event(fake_cifar):
             calls.append(("any", event))
 
     trainer = _trainer(fake_cifar, [Both()])
-    event = ev.ValidationStart(epoch=0, global_step=0)
+    event = ev.ValidationStart(epoch=1, global_step=0)
     trainer.emit(event)
     assert calls == [("own", event), ("any", event)]

@@ -7,7 +7,7 @@ from minitrain import events as ev
 from minitrain import hookimpl
 from minitrain.plugins import guard_observers, make_plugin_manager
 
-EVENT = ev.ValidationStart(epoch=0, global_step=0)
+EVENT = ev.ValidationStart(epoch=1, global_step=0)
 
 
 def recorder(name: str, log: list, **opts):

@@ -8,7 +8,7 @@ import pytest
 
 from minitrain.errors import MinitrainError
 from minitrain.run import prepare
-from minitrain_plugins._metric import improves, resolve_mode
+from minitrain_plugins._metric import improves, resolve_monitor
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
 NEVER_BETTER = "min_delta=1e9"  # after the first epoch nothing counts as an improvement
@@ -62,10 +62,11 @@ def test_a_larger_patience_lets_a_stopped_run_go_on(start):
     assert resumed.epoch == 4  # two bad epochs counted before, one more now
 
 
-def test_a_missing_monitor_names_the_metrics_there_are(start):
-    with pytest.raises(MinitrainError, match="early_stopping: monitor 'val_f1' is not an epoch metric "
-                                             r"\(available: .*train_loss.*val_loss"):
-        start(["early_stopping:monitor=val_f1"], epochs=1).fit()
+def test_a_missing_monitor_is_refused_before_the_run_starts(start, tmp_path):
+    with pytest.raises(MinitrainError, match="early_stopping: monitor 'val_f1' is not a metric this run reports "
+                                             r"\(it reports train_loss, lr, epoch_time, samples_per_s, val_loss, val_acc\)"):
+        start(["early_stopping:monitor=val_f1"], epochs=1)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_options_are_validated(start):
@@ -73,9 +74,13 @@ def test_options_are_validated(start):
         start(["early_stopping:patience=0"], epochs=1)
 
 
-def test_direction_and_delta():
-    assert resolve_mode("val_acc", "auto") == "max" and resolve_mode("val_loss", "auto") == "min"
-    assert resolve_mode("val_acc", "min") == "min"
+def test_direction_and_delta(start):
+    trainer = start([], epochs=1)
+    assert resolve_monitor("p", "val_acc", "auto", trainer) == ("val_acc", "max")
+    assert resolve_monitor("p", None, "auto", trainer) == ("val_loss", "min")  # the default, with validation
+    assert resolve_monitor("p", "val_acc", "min", trainer) == ("val_acc", "min")
+    trainer.val_loader = None
+    assert resolve_monitor("p", None, "auto", trainer) == ("train_loss", "min")  # without validation
     assert improves(0.5, None, "min") and not improves(math.nan, None, "min")
     assert improves(0.4, 0.5, "min", 0.05) and not improves(0.46, 0.5, "min", 0.05)
     assert improves(0.6, 0.5, "max") and not improves(0.5, 0.5, "max")

@@ -11,8 +11,9 @@ from minitrain import events as ev
 
 # One valid instance of every core event (ExceptionRaised's traceback has newlines on purpose).
 SAMPLES: dict[type[ev.Event], dict] = {
-    ev.FitStart: dict(epochs=3, start_epoch=0, global_step=0, steps_per_epoch=5, device="cpu",
-                      run_dir="runs/demo", config={"lr": 0.1, "nested": {"a": [1, 2]}}),
+    ev.FitStart: dict(epochs=5, start_epoch=3, global_step=10, steps_per_epoch=5, device="cpu",
+                      run_dir="runs/demo", config={"lr": 0.1, "nested": {"a": [1, 2]}}, class_names=["a", "b"],
+                      resumed_from="runs/demo/checkpoints/last.pt", changed={"epochs": [3, 5]}),
     ev.EpochStart: dict(epoch=1, global_step=5, steps=5),
     ev.BatchStart: dict(epoch=1, batch_idx=2, global_step=7, batch_size=16),
     ev.BatchEnd: dict(epoch=1, batch_idx=2, global_step=8, batch_size=16, loss=torch.tensor(0.25)),
@@ -21,9 +22,9 @@ SAMPLES: dict[type[ev.Event], dict] = {
                            confusion=[[3, 1], [0, 4]]),
     ev.EpochEnd: dict(epoch=1, global_step=10, metrics={"train_loss": 0.4, "lr": 0.1}),
     ev.FitEnd: dict(epochs_completed=2, global_step=10, metrics={"train_loss": 0.4}, stop_reason="patience"),
-    ev.ExceptionRaised: dict(epoch=0, global_step=3, error_type="RuntimeError", message="boom\nsecond line",
+    ev.ExceptionRaised: dict(epoch=1, global_step=3, error_type="RuntimeError", message="boom\nsecond line",
                              traceback='Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: boom\n'),
-    ev.Interrupted: dict(epoch=0, global_step=3, signal="SIGTERM"),
+    ev.Interrupted: dict(epoch=1, global_step=3, signal="SIGTERM"),
 }
 
 
@@ -65,7 +66,7 @@ def test_loss_schema_is_a_number():
 
 
 def test_events_are_frozen():
-    event = ev.EpochStart(epoch=0, global_step=0, steps=5)
+    event = ev.EpochStart(epoch=1, global_step=0, steps=5)
     with pytest.raises(ValidationError):
         event.epoch = 3
 
@@ -84,13 +85,13 @@ def test_trusted_event_is_the_validated_one(cls):
 
 @pytest.mark.parametrize("cls, kwargs, field", [
     (ev.EpochStart, dict(epoch=-1, global_step=0, steps=5), "epoch"),
-    (ev.BatchStart, dict(epoch=0, batch_idx=0, global_step=0, batch_size=-4), "batch_size"),
+    (ev.BatchStart, dict(epoch=1, batch_idx=0, global_step=0, batch_size=-4), "batch_size"),
     (ev.EpochStart, dict(epoch="1", global_step=0, steps=5), "epoch"),          # wrong type (strict)
     (ev.EpochStart, dict(epoch=1.5, global_step=0, steps=5), "epoch"),          # wrong type
-    (ev.EpochEnd, dict(epoch=0, global_step=0, metrics="high"), "metrics"),     # wrong type
+    (ev.EpochEnd, dict(epoch=1, global_step=0, metrics="high"), "metrics"),     # wrong type
     (ev.FitEnd, dict(epochs_completed=1, metrics={}), "global_step"),           # missing
-    (ev.ValidationStart, dict(epoch=0, global_step=0, colour="red"), "colour"),  # extra
-    (ev.Interrupted, dict(epoch=0, global_step=0, signal="SIGKILL"), "signal"),  # not an allowed value
+    (ev.ValidationStart, dict(epoch=1, global_step=0, colour="red"), "colour"),  # extra
+    (ev.Interrupted, dict(epoch=1, global_step=0, signal="SIGKILL"), "signal"),  # not an allowed value
 ], ids=["negative", "negative-size", "str-for-int", "float-for-int", "str-for-dict", "missing", "extra", "literal"])
 def test_validation_error_names_event_and_field(cls, kwargs, field):
     with pytest.raises(ValidationError) as info:
@@ -108,7 +109,7 @@ def test_bool_is_not_a_count():
 
 def test_tensor_loss_is_kept_not_copied():
     loss = torch.tensor(1.5)
-    event = ev.BatchEnd(epoch=0, batch_idx=0, global_step=1, batch_size=8, loss=loss)
+    event = ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=loss)
     assert event.loss is loss                      # no copy, no conversion
     assert event.model_dump()["loss"] is loss      # python-mode dump keeps it too
     assert json.loads(event.to_json())["loss"] == 1.5  # a float only once serialised
@@ -116,28 +117,28 @@ def test_tensor_loss_is_kept_not_copied():
 
 
 def test_multi_element_tensor_serialises_as_a_list():
-    event = ev.BatchEnd(epoch=0, batch_idx=0, global_step=1, batch_size=8, loss=torch.tensor([1.0, 2.0]))
+    event = ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=torch.tensor([1.0, 2.0]))
     assert json.loads(event.to_json())["loss"] == [1.0, 2.0]
 
 
 def test_tensor_requiring_grad_is_refused():
     loss = torch.tensor(1.0, requires_grad=True) * 2
     with pytest.raises(ValidationError, match="detached") as info:
-        ev.BatchEnd(epoch=0, batch_idx=0, global_step=1, batch_size=8, loss=loss)
+        ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=loss)
     assert "BatchEnd" in str(info.value) and "loss" in str(info.value)
     # detached, it is accepted as is
     detached = loss.detach()
-    assert ev.BatchEnd(epoch=0, batch_idx=0, global_step=1, batch_size=8, loss=detached).loss is detached
+    assert ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=detached).loss is detached
 
 
 @pytest.mark.parametrize("bad", ["0.5", None, True, [0.5]])
 def test_loss_must_be_tensor_or_number(bad):
     with pytest.raises(ValidationError, match="loss"):
-        ev.BatchEnd(epoch=0, batch_idx=0, global_step=1, batch_size=8, loss=bad)
+        ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=bad)
 
 
 def test_plain_number_loss_is_a_float():
-    assert ev.BatchEnd(epoch=0, batch_idx=0, global_step=1, batch_size=8, loss=2).loss == 2.0
+    assert ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=2).loss == 2.0
 
 
 @pytest.mark.parametrize("cls, hook", [

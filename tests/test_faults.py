@@ -166,7 +166,7 @@ def test_observer_failing_through_the_cli(install_dist, recipe, tmp_path, capsys
     assert "ConnectionError" in (run / "errors.log").read_text()
 
 
-def test_an_observer_made_critical_stops_the_run(install_dist, recipe, tmp_path):
+def test_an_observer_made_critical_stops_the_run(install_dist, recipe, tmp_path, capsys):
     install_dist("flaky_logger2", '''
         import minitrain
 
@@ -175,8 +175,11 @@ def test_an_observer_made_critical_stops_the_run(install_dist, recipe, tmp_path)
             def on_epoch_end(self, event):
                 raise ConnectionError("metrics server unreachable")
     ''', {"flaky2": "flaky_logger2:FlakyLogger"})
-    with pytest.raises(ConnectionError):
-        cli.main(["run", str(recipe), "--plugin", "flaky2:role=critical", "--run-dir", str(tmp_path / "r")])
+    assert cli.main(["run", str(recipe), "--plugin", "flaky2:role=critical", "--run-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("minitrain: error: training failed in epoch 1, step 5: ConnectionError: metrics server unreachable "
+                   f"(traceback in {tmp_path / 'r' / 'errors.log'}); --debug shows the traceback")
+    assert "ConnectionError: metrics server unreachable" in (tmp_path / "r" / "errors.log").read_text()
 
 
 # --- a critical plugin that raises ---------------------------------------------------------------
@@ -417,7 +420,7 @@ def build(config, device):
 def test_nonfinite_through_the_cli(write_recipe, fake_cifar, tmp_path, capsys):
     path = write_recipe(NAN_RECIPE, "nan_recipe.py")
     args = ["run", str(path), "--set", f"data_dir={fake_cifar}", "--no-plugin", "console"]
-    assert cli.main(args + ["--run-dir", str(tmp_path / "a")]) == 2
+    assert cli.main(args + ["--run-dir", str(tmp_path / "a")]) == 1  # a run that failed, not bad input
     err = capsys.readouterr().err
     assert "minitrain: error: non-finite training loss (nan) in epoch 1, steps 1-5" in err
     assert cli.main(args + ["--run-dir", str(tmp_path / "b"), "--set", "nonfinite_loss=skip"]) == 0

@@ -16,13 +16,13 @@ CPU = SimpleNamespace(device=torch.device("cpu"))
 
 
 def fit_start(run_dir) -> ev.FitStart:
-    return ev.FitStart(epochs=1, start_epoch=0, global_step=0, steps_per_epoch=None, device="cpu",
+    return ev.FitStart(epochs=1, start_epoch=1, global_step=0, steps_per_epoch=None, device="cpu",
                        run_dir=str(run_dir))
 
 
 def step_events(step: int, loss) -> list[ev.Event]:
-    return [ev.BatchStart(epoch=0, batch_idx=step, global_step=step, batch_size=8),
-            ev.BatchEnd(epoch=0, batch_idx=step, global_step=step + 1, batch_size=8, loss=loss)]
+    return [ev.BatchStart(epoch=1, batch_idx=step, global_step=step, batch_size=8),
+            ev.BatchEnd(epoch=1, batch_idx=step, global_step=step + 1, batch_size=8, loss=loss)]
 
 
 def same_json(a: str, b: str) -> bool:
@@ -57,7 +57,7 @@ def test_per_step_lines_are_held_and_written_in_groups(tmp_path):
             plugin.on_event(event)
         written.append(len(path.read_text().splitlines()))
     assert written == [1, 1, 7, 7, 7, 13, 13]  # every third step writes its group of three
-    plugin.on_event(ev.EpochEnd(epoch=0, global_step=7, metrics={}))  # not a per-step event: at once
+    plugin.on_event(ev.EpochEnd(epoch=1, global_step=7, metrics={}))  # not a per-step event: at once
     assert len(path.read_text().splitlines()) == 16
     plugin.on_event(ev.FitEnd(epochs_completed=1, global_step=7, metrics={}))
     assert plugin.file is None and len(path.read_text().splitlines()) == 17
@@ -94,7 +94,7 @@ def test_a_failed_run_writes_everything_held(tmp_path):
     for step in range(5):
         for event in step_events(step, torch.tensor(1.0)):
             plugin.on_event(event)
-    plugin.on_event(ev.ExceptionRaised(epoch=0, global_step=5, error_type="RuntimeError", message="boom",
+    plugin.on_event(ev.ExceptionRaised(epoch=1, global_step=5, error_type="RuntimeError", message="boom",
                                        traceback=""))
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
     assert len(lines) == 11 and json.loads(lines[-1])["event"] == "ExceptionRaised"

@@ -117,20 +117,20 @@ def test_validation_schedule_every_two_epochs(recipe):
 
 def test_jsonl_on_accelerators_writes_groups_later_in_order(tmp_path):
     plugin = JsonlLog(JsonlLog.Config(flush_every=2))
-    start = ev.FitStart(epochs=1, start_epoch=0, global_step=0, steps_per_epoch=3, device="cuda",
+    start = ev.FitStart(epochs=1, start_epoch=1, global_step=0, steps_per_epoch=3, device="cuda",
                         run_dir=str(tmp_path), config={})
     plugin.on_fit_start(start, SimpleNamespace(device=torch.device("meta")))  # any non-CPU device
     path = tmp_path / "events.jsonl"
     sent, written = [start], []
     plugin.on_event(start)
     for step in range(3):
-        sent.append(ev.BatchStart(epoch=0, batch_idx=step, global_step=step, batch_size=4))
-        sent.append(ev.BatchEnd(epoch=0, batch_idx=step, global_step=step + 1, batch_size=4,
+        sent.append(ev.BatchStart(epoch=1, batch_idx=step, global_step=step, batch_size=4))
+        sent.append(ev.BatchEnd(epoch=1, batch_idx=step, global_step=step + 1, batch_size=4,
                                 loss=torch.tensor(float(step))))
         for event in sent[-2:]:
             plugin.on_event(event)
         written.append(len(path.read_text().splitlines()))
-    sent.append(ev.EpochEnd(epoch=0, global_step=3, metrics={}))
+    sent.append(ev.EpochEnd(epoch=1, global_step=3, metrics={}))
     plugin.on_event(sent[-1])
     written.append(len(path.read_text().splitlines()))
     sent.append(ev.FitEnd(epochs_completed=1, global_step=3, metrics={}))

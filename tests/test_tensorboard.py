@@ -41,5 +41,5 @@ def test_scalars_are_written_and_match_the_event_log(recipe, tmp_path):
 
 def test_nothing_is_written_without_a_run_dir():
     plugin = TensorBoard(TensorBoard.Config())
-    plugin.on_fit_start(FitStart(epochs=1, start_epoch=0, global_step=0, steps_per_epoch=1, device="cpu", run_dir=None))
+    plugin.on_fit_start(FitStart(epochs=1, start_epoch=1, global_step=0, steps_per_epoch=1, device="cpu", run_dir=None))
     assert plugin.writer is None

@@ -99,7 +99,7 @@ def test_two_epochs_through_cli(recipe, tmp_path, capsys):
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.1
     epoch_ends = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
                   if '"EpochEnd"' in line]
-    assert [e["epoch"] for e in epoch_ends] == [0, 1] and [e["global_step"] for e in epoch_ends] == [5, 10]
+    assert [e["epoch"] for e in epoch_ends] == [1, 2] and [e["global_step"] for e in epoch_ends] == [5, 10]
 
 
 def test_cli_run_with_jsonl_options_and_no_console(recipe, tmp_path, capsys):
@@ -210,7 +210,7 @@ def test_request_stop_at_epoch_end(fake_cifar, collect_events):
     recorder = collect_events()
     _trainer(fake_cifar, [StopAfterFirst(), recorder], epochs=5).fit()
     assert recorder.names().count("EpochEnd") == 1
-    assert recorder.events[-1].stop_reason == "stopped after epoch 0"
+    assert recorder.events[-1].stop_reason == "stopped after epoch 1"
     assert recorder.events[-1].epochs_completed == 1
 
 
@@ -297,7 +297,7 @@ def test_exception_in_train_step_is_announced_and_reraised(fake_cifar, tmp_path,
     last = recorder.events[-1]
     assert isinstance(last, ev.ExceptionRaised)
     assert last.error_type == "RuntimeError" and last.message == "kaboom at step 2"
-    assert last.global_step == 2 and last.epoch == 0
+    assert last.global_step == 2 and last.epoch == 1
     assert "Traceback" in last.traceback and "kaboom" in last.traceback
     assert "FitEnd" not in recorder.names()
     # the JSONL log got it too, as its last line
@@ -416,7 +416,7 @@ def test_exact_resume_mid_epoch_matches_uninterrupted_run(fake_cifar, collect_ev
         return [(e.global_step, float(e.loss)) for e in rec.events if isinstance(e, ev.BatchEnd)]
     assert losses(first_rec) + losses(second_rec) == losses(straight_rec)
     resumed_start = second_rec.events[0]
-    assert isinstance(resumed_start, ev.FitStart) and resumed_start.start_epoch == 1
+    assert isinstance(resumed_start, ev.FitStart) and resumed_start.start_epoch == 2
     assert resumed_start.global_step == STEPS + 2
     # epoch 1's mean train loss covers the batches before and after the interruption
     epoch1 = [e for e in straight_rec.events if isinstance(e, ev.EpochEnd)][1].metrics["train_loss"]
@@ -456,7 +456,7 @@ def test_emitting_batch_end_keeps_the_tensor(fake_cifar):
 
     trainer = _trainer(fake_cifar, [Keep()])
     loss = torch.tensor(0.5)
-    event = ev.BatchEnd(epoch=0, batch_idx=0, global_step=1, batch_size=4, loss=loss)
+    event = ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=4, loss=loss)
     trainer.emit(event)
     assert received[0] is loss
     received.clear()
@@ -470,7 +470,7 @@ SYNCING = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__",
 
 def test_loop_reads_device_values_once_per_epoch(fake_cifar, monkeypatch):
     """With no plugin reading them, the core reads tensors back only at epoch end: the train
-    loss once, then validation's loss and confusion matrix once each. Not per step."""
+    loss once, then validation's loss and metrics (accuracy, confusion matrix) together. Not per step."""
     minitrain_dir = str(Path(minitrain.__file__).parent)
     reads = []
 
@@ -489,8 +489,7 @@ def test_loop_reads_device_values_once_per_epoch(fake_cifar, monkeypatch):
         for name in SYNCING:
             patch.setattr(torch.Tensor, name, spy(name))
         trainer.fit()
-    per_epoch = sorted([("item", "trainer.py", "_train_epoch"), ("item", "trainer.py", "validate"),
-                        ("tolist", "trainer.py", "validate")])
+    per_epoch = [("item", "trainer.py", "_train_epoch"), ("tolist", "metrics.py", "results")]
     assert sorted(reads) == sorted(per_epoch * 3), reads
 
 
