@@ -365,17 +365,19 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from minitrain.export import export
 
-    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe)}")
+    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe, args.tta)}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from minitrain.predict import predict
 
-    results = predict(args.model, args.images, args.top_k)
+    results = predict(args.model, args.images, args.top_k, args.resize)
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
     for result in results:
-        print(f"{result['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"]))
-    return 0
+        if "error" in result:
+            print(f"minitrain: error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{result['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"]))
+    return BAD_INPUT if any("error" in result for result in results) else 0

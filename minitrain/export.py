@@ -29,7 +29,9 @@ import torch
 from pydantic import ValidationError
 
 from minitrain import __version__, checkpointing
+from minitrain.augment import TestTimeAugmented
 from minitrain.errors import MinitrainError
+from minitrain.files import check_writable
 from minitrain.plugins import describe_validation_error
 from minitrain.recipe import load_recipe
 
@@ -38,14 +40,25 @@ FORMATS = {"exported-program": ".pt2", "torchscript": ".torchscript.pt"}
 
 
 def export(source: str | Path, fmt: str = "exported-program", out: str | Path | None = None,
-           recipe: str | Path | None = None) -> Path:
+           recipe: str | Path | None = None, tta: bool = False) -> Path:
     """Write the model of ``source`` (a run directory: its ``last.pt``; or a checkpoint file
     inside a run directory) in format ``fmt`` to ``out`` (default: ``<run dir>/model-<checkpoint
-    name><suffix>``). ``recipe`` replaces the recipe path ``run.json`` records. Returns ``out``."""
+    name><suffix>``). ``recipe`` replaces the recipe path ``run.json`` records. With ``tta`` the
+    file computes the run's test-time augmentation too. Returns ``out``."""
     if fmt not in FORMATS:
         raise MinitrainError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
     run_dir, checkpoint = locate(source)
+    out = Path(out) if out else run_dir / f"model-{checkpoint.stem}{'-tta' if tta else ''}{FORMATS[fmt]}"
+    check_writable(out.parent, "--out folder")
     model, metadata = rebuild(run_dir, checkpoint, recipe)
+    views = _read_json(run_dir / "run.json").get("test_time_augmentation")
+    if tta:
+        if not views:
+            raise MinitrainError(f"--tta: the run in {run_dir} validated without test-time augmentation (no tta plugin)")
+        model, metadata["test_time_augmentation"] = TestTimeAugmented(model, **views).eval(), views
+    elif views:
+        warnings.warn(f"the run validated with test-time augmentation ({views}); this file does not, so it scores "
+                      "below the run's val_acc (--tta includes it)", stacklevel=2)
     example = torch.zeros(2, len(metadata["mean"]), *metadata["input_size"])
     with torch.no_grad():
         metadata["num_classes"] = classes = model(example).shape[1]
@@ -54,7 +67,6 @@ def export(source: str | Path, fmt: str = "exported-program", out: str | Path | 
     elif len(metadata["class_names"]) != classes:
         raise MinitrainError(f"the model has {classes} outputs but the run names {len(metadata['class_names'])} classes")
     metadata["format"] = fmt
-    out = Path(out) if out else run_dir / f"model-{checkpoint.stem}{FORMATS[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = {METADATA: json.dumps(metadata)}
     try:
@@ -99,8 +111,9 @@ def rebuild(run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = No
     run = _read_json(run_dir / "run.json")
     inputs = run.get("inputs")
     if not inputs:
-        raise MinitrainError(f"{run_dir / 'run.json'} does not record the input size and normalisation "
-                             "(the run's training loader does not describe them, as ImageLoader does)")
+        raise MinitrainError(f"{run_dir / 'run.json'} does not record the input size and normalisation: the "
+                             "recipe's loader does not describe them (as ImageLoader does), and its Components "
+                             "have no inputs={'size': [H, W], 'mean': [...], 'std': [...]}")
     recipe_path = Path(recipe_path or run["recipe"])
     if not recipe_path.is_file():
         raise MinitrainError(f"recipe {recipe_path} (recorded in {run_dir / 'run.json'}) not found; "

@@ -1,9 +1,11 @@
 """``minitrain predict``: classify image files with a model that ``minitrain export`` wrote.
 
-Each image (PNG, JPEG or anything else Pillow reads, of any size) is converted to the model's
-channels, resized to its input size and normalised with the mean and std stored in the file;
-the model's softmax gives the probabilities. Everything needed is in the model file: no recipe,
-no run directory.
+Each image (PNG, JPEG or anything else Pillow reads, of any size and mode) is turned upright as
+its EXIF orientation says, converted to the model's channels (transparency is laid on white,
+16-bit and float pixels are scaled to 8 bits), fitted to the model's input size, stretched or
+scaled and cut at the centre, and normalised with the mean and std stored in the file; the
+model's softmax gives the probabilities. Everything needed is in the model file: no recipe, no
+run directory. An image that cannot be read is reported on its own; the others are classified.
 """
 from __future__ import annotations
 
@@ -12,47 +14,81 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from minitrain import export
 from minitrain.errors import MinitrainError
 
+RESIZE = ("stretch", "crop")
 
-def predict(model_path: str | Path, images: list[str | Path], top_k: int = 5) -> list[dict[str, Any]]:
+
+def predict(model_path: str | Path, images: list[str | Path], top_k: int = 5,
+            resize: str = "stretch") -> list[dict[str, Any]]:
     """For each image, ``{"image": path, "top": [{"class", "index", "probability"}, ...]}``, the
-    ``top_k`` most probable classes first."""
+    ``top_k`` most probable classes first, or ``{"image": path, "error": reason}``."""
     if top_k < 1:
         raise MinitrainError(f"--top-k must be at least 1, not {top_k}")
+    if resize not in RESIZE:
+        raise MinitrainError(f"--resize must be one of {', '.join(RESIZE)}, not {resize!r}")
     model, metadata = export.load(model_path)
-    batch = preprocess(images, metadata)
+    pixels, results = [], []
+    for path in images:
+        try:
+            pixels.append(read(Path(path), metadata, resize))
+            results.append({"image": str(path)})
+        except MinitrainError as exc:
+            results.append({"image": str(path), "error": str(exc)})
+    readable = [r for r in results if "error" not in r]
+    if not readable:
+        return results
     with torch.no_grad():
-        probabilities = torch.softmax(model(batch).float(), dim=1)
+        probabilities = torch.softmax(model(normalize(pixels, metadata)).float(), dim=1)
     values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
     names = metadata["class_names"]
-    return [{"image": str(path),
-             "top": [{"class": names[i], "index": i, "probability": p} for i, p in zip(idx.tolist(), val.tolist())]}
-            for path, idx, val in zip(images, indices, values)]
+    for result, idx, val in zip(readable, indices, values):
+        result["top"] = [{"class": names[i], "index": i, "probability": p} for i, p in zip(idx.tolist(), val.tolist())]
+    return results
 
 
-def preprocess(images: list[str | Path], metadata: dict[str, Any]) -> torch.Tensor:
-    """The images as one normalised float batch, N×C×H×W, the way the exported model expects."""
-    height, width = metadata["input_size"]
+def normalize(pixels: list[np.ndarray], metadata: dict[str, Any]) -> torch.Tensor:
+    """uint8 H×W(×C) arrays -> one normalised float batch, N×C×H×W, as the exported model expects."""
     mean = torch.tensor(metadata["mean"]).view(-1, 1, 1)
     std = torch.tensor(metadata["std"]).view(-1, 1, 1)
-    mode = {1: "L", 3: "RGB"}.get(len(metadata["mean"]))
-    if mode is None:
-        raise MinitrainError(f"cannot feed images to a model with {len(metadata['mean'])} input channels")
-    pixels = [_read(Path(path), mode, (width, height)) for path in images]
     batch = torch.from_numpy(np.stack(pixels)).float().div_(255)
-    batch = batch.unsqueeze(1) if mode == "L" else batch.permute(0, 3, 1, 2)
+    batch = batch.unsqueeze(1) if batch.dim() == 3 else batch.permute(0, 3, 1, 2)
     return (batch - mean) / std
 
 
-def _read(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+def read(path: Path, metadata: dict[str, Any], resize: str = "stretch") -> np.ndarray:
+    """One image file as uint8 pixels of the model's size and channels."""
+    height, width = metadata["input_size"]
+    channels = len(metadata["mean"])
+    if channels not in (1, 3):
+        raise MinitrainError(f"cannot feed images to a model with {channels} input channels")
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert(mode).resize(size, Image.Resampling.BILINEAR))
+            image = to_mode(ImageOps.exif_transpose(image), "L" if channels == 1 else "RGB")
     except FileNotFoundError:
         raise MinitrainError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise MinitrainError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
+    if resize == "crop":
+        image = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
+    else:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` (``L`` or ``RGB``), whatever mode it came in."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float grey: scale, don't clip
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") else max(values.max(initial=0), 1.0)  # float: 0..1 or 0..max
+        image = Image.fromarray(np.clip(values / top * 255, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):  # transparent pixels are laid on white
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert(mode)

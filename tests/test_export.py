@@ -13,7 +13,7 @@ from PIL import Image
 from minitrain.cli import main
 from minitrain.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from minitrain.export import export, load
-from minitrain.predict import predict, preprocess
+from minitrain.predict import normalize, predict, read
 from minitrain.run import prepare
 
 FIRST_PARTY_PLUGINS = {"checkpoint"}
@@ -54,7 +54,7 @@ def test_exported_model_predicts_like_the_trained_one(trained, images, fmt, caps
     assert metadata["mean"] == list(CIFAR10_MEAN) and metadata["std"] == list(CIFAR10_STD)
     assert metadata["format"] == fmt and metadata["global_step"] == trainer.global_step
 
-    batch = preprocess(paths, metadata)
+    batch = normalize([read(path, metadata) for path in paths], metadata)
     torch.testing.assert_close(batch[:1], trainer.val_loader.normalize(first))  # same pixels as in training
     with torch.no_grad():
         expected = torch.softmax(trainer.module.eval()(batch), dim=1)
