@@ -113,3 +113,50 @@ def from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class RankShard(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from this rank's on, in order and without padding: each sample
+    is validated exactly once over all ranks (``DistributedSampler`` pads to equal lengths)."""
+
+    def __init__(self, dataset):
+        self.indices = range(rank(), len(dataset), world_size())
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def shard(loader: Any, train: bool, seed: int = 0) -> Any:
+    """Under torchrun, a recipe's plain ``DataLoader`` (default sampler) that would give every
+    rank the whole data set, rebuilt to give each rank its share: a ``DistributedSampler`` for
+    training (shuffled if the loader was; the trainer calls its ``set_epoch``), :class:`RankShard`
+    for validation. A loader minitrain cannot rebuild (a sampler of its own, an iterable data set)
+    is returned as it is, with a warning. Anything else, and everything in one process, is
+    returned unchanged."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+    if world_size() == 1 or type(loader) is not DataLoader:
+        return loader
+    sampler = loader.sampler
+    if isinstance(sampler, (DistributedSampler, RankShard)):
+        return loader
+    which = "train_loader" if train else "val_loader"
+    if type(sampler) not in (RandomSampler, SequentialSampler) or loader.batch_size is None:
+        if is_main():
+            import warnings
+
+            warnings.warn(f"{which}: a DataLoader with a sampler of its own gives every one of the {world_size()} "
+                          "ranks the whole data set; give it a DistributedSampler to shard it", stacklevel=3)
+        return loader
+    shuffle = isinstance(sampler, RandomSampler)
+    sampler = (DistributedSampler(loader.dataset, world_size(), rank(), shuffle=shuffle, seed=seed) if train
+               else RankShard(loader.dataset))
+    options = {key: getattr(loader, key) for key in (
+        "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+        "multiprocessing_context", "generator", "persistent_workers", "pin_memory_device")}
+    if loader.num_workers:
+        options["prefetch_factor"] = loader.prefetch_factor
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **options)

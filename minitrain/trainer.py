@@ -68,8 +68,9 @@ class Trainer:
         self.module = model  # the recipe's model; `model` may become a wrapper of it (compile, DDP)
         self.model = model
         self.optimizer = optimizer
-        self.train_loader = train_loader
-        self.val_loader = val_loader
+        seed = (config or {}).get("seed", 0)  # under torchrun, a plain DataLoader is sharded by rank
+        self.train_loader = distributed.shard(train_loader, train=True, seed=seed)
+        self.val_loader = distributed.shard(val_loader, train=False)
         self.epochs = epochs
         self.loss_fn = loss_fn
         self.scheduler = scheduler
