@@ -21,9 +21,11 @@ pre-trained.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
@@ -72,7 +74,7 @@ def build(config: Config, device: torch.device) -> minitrain.Components:
     scheduler = triangular(optimizer, total_steps=config.epochs * len(train), warmup=0.2)
     return minitrain.Components(
         model=model, optimizer=optimizer, train_loader=train, val_loader=test,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), eval_loss_fn=F.cross_entropy,
         scheduler=scheduler, scheduler_interval="step", class_names=CIFAR10_CLASSES[:config.classes],
     )
 
@@ -82,13 +84,14 @@ def _first_classes(images: torch.Tensor, labels: torch.Tensor, classes: int) -> 
     return images[keep], labels[keep]
 
 
-def compare(root: str | Path = "runs/finetune", pretrain_epochs: int = 4, epochs: int = 2, train_size: int = 5000,
+def compare(root: str | Path | None = None, pretrain_epochs: int = 4, epochs: int = 2, train_size: int = 5000,
             overrides: list[str] = ()) -> dict[str, float]:
     """Pre-train, fine-tune and train from scratch (the commands in this file's docstring);
     print and return both final accuracies and the gain."""
     from minitrain.run import prepare
 
-    root, recipe = Path(root), Path(__file__)
+    root = Path(root or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")  # new each time: run dirs hold one run
+    recipe = Path(__file__)
     prepare(recipe, [*overrides, "classes=5", f"epochs={pretrain_epochs}"], ["checkpoint"],
             run_dir=root / "pretrain").fit()
     task = [*overrides, f"train_size={train_size}", f"epochs={epochs}"]
@@ -104,7 +107,7 @@ def compare(root: str | Path = "runs/finetune", pretrain_epochs: int = 4, epochs
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="pre-train on 5 classes, fine-tune on 10, compare with scratch")
-    parser.add_argument("--root", default="runs/finetune", help="folder for the three run directories")
+    parser.add_argument("--root", help="a new folder for the three run directories (default runs/finetune-<time>)")
     parser.add_argument("--pretrain-epochs", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of fine-tuning, and of training from scratch")
     parser.add_argument("--train-size", type=int, default=5000, help="training images of the 10-class task")

@@ -9,6 +9,8 @@ channels-last bf16 compute (the ``amp`` plugin) and flip test-time augmentation.
     minitrain run recipes/cifar10_quick.py --set epochs=4 --set widths=[32,64,128]
 """
 import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
 import minitrain
@@ -21,30 +23,41 @@ class Config(minitrain.RecipeConfig):
     epochs: int = 8
     batch_size: int = 256
     lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.2
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.2, ge=0, lt=1)
     widths: tuple[int, int, int] = (32, 64, 128)
-    warmup: float = 0.2  # fraction of steps spent warming up the learning rate
+    warmup: float = Field(0.2, gt=0, le=1, description="fraction of steps spent warming up the learning rate")
     channels_last: bool = True
+
+    @field_validator("widths")
+    @classmethod
+    def _positive(cls, widths):
+        if min(widths) < 1:
+            raise ValueError("every width must be at least 1")
+        return widths
 
 
 PLUGINS = ["amp:dtype=bf16", "tta"]
+
+
+def build_model(config: Config) -> ConvNet:
+    """The network alone, before it has seen data: what ``minitrain export`` rebuilds."""
+    model = ConvNet(config.widths)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 def build(config: Config, device: torch.device) -> minitrain.Components:
     train, test = cifar10_loaders(config.data_dir, config.batch_size, device=device, seed=config.seed,
                                   crop=4, flip="random", eval_batch_size=1000,
                                   channels_last=config.channels_last)
-    model = ConvNet(config.widths)
+    model = build_model(config)
     model.whiten.init_from(train.normalize(train.images[:5000]))
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=True, weight_decay=config.weight_decay)
     scheduler = triangular(optimizer, total_steps=config.epochs * len(train), warmup=config.warmup)
     return minitrain.Components(
         model=model, optimizer=optimizer, train_loader=train, val_loader=test,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), eval_loss_fn=F.cross_entropy,
         scheduler=scheduler, scheduler_interval="step", class_names=CIFAR10_CLASSES,
     )

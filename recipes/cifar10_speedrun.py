@@ -28,6 +28,7 @@ On a CPU it runs too (slowly); ``data_dtype=auto`` then keeps the inputs fp32.
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import minitrain
@@ -105,10 +106,14 @@ def make_loaders(config: Config, device: torch.device, train_data, test_data) ->
     return train, test
 
 
+def build_model(config: Config) -> ConvNet:
+    """The net before it has seen data (the whitening comes in :func:`make_training`); also what
+    ``minitrain export`` rebuilds."""
+    return ConvNet(config.widths, bn_momentum=config.bn_momentum, logit_scale=config.logit_scale)
+
+
 def make_model(config: Config, device: torch.device) -> ConvNet:
-    """The net before it has seen data (the whitening comes in :func:`make_training`)."""
-    model = ConvNet(config.widths, bn_momentum=config.bn_momentum, logit_scale=config.logit_scale)
-    return model.to(device, memory_format=torch.channels_last)
+    return build_model(config).to(device, memory_format=torch.channels_last)
 
 
 def make_training(config: Config, device: torch.device, model: ConvNet, train: ImageLoader,
@@ -119,6 +124,7 @@ def make_training(config: Config, device: torch.device, model: ConvNet, train: I
     return minitrain.Components(
         model=model, optimizer=optimizer, train_loader=train, val_loader=test,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum"),
+        eval_loss_fn=F.cross_entropy,
         scheduler=triangular(optimizer, config.epochs * len(train), warmup=0.2, start=0.2, end=0.07),
         scheduler_interval="step", class_names=CIFAR10_CLASSES,
     )

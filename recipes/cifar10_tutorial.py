@@ -33,10 +33,15 @@ class TutorialNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+def build_model(config: Config) -> TutorialNet:
+    """The network alone: what ``minitrain export`` rebuilds."""
+    return TutorialNet()
+
+
 def build(config: Config, device: torch.device) -> minitrain.Components:
     train, test = cifar10_loaders(config.data_dir, config.batch_size, device=device, seed=config.seed,
                                   crop=4 if config.augment else 0, flip="random" if config.augment else "none",
                                   eval_batch_size=500)
-    model = TutorialNet()
+    model = build_model(config)
     return minitrain.Components(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=config.lr),
                                 train_loader=train, val_loader=test, class_names=CIFAR10_CLASSES)
