@@ -280,3 +280,27 @@ def test_nproc_refused_inside_torchrun(recipe, monkeypatch, capsys):
         monkeypatch.setenv(name, value)
     assert main(["run", str(recipe), "--nproc", "2"]) == 2
     assert "already started by torchrun" in capsys.readouterr().err
+
+
+def test_a_plain_dataloader_is_sharded_by_rank(monkeypatch):
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    data = TensorDataset(torch.arange(10))
+    seen = {"train": [], "val": []}
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        train = distributed.shard(DataLoader(data, batch_size=2, shuffle=True), train=True, seed=3)
+        val = distributed.shard(DataLoader(data, batch_size=4), train=False)
+        assert isinstance(train.sampler, DistributedSampler) and train.batch_size == 2
+        seen["train"].append([int(x) for (batch,) in train for x in batch])
+        seen["val"].append([int(x) for (batch,) in val for x in batch])
+    assert sorted(seen["train"][0] + seen["train"][1]) == list(range(10))  # a shuffled split, all of it
+    assert seen["val"] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]  # each sample validated once, in order
+    custom = DataLoader(data, sampler=[0, 1, 2])
+    monkeypatch.setattr(distributed, "rank", lambda: 0)  # rank 0 says it
+    with pytest.warns(UserWarning, match="a sampler of its own gives every one of the 2 ranks the whole data set"):
+        assert distributed.shard(custom, train=True) is custom
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    plain = DataLoader(data)
+    assert distributed.shard(plain, train=True) is plain
