@@ -9,8 +9,6 @@ import inspect
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import types
 import typing
@@ -50,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minitrain: error: {message}", file=sys.stderr)
         return FAILED if isinstance(exc, RunFailed) else BAD_INPUT
     except KeyboardInterrupt:
-        print("minitrain: interrupted", file=sys.stderr)
+        if not os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun the launcher says it, once
+            print("minitrain: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = shown
@@ -207,11 +206,18 @@ def _resume_command(args: argparse.Namespace, run_dir: str) -> list[str]:
 
 
 def _launch(args: argparse.Namespace, plan) -> int:
-    """Run ``torchrun --standalone --nproc_per_node=N -m minitrain ARGV`` (``--nproc`` removed),
+    """Run this command on N processes through torchrun's own launcher, in this process
+    (``torchrun --standalone --nproc_per_node=N -m minitrain ARGV`` with ``--nproc`` removed),
     after checking here what can be checked (recipe, config, plugins, run directory, the checkpoint
-    to resume), so that bad input is one line rather than one per process. PyTorch's launcher
-    starts the processes and watches over them; on Ctrl-C it stops them, and this process says how
-    to resume, as a single-process run does."""
+    to resume), so that bad input is one line rather than one per process. On Ctrl-C the launcher
+    stops the workers (rank 0 saves last.pt if it stopped between two steps) and this process says
+    how to resume, as a single-process run does."""
+    import logging
+
+    from torch.distributed import run as torchrun  # imports the launcher's loggers
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from minitrain import distributed
 
     if args.nproc < 1:
@@ -227,21 +233,23 @@ def _launch(args: argparse.Namespace, plan) -> int:
         rest += ["--run-dir", str(planned.run_dir)]
     sys.stdout.flush()
     sys.stderr.flush()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "minitrain", *rest]
-    process = subprocess.Popen(command)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # cores shared out
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("torch.distributed.elastic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:  # its warnings narrate the shutdown that this process reports in one line
+        logger.setLevel(logging.ERROR)
     try:
-        code = process.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun and its workers too
-        process.send_signal(signal.SIGINT)
-        code = process.wait()
-        hint = _nproc_resume_hint(args, planned)
-        print(f"minitrain: interrupted; {hint}", file=sys.stderr)
-        return 130
-    if code:
-        print(f"minitrain: error: the {args.nproc} processes failed (torchrun exit code {code}); see their "
-              f"output above", file=sys.stderr)
-        return FAILED
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "minitrain", *rest]))
+    except SignalException as exc:
+        print(f"minitrain: stopped by {exc.sigval.name}; {_nproc_resume_hint(args, planned)}", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise RunFailed(f"rank {rank} of {args.nproc} failed (exit code {failure.exitcode}); its output is above") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return 0
 
 
