@@ -19,6 +19,7 @@ from pydantic import Field
 from torch.utils.tensorboard import SummaryWriter
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.files import check_writable
 
 
 class TensorBoard:
@@ -33,6 +34,11 @@ class TensorBoard:
     def __init__(self, config: Config):
         self.config = config
         self.writer: SummaryWriter | None = None
+
+    @hookimpl
+    def check(self, trainer) -> None:
+        if trainer.run_dir is not None:
+            check_writable(Path(trainer.run_dir) / self.config.subdir, "tensorboard folder")
 
     @hookimpl
     def on_fit_start(self, event) -> None:

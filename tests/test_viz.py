@@ -162,3 +162,13 @@ def test_replay_refuses_a_plugin_that_acts_on_training(recipe, tmp_path, capsys)
     assert err == ("minitrain: error: replay: plugin 'checkpoint' acts on training itself (it is critical), and a "
                    "replay has no model or optimizer; replay feeds recorded events to plugins that watch")
     assert not (run / "checkpoints").exists()
+
+
+def test_replay_through_jsonl_writes_a_copy_but_never_into_the_log_it_reads(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(recipe, run, plugins=(), epochs=1)
+    log = (run / "events.jsonl").read_text()
+    assert main(["replay", str(run), "--plugin", "jsonl"]) == 2
+    assert "would append to" in capsys.readouterr().err and (run / "events.jsonl").read_text() == log
+    assert main(["replay", str(run), "--plugin", "jsonl:filename=copy.jsonl"]) == 0
+    assert (run / "copy.jsonl").read_text() == log
