@@ -209,6 +209,8 @@ def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_fr
         "minitrain": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "device": str(planned.device), "world_size": distributed.world_size(), "class_names": parts.class_names,
         "inputs": parts.inputs or _inputs(parts.train_loader), "init_from": init_from and str(init_from),
+        "test_time_augmentation": next((p.test_time_augmentation for _, p in planned.plugins
+                                        if getattr(p, "test_time_augmentation", None)), None),
         "history": [*history, start],
     })
 
