@@ -17,6 +17,7 @@ from minitrain.errors import MinitrainError
 from minitrain.events import Event
 from minitrain.plugins import check_hooks, register_plugin
 from minitrain.run import prepare
+from minitrain.testing import EpochLog
 from minitrain_plugins.checkpoint import CheckpointSaved
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
@@ -114,6 +115,11 @@ def weights(trainer):
     return {k: v.clone() for k, v in trainer.module.state_dict().items()}
 
 
+def untimed(metrics):
+    """An epoch's metrics but its timings, which differ from run to run: the rest are equal to the bit."""
+    return {key: value for key, value in metrics.items() if key not in ("epoch_time", "samples_per_s")}
+
+
 def assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     for key in a:
@@ -129,7 +135,8 @@ def events(run_dir, name):
 
 @pytest.mark.filterwarnings("ignore:checkpoint. this run starts at step")  # later files set aside
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, start):
-    straight = start(tmp_path / "straight")
+    straight_log = EpochLog()
+    straight = start(tmp_path / "straight", extra=[straight_log])
     straight.fit()
     expected = weights(straight)
     assert straight.global_step == 15  # 3 epochs x 5 batches
@@ -145,13 +152,15 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, sta
     assert last["global_step"] == 8  # saved on the interrupt, between two batches
 
     for resume, steps_done in (("auto", 8), (mid, 6)):  # as a new process would: a fresh prepare()
-        steps = Steps()
-        resumed = start(run, ["checkpoint:every_steps=3"], resume=resume, extra=[steps])
+        steps, log = Steps(), EpochLog()
+        resumed = start(run, ["checkpoint:every_steps=3"], resume=resume, extra=[steps, log])
         assert resumed.global_step == steps_done
         resumed.fit()
         assert resumed.global_step == 15
         assert len(steps.run) == 15 - steps_done and steps.run[0] == divmod(steps_done, 5)  # no batch replayed
         assert_bitwise_equal(weights(resumed), expected)
+        # epochs 2 (resumed in its middle: its loss sum comes from the checkpoint) and 3
+        assert list(map(untimed, log.metrics)) == list(map(untimed, straight_log.metrics[1:]))
 
 
 def test_a_run_stopped_inside_a_batch_keeps_the_last_whole_state(tmp_path, start):
