@@ -247,6 +247,29 @@ def test_a_failed_write_raises_and_leaves_the_previous_files(tmp_path, start, mo
     assert checkpointing.load(folder / "last.pt")["header"]["global_step"] == 5
 
 
+@pytest.mark.parametrize("name", ["config.json", "run.json"])
+def test_a_failed_run_file_write_raises_and_leaves_the_previous_file(tmp_path, start, monkeypatch, name):
+    """The run's own files go through the same atomic writer as checkpoints and metrics.csv."""
+    run = tmp_path / "run"
+    start(run, ["checkpoint"], epochs=1).fit()
+    before = (run / name).read_bytes()
+    real_replace = os.replace
+
+    def disk_full_replace(src, dst):
+        if pathlib.Path(dst) == run / name:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", disk_full_replace)
+
+    with pytest.raises(MinitrainError, match=rf"could not write run file .*{name} \(OSError: .*No space left"):
+        start(run, ["checkpoint:every=2"], epochs=2, resume="auto")  # a new config.json and run.json, both
+    assert (run / name).read_bytes() == before
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    start(run, ["checkpoint:every=2"], epochs=2, resume="auto")
+    assert (run / name).read_bytes() != before  # what the failed write would have changed
+
+
 def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     _write(path)
