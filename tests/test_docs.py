@@ -1,8 +1,9 @@
 """The plugin author's page, docs/plugins.md, documents every hook and every event, first-party
 ones included, row by row: each hook has a row in its table, a pipeline hook with the arguments its
 spec takes, a notification hook with the event it receives; each event has a row in the events
-table listing exactly the fields of its model. Nothing is skipped: a first-party plugin that fails
-to import fails here, since its hooks and events could not be checked."""
+table listing exactly the fields of its model. Where the page lists first-party plugins (on by
+default, rank 0 only, critical, observer), it lists every one that is. Nothing is skipped: a
+first-party plugin that fails to import fails here, since it could not be checked."""
 import re
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from minitrain.events import EVENT_TYPES
 from minitrain.hookspecs import PIPELINE_HOOKS
-from minitrain.plugins import FIRST_PARTY, discover, make_plugin_manager
+from minitrain.plugins import FIRST_PARTY, discover, make_plugin_manager, role_of
 
 PAGE = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
 
@@ -113,3 +114,22 @@ def test_every_event_is_documented_with_its_fields(name):
     listed = _names(_listed(table[name][1]))
     assert len(listed) == len(set(listed)) and set(listed) == set(cls.model_fields), (
         f"docs/plugins.md lists {listed} as the fields of {name}, which has {list(cls.model_fields)}")
+
+
+def _listed_after(pattern: str) -> set[str]:
+    """The plugin names in backticks that the page's sentence matching ``pattern`` lists."""
+    found = re.search(pattern, " ".join(PAGE.split()))
+    assert found, f"docs/plugins.md no longer has a sentence matching {pattern!r}"
+    return set(_names(found.group(1)))
+
+
+def test_the_page_says_what_each_first_party_plugin_is(real_discover):
+    """Which first-party plugins are on by default, on rank 0 only, critical or observers."""
+    plugins = {name: info.target for name, info in _first_party_plugins(real_discover).items()}
+    assert _listed_after(r"`enabled_by_default = True` is on in every run \(first party: ([^)]*)\)") == {
+        name for name, target in plugins.items() if getattr(target, "enabled_by_default", False)}
+    assert _listed_after(r"write each file N times: first party, ([^(]*)\(") == {
+        name for name, target in plugins.items() if getattr(target, "main_process_only", False)}
+    for role, pattern in (("critical", r"First party: ([^;]*) are critical;"),
+                          ("observer", r"are critical; ([^.]*) are observers\.")):
+        assert _listed_after(pattern) == {name for name, target in plugins.items() if role_of(target) == role}, role
