@@ -309,5 +309,5 @@ def test_event_log_is_read_as_json_only(capsys, tmp_path):
     payload = pickle.dumps(Payload(marker), protocol=0).decode("latin1")
     (run / "events.jsonl").write_text(json.dumps({"event": "FitEnd", "epochs_completed": 1, "global_step": 5,
                                                   "metrics": {}}) + "\n" + payload.replace("\n", " ") + "\n")
-    line = run_cli(capsys, "replay", run, "--plugin", "jsonl")
+    line = run_cli(capsys, "replay", run, "--plugin", "jsonl:filename=copy.jsonl")
     assert f"{run / 'events.jsonl'}:2" in line and not marker.exists()

@@ -1,6 +1,7 @@
-"""DDP through torchrun, on the CPU with gloo: 2 ranks × batch B train exactly like 1 rank × 2B,
-the writing plugins write one set of files, a resume works on every rank; and the pieces
-(sharded loader, rank-0-only registration, the ddp plugin, ``--nproc``) on their own."""
+"""DDP through torchrun, on the CPU with gloo: 2 ranks × batch B train like 1 rank × 2B (within the
+README's 3·10⁻⁷), the writing plugins write one set of files, a resume on every rank goes on bit
+for bit; and the pieces (sharded loader, rank-0-only registration, the ddp plugin, ``--nproc``) on
+their own."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from minitrain.run import prepare
 WRITERS = {"console", "jsonl", "csv", "tensorboard", "viz", "checkpoint"}
 FIRST_PARTY_PLUGINS = WRITERS | {"ddp"}
 EPOCHS, STEPS = 3, 5  # 80 training images at 16 per step
+AGREE = 3e-7  # the README's figure: 2 ranks x 8 and 1 rank x 16 differ by at most this much (absolute)
 
 # No BatchNorm (its statistics are per rank), no dropout, no augmentation: with the data in the
 # same order, 2 ranks × 8 images must take the same steps as 1 rank × 16. StepLosses is a test
@@ -132,15 +134,17 @@ def test_two_ranks_at_batch_b_train_like_one_rank_at_2b(runs):
     one = json.loads((root / "one" / "step_losses.json").read_text())
     two = json.loads((root / "two" / "step_losses.json").read_text())
     assert len(one) == len(two) == EPOCHS * STEPS
-    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert two == pytest.approx(one, rel=0, abs=AGREE)  # measured: 2.4e-7, one float32 step at 2.3
     events = [json.loads(line) for line in (root / "one" / "events.jsonl").read_text().splitlines()]
     single = [e["metrics"] for e in events if e["event"] == "EpochEnd"]
-    for epoch, row in enumerate(_csv(root / "two")):  # the all-reduced epoch figures
+    rows = _csv(root / "two")
+    assert len(rows) == len(single) == EPOCHS
+    for epoch, row in enumerate(rows):  # the all-reduced epoch figures
         for key in ("train_loss", "val_loss", "val_acc"):
-            assert float(row[key]) == pytest.approx(single[epoch][key], rel=1e-5, abs=1e-6), (epoch, key)
+            assert float(row[key]) == pytest.approx(single[epoch][key], rel=0, abs=AGREE), (epoch, key)
     ref = _weights(root / "one")
     for name, tensor in _weights(root / "two").items():
-        torch.testing.assert_close(tensor, ref[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tensor, ref[name], rtol=0, atol=AGREE)  # measured: 1.75e-7
 
 
 def test_writing_plugins_write_one_set_of_files(runs):
@@ -162,13 +166,15 @@ def test_writing_plugins_write_one_set_of_files(runs):
 
 
 def test_resume_auto_under_ddp_continues_exactly(runs):
-    root, _ = runs
-    ref = _weights(root / "one")
-    for name, tensor in _weights(root / "resumed").items():
-        torch.testing.assert_close(tensor, ref[name], rtol=1e-5, atol=1e-6)
+    root, _ = runs  # resumed from the 2-rank run's checkpoint after epoch 1: goes on as it did, bit for bit
+    ref = _weights(root / "two")
+    resumed = _weights(root / "resumed")
+    assert resumed.keys() == ref.keys()
+    for name, tensor in resumed.items():
+        assert torch.equal(tensor, ref[name]), name
     losses = json.loads((root / "resumed" / "step_losses.json").read_text())
-    one = json.loads((root / "one" / "step_losses.json").read_text())
-    assert losses == pytest.approx(one[STEPS:], rel=1e-5, abs=1e-6)  # epochs 2 and 3 only
+    two = json.loads((root / "two" / "step_losses.json").read_text())
+    assert losses == two[STEPS:]  # epochs 2 and 3 only
 
 
 STOPPER = '''

@@ -71,11 +71,12 @@ def test_predict_command_prints_top_k_and_json(trained, images, capsys):
     out = export(run_dir / "checkpoints" / "last.pt", out=run_dir / "exported" / "m.pt2")
     assert main(["predict", str(out), str(paths[0]), str(paths[1]), "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"{paths[0]}: ") and lines[0].count(",") == 1
+    assert lines == [f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+                     for r in predict(out, paths[:2], top_k=2)]  # each image's two most probable classes
     assert main(["predict", str(out), str(paths[2]), "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
-    assert result["image"] == str(paths[2]) and len(result["top"]) == 5
-    assert sum(t["probability"] for t in result["top"]) <= 1 + 1e-6
+    assert result["image"] == str(paths[2]) and len(result["top"]) == 5  # the default top-k
+    assert [result] == predict(out, paths[2:3], top_k=5)
 
 
 def test_clear_errors_for_bad_files(trained, images, tmp_path, capsys):

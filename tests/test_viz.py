@@ -93,12 +93,14 @@ def test_every_epoch_draws_after_each_epoch(recipe, tmp_path):
     class Look:
         @hookimpl
         def on_epoch_end(self, event, trainer):
-            seen.append(sorted(p.name for p in (tmp_path / "run" / "plots").glob("*.png")))
+            seen.append({p.name: p.read_bytes() for p in (tmp_path / "run" / "plots").glob("*.png")})
 
     trainer = prepare(recipe, ["epochs=2"], ["viz:every_epoch=true"], ["console"], tmp_path / "run")
     trainer.pm.register(Look())
     trainer.fit()
-    assert seen[0] == sorted(CURVES)  # epoch 1, drawn before other plugins look; no grid yet
+    # drawn before other plugins look; the image grid comes from the last epoch's validation
+    assert [sorted(drawn) for drawn in seen] == [sorted(CURVES), sorted([*CURVES, "misclassified.png"])]
+    assert [name for name in CURVES if seen[0][name] == seen[1][name]] == []  # each one drawn again, with epoch 2
 
 
 def test_replay_feeds_the_log_to_any_plugin(recipe, tmp_path, capsys):
