@@ -36,11 +36,13 @@ DEFAULT_DIR = "checkpoints"
 def header(trainer: Trainer, **extra: Any) -> dict[str, Any]:
     """What a file says about itself: format, versions, the exact position it resumes at
     (``epoch`` full epochs done plus ``batch_idx`` batches of the next), the recipe config the
-    run was using (a resume starts from it) and its critical plugins, plus ``extra``."""
+    run was using (a resume starts from it), its critical plugins and its number of processes,
+    plus ``extra``."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "minitrain_version": __version__,
             "torch_version": str(torch.__version__), "epoch": trainer.epoch, "batch_idx": trainer.batch_idx,
             "global_step": trainer.global_step, "config": trainer.config,
-            "critical_plugins": critical_plugins(trainer.pm.list_name_plugin()), **extra}
+            "critical_plugins": critical_plugins(trainer.pm.list_name_plugin()),
+            "world_size": distributed.world_size(), **extra}
 
 
 def critical_plugins(named: list[tuple[str, Any]]) -> list[str]:
@@ -165,6 +167,16 @@ def restore(trainer: Trainer, path: Path, checkpoint: dict[str, Any]) -> None:
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise MinitrainError(f"checkpoint {path} does not fit this recipe ({one_line(exc)})") from None
     trainer.resumed_from = str(path)
+    written, now = checkpoint["header"].get("world_size"), distributed.world_size()
+    if written is not None and written != now and distributed.is_main():
+        warnings.warn(f"--resume: {path} was written by {_processes(written)} and this run has {_processes(now)}: "
+                      "each process's share of the data and the batches differ, so the steps from here are not "
+                      "those the run would have taken (an epoch resumed mid-way reports an estimated train_loss)",
+                      stacklevel=2)
+
+
+def _processes(n: int) -> str:
+    return f"{n} process{'es' if n != 1 else ''}"
 
 
 def resume(trainer: Trainer, spec: str | Path) -> Path | None:

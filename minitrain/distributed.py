@@ -106,6 +106,13 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing with one process): e.g. until rank 0 has finished
+    writing a checkpoint that the others must not run ahead of."""
+    if active():
+        dist.barrier()
+
+
 def from_main(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a path, a run directory name): for choices that all
     ranks must make alike but only one should make."""

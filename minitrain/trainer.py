@@ -413,9 +413,15 @@ class Trainer:
             return ""
         return f" (traceback in {path})"
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, gather: bool = False) -> dict[str, Any]:
         """Everything needed to continue this run exactly: weights, optimizer, schedule, progress,
-        random generators and the state of every plugin that keeps some."""
+        random generators and the state of every plugin that keeps some: this rank's (the weights,
+        optimizer and schedule are every rank's under DDP).
+
+        ``gather=True`` also holds, under torchrun, each rank's own partial loss sum of the epoch and
+        random generators, in rank order (``"ranks"``), so that a resume with as many processes
+        restores every rank as it was. That is a collective: every rank must call it, at the same
+        point (the ``checkpoint`` plugin does, at its save points). With one process it adds nothing."""
         state = {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -427,6 +433,8 @@ class Trainer:
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        if gather and distributed.world_size() > 1:
+            state["ranks"] = distributed.gather({"loss_sum": state["progress"]["loss_sum"], "rng": state["rng"]})
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -437,9 +445,10 @@ class Trainer:
         progress = state["progress"]
         self.epoch, self.batch_idx, self.global_step = progress["epoch"], progress["batch_idx"], progress["global_step"]
         self.metrics = dict(progress["metrics"])
-        self._loss_sum = progress["loss_sum"].to(self.device)
+        own = _own_entry(state.get("ranks"))  # this rank's loss sum and generators, if saved by as many ranks
+        self._loss_sum = (own or progress)["loss_sum"].to(self.device)
         self._skipped = progress.get("skipped", 0)
-        set_rng_state(state["rng"])
+        set_rng_state((own or state)["rng"])
         saved = state.get("plugins", {})
         for name, plugin in self._stateful_plugins():
             if name in saved:
@@ -448,6 +457,14 @@ class Trainer:
     def _stateful_plugins(self) -> list[tuple[str, Any]]:
         return [(name, plugin) for name, plugin in self.pm.list_name_plugin()
                 if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None))]
+
+
+def _own_entry(ranks: Any) -> dict[str, Any] | None:
+    """This rank's entry of a checkpoint's per-rank state (``state_dict(gather=True)``), if the
+    checkpoint was written by as many ranks as run now; else None (rank 0's state is used)."""
+    if isinstance(ranks, list) and len(ranks) == distributed.world_size() > 1:
+        return ranks[distributed.rank()]
+    return None
 
 
 def _nonfinite_tensors(module: torch.nn.Module) -> list[str]:

@@ -9,9 +9,10 @@ Files go to ``<run dir>/checkpoints/`` (option ``dir``):
 
 * ``last.pt``, the newest state: at the end of every ``every``-th epoch, every ``every_steps``
   optimizer steps (mid-epoch too: a resume continues from the next batch, replaying none), at
-  the end of fit, and when the run fails or is interrupted *between* two batches. A failure
-  inside a batch (``trainer.in_step``: from its ``train_step`` until its progress is counted)
-  leaves the previous ``last.pt``, as a half-applied step cannot be resumed exactly.
+  the end of fit, and, in one process, when the run fails or is interrupted *between* two
+  batches. A failure inside a batch (``trainer.in_step``: from its ``train_step`` until its
+  progress is counted) leaves the previous ``last.pt``, as a half-applied step cannot be resumed
+  exactly.
 
 No file is ever written from a state reached through a NaN or infinite loss, or holding
 non-finite weights: before each save the plugin asks ``trainer.check_finite(weights=True)``
@@ -30,9 +31,18 @@ are moved out of the way, into ``set-aside-after-step-S/`` in the folder, with a
 left in place they would crowd the ranking, and ``--resume auto``, which takes the newest file,
 would go back to the abandoned ``last.pt`` if this run stopped before its first save.
 
-The file format, atomic writing and safe loading are :mod:`minitrain.checkpointing`. Under
-torchrun only rank 0 runs this plugin (``main_process_only``); ``--resume`` loads the file on
-every rank, and the weights in it are the plain model's, whatever the number of processes.
+The file format, atomic writing and safe loading are :mod:`minitrain.checkpointing`.
+
+**Under torchrun** the plugin runs on every rank, and every rank reaches the same save points
+(they depend only on the step, the epoch and the epoch metrics, which the ranks share). There the
+ranks agree that their state is finite, each contributes its own partial loss sum and random
+generators (``trainer.state_dict(gather=True)``), rank 0 alone writes the files and announces
+them, and the others wait until it has (a barrier). So a checkpoint holds every rank's state,
+and when torchrun restarts the group after a failure, no rank has run ahead of the newest
+complete file. These are the only collectives the plugin adds, at save points only. A run that
+fails or is interrupted between save points writes nothing more: the ranks would have to meet to
+save together, and a failed rank cannot. ``--resume`` loads the file on every rank, and the
+weights in it are the plain model's, whatever the number of processes.
 
 **The worked example of a plugin-defined event.** Each file written is announced as a
 :class:`CheckpointSaved` event on a hook this plugin adds, ``on_checkpoint_saved(event,
@@ -67,7 +77,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from minitrain import PluginConfig, checkpointing, hookimpl, hookspec
+from minitrain import PluginConfig, checkpointing, distributed, hookimpl, hookspec
 from minitrain.files import check_writable
 from minitrain.events import Count, Event
 from minitrain_plugins._metric import Mode, improves, resolve_monitor
@@ -96,7 +106,6 @@ class CheckpointHookspecs:
 
 class Checkpoint:
     enabled_by_default = False
-    main_process_only = True  # under torchrun, on rank 0 only (see docs/plugins.md)
     role = "critical"  # a run that cannot save must not go on as if it could
     hookspecs = CheckpointHookspecs
 
@@ -143,13 +152,15 @@ class Checkpoint:
     def check(self, trainer) -> None:
         if self.config.top_k:
             self.monitor, self.mode = resolve_monitor("checkpoint", self.config.monitor, self.config.mode, trainer)
-        check_writable(self.checkpoint_dir(trainer.run_dir or "."), "checkpoint folder")
+        if distributed.is_main():  # the rank that writes
+            check_writable(self.checkpoint_dir(trainer.run_dir or "."), "checkpoint folder")
 
     @hookimpl
     def on_fit_start(self, event) -> None:
         self.folder = self.checkpoint_dir(event.run_dir or ".")
-        checkpointing.remove_temporaries(self.folder)
-        self._set_aside_later_than(event.global_step)
+        if distributed.is_main():
+            checkpointing.remove_temporaries(self.folder)
+            self._set_aside_later_than(event.global_step)
 
     def _set_aside_later_than(self, step: int) -> None:
         """Move the checkpoints of steps after ``step``, which this run redoes, to a subfolder."""
@@ -169,12 +180,12 @@ class Checkpoint:
 
     @hookimpl(trylast=True)  # after other plugins, so their state in the file is this step's
     def on_batch_end(self, event, trainer) -> None:
-        if self.config.every_steps and event.global_step % self.config.every_steps == 0:
+        if self.config.every_steps and event.global_step % self.config.every_steps == 0 and self._finite(trainer):
             self._save(trainer, {"last": "last.pt"})
 
     @hookimpl(trylast=True)  # after early stopping & co. have updated their state for this epoch
     def on_epoch_end(self, event, trainer) -> None:
-        if not self.config.every or trainer.epoch % self.config.every or not trainer.check_finite(weights=True):
+        if not self.config.every or trainer.epoch % self.config.every or not self._finite(trainer):
             return  # (a non-finite state enters no ranking either)
         files, dropped = {}, []
         metric = event.metrics.get(self.monitor) if self.config.top_k else None
@@ -183,12 +194,12 @@ class Checkpoint:
         if self.config.save_last:
             files["last"] = "last.pt"
         self._save(trainer, files, metric)
-        for entry in dropped:
+        for entry in dropped if distributed.is_main() else ():
             (self.folder / entry["file"]).unlink(missing_ok=True)
 
     @hookimpl(trylast=True)
     def on_fit_end(self, trainer) -> None:
-        if self.config.save_last and self.last_saved != _position(trainer):
+        if self.config.save_last and self.last_saved != _position(trainer) and self._finite(trainer):
             self._save(trainer, {"last": "last.pt"})
 
     @hookimpl(trylast=True)
@@ -205,6 +216,11 @@ class Checkpoint:
         if not self.config.save_last or self.last_saved == _position(trainer):
             return
         held = f"step {self.last_saved[2]}" if self.last_saved else "no state from this run"
+        if distributed.world_size() > 1:
+            if distributed.is_main():
+                warnings.warn(f"checkpoint: under torchrun a stopping run saves nothing between save points (the "
+                              f"ranks cannot meet to save together); last.pt holds {held}", stacklevel=2)
+            return
         if trainer.in_step:
             warnings.warn(f"checkpoint: the run stopped inside a batch, whose half-applied state is not "
                           f"saved; last.pt holds {held}", stacklevel=2)
@@ -236,20 +252,32 @@ class Checkpoint:
             files["best"] = "best.pt"
         return files, dropped if self.config.top_k > 1 else []  # top-1 keeps best.pt alone, no copy
 
+    def _finite(self, trainer) -> bool:
+        """Whether the state may be saved: every loss of the epoch so far and every weight finite
+        (``trainer.check_finite``; a non-finite one stops the run), on every rank alike."""
+        finite = trainer.check_finite(weights=True)
+        return all(distributed.gather(finite)) if distributed.world_size() > 1 else finite
+
     def _save(self, trainer, files: dict[str, str], metric: float | None = None) -> None:
-        """Write one trainer state to each of ``files`` (kind -> file name), announcing each; nothing
-        when the state is not finite (the trainer then stops the run)."""
-        if not files or not trainer.check_finite(weights=True):
+        """Write one trainer state, finite (see :meth:`_finite`), to each of ``files`` (kind -> file
+        name), announcing each. Under torchrun every rank calls this at the same point: the state
+        holds each rank's own part, rank 0 writes, and the others wait until it has."""
+        if not files:
             return
-        state = trainer.state_dict()
+        state = trainer.state_dict(gather=True)
         monitor = self.monitor if metric is not None else None
         for kind, name in files.items():
             path = self.folder / name
-            checkpointing.save(path, checkpointing.header(trainer, kind=kind, monitor=monitor, metric=metric), state)
+            if distributed.is_main():
+                checkpointing.save(path, checkpointing.header(trainer, kind=kind, monitor=monitor, metric=metric),
+                                   state)
             if kind == "last":
                 self.last_saved = _position(trainer)
-            trainer.emit(CheckpointSaved(path=str(path), kind=kind, epoch=trainer.epoch, batch_idx=trainer.batch_idx,
-                                         global_step=trainer.global_step, monitor=monitor, metric=metric))
+            if distributed.is_main():
+                trainer.emit(CheckpointSaved(path=str(path), kind=kind, epoch=trainer.epoch,
+                                             batch_idx=trainer.batch_idx, global_step=trainer.global_step,
+                                             monitor=monitor, metric=metric))
+        distributed.barrier()  # no rank runs ahead of the file it would restart from
 
 
 def _position(trainer) -> tuple[int, int, int]:
