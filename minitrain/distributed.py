@@ -11,6 +11,10 @@ prints), the training loss summed over ranks once per epoch, never per step (val
 are torchmetrics, which sum their own states); which data each rank sees (:func:`shard`); and an
 orderly goodbye (:func:`leave`), which ``minitrain run`` says after a successful run. Gradient
 averaging is DDP's business (the ``ddp`` plugin).
+
+torchrun's elastic agent restarts the whole group when a worker fails (``--max-restarts``), with
+the same command line; :func:`restart_count` says which start this is, so that a restarted run
+resumes from its newest checkpoint by itself (:func:`minitrain.run.plan`).
 """
 from __future__ import annotations
 
@@ -25,11 +29,46 @@ import torch.distributed as dist
 from minitrain.errors import MinitrainError
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+RESTART_ENV, MAX_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS"
+"""Set by torchrun's elastic agent in every worker: the restarts of the worker group so far on
+this node, and the budget (``--max-restarts``)."""
+SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+"""torchrun (torch 2.5 on) hands its workers a key-value store that outlives them, and a restarted
+group finds the keys the previous attempt's processes wrote there (their addresses): connecting
+to them fails or hangs (pytorch/pytorch#135712). With this variable set to 1 where torchrun
+starts, and c10d rendezvous (``--standalone`` or ``--rdzv-backend=c10d``; the default static
+rendezvous always shares its store), rank 0 of each attempt hosts a new store instead.
+``minitrain run --nproc N --max-restarts R`` sets it; :func:`check_restartable` asks for it under
+a bare torchrun."""
 
 
 def launched() -> bool:
     """Whether this process was started by torchrun (or anything that sets the same variables)."""
     return all(name in os.environ for name in LAUNCH_ENV)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this node's worker group before this start (0 on the
+    first start, and outside torchrun). Each node's agent counts its own: a node whose workers were
+    restarted because another node's failed may count fewer, so :func:`minitrain.run.plan` takes
+    the largest over ranks."""
+    return int(os.environ.get(RESTART_ENV, "0") or 0) if launched() else 0
+
+
+def max_restarts() -> int:
+    """torchrun's ``--max-restarts`` for this run (0 outside torchrun)."""
+    return int(os.environ.get(MAX_RESTARTS_ENV, "0") or 0) if launched() else 0
+
+
+def check_restartable() -> None:
+    """Refuse, before any work, a torchrun launch with ``--max-restarts`` whose restarts could not
+    join a process group (see :data:`SHARED_STORE_ENV`): better one line now than a hang after
+    the first failure."""
+    if max_restarts() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise MinitrainError(f"torchrun --max-restarts: a restarted group could not connect, as torchrun shares its "
+                             f"store with the workers and keeps the last attempt's keys in it; set "
+                             f"{SHARED_STORE_ENV}=1 where torchrun starts (on every node), with c10d rendezvous "
+                             "(--standalone or --rdzv-backend=c10d)")
 
 
 def active() -> bool:

@@ -118,6 +118,9 @@ class FitStart(Event):
     resumed_from: str | None = Field(default=None, description="the checkpoint this fit resumed from, if any")
     changed: dict[str, list[Any]] = Field(
         default_factory=dict, description="config fields a resume changed: name -> [value in the checkpoint, value now]")
+    restart: Count = Field(
+        default=0, description="which restart of the process group this is under torchrun's --max-restarts (0: the "
+                               "first start); a restart resumes from the newest checkpoint by itself")
 
 
 class EpochStart(Event):

@@ -7,6 +7,11 @@ only the fields that can change mid-run (:attr:`minitrain.RecipeConfig.changeabl
 each change is applied, announced in ``FitStart`` and kept in ``run.json``'s ``history``; any
 other is refused, naming each field. Everything is checked before the first file is written, so a
 start that fails leaves no run directory behind and no file of an earlier run changed.
+
+When torchrun restarts a failed group (``--max-restarts``), each worker runs the same command
+line again; such a start is a *restart* (:func:`minitrain.distributed.restart_count`) and goes
+on as ``--resume auto`` would, from the newest checkpoint of its run directory, which it then
+shares with the attempts before it.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class Plan:
     resumed: tuple[Path, dict[str, Any]] | None = None  # the checkpoint a resume starts from
     changes: dict[str, list[Any]] = field(default_factory=dict)  # field -> [checkpoint's value, new value]
     move_aside: bool = False
+    restart: int = 0  # which restart of torchrun's worker group this start is (0: the first start)
 
 
 def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
@@ -54,7 +60,9 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[
     """Everything about a run that can be checked without building it: recipe, config, plugins and
     their options, the run directory and the checkpoint a resume starts from. Writes nothing.
     ``minitrain run --nproc`` calls it before it starts torchrun; under torchrun every rank calls
-    it, and rank 0's view of the run directory is the one all of them act on."""
+    it, and rank 0's view of the run directory is the one all of them act on. On a restart by
+    torchrun the run goes on from the newest checkpoint in ``run_dir`` (``resume`` becomes
+    ``"auto"``; a checkpoint ``resume`` named is the fallback while the run directory has none)."""
     if resume is not None:
         checkpointing.check_resume(resume, run_dir)  # before the recipe spends time loading
         if move_aside:
@@ -70,20 +78,35 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[
     requests += [parse_plugin_spec(p) for p in plugin_specs]
     plugins = resolve(requests, set(disabled))
 
+    distributed.check_restartable()
+    if run_dir is None and distributed.max_restarts():
+        raise MinitrainError("torchrun --max-restarts: give --run-dir, so that a restarted group finds the run's "
+                             "checkpoints there")
     device = distributed.init(resolve_device(config.device))
+    restart = max(distributed.gather(distributed.restart_count()))  # each node's agent counts its own
     if run_dir is None:  # a new name; rank 0's, even if the ranks' clocks differ
         run_dir = distributed.from_main(str(new_run_dir(recipe_path)) if distributed.is_main() else None)
     run_dir = Path(run_dir)
+    folders = checkpointing.checkpoint_dirs(run_dir, [p for _, p in plugins])
+    if restart:  # the same command again: go on from the newest checkpoint, in the same directory
+        move_aside = False
+        if resume is None or _has_checkpoints(folders):  # (else the checkpoint --resume named, again)
+            resume = "auto"
     problem = distributed.from_main(run_dir_problem(run_dir, resume is None, move_aside)
                                     if distributed.is_main() else None)
     if problem:
         raise MinitrainError(problem)
-    planned = Plan(recipe_path, recipe, config, plugins, run_dir, device, move_aside=move_aside)
+    planned = Plan(recipe_path, recipe, config, plugins, run_dir, device, move_aside=move_aside, restart=restart)
     if resume is not None:
-        planned.resumed = checkpointing.find(resume, checkpointing.checkpoint_dirs(run_dir, [p for _, p in plugins]))
+        planned.resumed = checkpointing.find(resume, folders)
     if planned.resumed is not None:
         _continue(planned, overrides)
     return planned
+
+
+def _has_checkpoints(folders: list[Path]) -> bool:
+    """Whether rank 0 sees a checkpoint file in ``folders`` (on every rank: a collective)."""
+    return distributed.from_main(any(any(f.glob("*.pt")) for f in folders) if distributed.is_main() else None)
 
 
 def _continue(planned: Plan, overrides: list[str]) -> None:
@@ -181,6 +204,7 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
         metrics=parts.metrics, eval_loss_fn=parts.eval_loss_fn,
     )
     trainer.config_changes = planned.changes
+    trainer.restart = planned.restart
     if planned.resumed is not None:
         checkpointing.restore(trainer, *planned.resumed)
     trainer.check()
@@ -198,8 +222,9 @@ def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_fr
         os.rename(run_dir, aside)
         warnings.warn(f"moved the earlier run in {run_dir} to {aside}", stacklevel=3)
     make_run_dir(run_dir)
-    history = _read_json(run_dir / "run.json").get("history", []) if planned.resumed else []
-    start: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": trainer.resumed_from}
+    history = _read_json(run_dir / "run.json").get("history", []) if planned.resumed or planned.restart else []
+    start: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": trainer.resumed_from,
+                             "restart": planned.restart, "world_size": distributed.world_size()}
     if planned.resumed:
         start |= {"epoch": trainer.epoch, "global_step": trainer.global_step, "changed": planned.changes}
     _write_json(run_dir / "config.json", trainer.config)

@@ -101,6 +101,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.resumed_from: str | None = None  # the checkpoint a resume loaded (minitrain.checkpointing.resume)
         self.config_changes: dict[str, list[Any]] = {}  # what that resume changed (minitrain.run)
+        self.restart = 0        # which restart of torchrun's worker group this is (minitrain.run)
         self.checked = False    # check() passed for the current settings
         self.metrics: dict[str, float] = {}
         self._loss_sum = torch.zeros((), device=self.device)
@@ -164,7 +165,7 @@ class Trainer:
                     epochs=self.epochs, start_epoch=self.epoch + 1, global_step=self.global_step,
                     steps_per_epoch=_length(self.train_loader), device=str(self.device),
                     run_dir=self.run_dir, config=self.config, class_names=self.class_names,
-                    resumed_from=self.resumed_from, changed=self.config_changes,
+                    resumed_from=self.resumed_from, changed=self.config_changes, restart=self.restart,
                 ))
                 while self.epoch < self.epochs and not self._stopping():
                     self._train_epoch()

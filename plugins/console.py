@@ -7,6 +7,7 @@ display never makes the host wait for the device.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -14,7 +15,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from minitrain import PluginConfig, hookimpl
+from minitrain import PluginConfig, distributed, hookimpl
 from minitrain.device import HostCopy
 
 
@@ -39,8 +40,15 @@ class Console:
         self.epochs = event.epochs
         self.tty = self.stream.isatty()
         where = f", writing to {event.run_dir}" if event.run_dir else ""
+        restart = ""
+        if event.restart:  # torchrun restarted the group after a failure
+            budget = os.environ.get(distributed.MAX_RESTARTS_ENV)
+            restart = f"restart {event.restart}{f' of {budget}' if budget else ''}: "
         if event.resumed_from:
-            print(f"resuming from {event.resumed_from}: epoch {event.start_epoch}, step {event.global_step}", flush=True)
+            print(f"{restart}resuming from {event.resumed_from}: epoch {event.start_epoch}, step {event.global_step}",
+                  flush=True)
+        elif restart:
+            print(f"{restart}no checkpoint was written before; starting afresh", flush=True)
         for key, (old, new) in event.changed.items():
             print(f"  changed on resume: {key} {old} -> {new}", flush=True)
         resumed = f" from epoch {event.start_epoch}" if event.start_epoch > 1 else ""
