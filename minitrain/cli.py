@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-hooks", action="store_true", help="print every hook call (very verbose)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train with DDP on N processes of this machine (relaunches itself through torchrun)")
+    run.add_argument("--max-restarts", type=int, metavar="R",
+                     help="with --nproc: when a process fails, restart the group up to R times, each restart "
+                          "resuming from the newest checkpoint (torchrun's --max-restarts)")
     run.add_argument("--init-from", metavar="CHECKPOINT",
                      help="start from this checkpoint's model weights (not its optimizer or progress): fine-tuning")
     run.add_argument("--init-skip-mismatched", action="store_true",
@@ -155,6 +158,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.nproc is not None:
         return _launch(args, plan)
+    if args.max_restarts is not None:
+        raise MinitrainError("--max-restarts goes with --nproc (under torchrun itself, give torchrun's own "
+                             "--max-restarts)")
     trainer = prepare(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume,
                       args.init_from, args.init_skip_mismatched, args.move_aside)
     if args.trace_hooks:
@@ -202,7 +208,9 @@ def _resume_hint(args: argparse.Namespace, trainer) -> str:
 def _resume_command(args: argparse.Namespace, run_dir: str) -> list[str]:
     return ["minitrain", "run", args.recipe, *(f"--set={o}" for o in args.overrides),
             *(f"--plugin={p}" for p in args.plugins), *(f"--no-plugin={d}" for d in args.disabled),
-            *([f"--nproc={args.nproc}"] if args.nproc else []), "--run-dir", str(run_dir), "--resume", "auto"]
+            *([f"--nproc={args.nproc}"] if args.nproc else []),
+            *([f"--max-restarts={args.max_restarts}"] if args.nproc and args.max_restarts else []),
+            "--run-dir", str(run_dir), "--resume", "auto"]
 
 
 def _launch(args: argparse.Namespace, plan) -> int:
@@ -210,8 +218,11 @@ def _launch(args: argparse.Namespace, plan) -> int:
     (``torchrun --standalone --nproc_per_node=N -m minitrain ARGV`` with ``--nproc`` removed),
     after checking here what can be checked (recipe, config, plugins, run directory, the checkpoint
     to resume), so that bad input is one line rather than one per process. On Ctrl-C the launcher
-    stops the workers (rank 0 saves last.pt if it stopped between two steps) and this process says
-    how to resume, as a single-process run does."""
+    stops the workers and this process says how to resume from the newest checkpoint, as a
+    single-process run does. ``--max-restarts R`` is torchrun's: when a worker fails, the launcher
+    restarts the group, and the restarted workers resume from the newest checkpoint by themselves
+    (:func:`minitrain.run.plan`); once R restarts are spent, one line says so, where the last
+    checkpoint is and how to resume."""
     import logging
 
     from torch.distributed import run as torchrun  # imports the launcher's loggers
@@ -222,13 +233,13 @@ def _launch(args: argparse.Namespace, plan) -> int:
 
     if args.nproc < 1:
         raise MinitrainError(f"--nproc must be at least 1, not {args.nproc}")
+    if (args.max_restarts or 0) < 0:
+        raise MinitrainError(f"--max-restarts must be 0 or more, not {args.max_restarts}")
     if distributed.launched():
         raise MinitrainError("--nproc: this process was already started by torchrun; drop --nproc")
     planned = plan(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume,
                    args.init_from, args.move_aside)
-    argv = args.argv
-    at = next(i for i, arg in enumerate(argv) if arg.startswith("--nproc"))
-    rest = argv[:at] + argv[at + (1 if "=" in argv[at] else 2):]
+    rest = _without(args.argv, "--nproc", "--max-restarts")
     if args.run_dir is None:  # the name chosen here, so that the resume hint can name it
         rest += ["--run-dir", str(planned.run_dir)]
     sys.stdout.flush()
@@ -239,21 +250,44 @@ def _launch(args: argparse.Namespace, plan) -> int:
     levels = [logger.level for logger in loggers]
     for logger in loggers:  # its warnings narrate the shutdown that this process reports in one line
         logger.setLevel(logging.ERROR)
+    restarts = args.max_restarts or 0
+    shared = os.environ.get(distributed.SHARED_STORE_ENV)
+    if restarts and shared is None:  # else a restarted group finds the last one's addresses (minitrain.distributed)
+        os.environ[distributed.SHARED_STORE_ENV] = "1"
     try:
-        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "minitrain", *rest]))
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc_per_node={args.nproc}",
+                                          f"--max-restarts={restarts}", "-m", "minitrain", *rest]))
     except SignalException as exc:
         print(f"minitrain: stopped by {exc.sigval.name}; {_nproc_resume_hint(args, planned)}", file=sys.stderr)
         return 128 + int(exc.sigval)
-    except ChildFailedError as exc:
+    except ChildFailedError as exc:  # the launcher gives up only once every restart is spent
         rank, failure = exc.get_first_failure()
-        raise RunFailed(f"rank {rank} of {args.nproc} failed (exit code {failure.exitcode}); its output is above") from None
+        how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        spent = f" and {restarts} restart{'s' if restarts != 1 else ''} happened (--max-restarts {restarts})"
+        raise RunFailed(f"rank {rank} of {args.nproc} failed ({how}; its output is above){spent if restarts else ''}; "
+                        f"{_nproc_resume_hint(args, planned, last=True)}") from None
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        if restarts and shared is None:
+            os.environ.pop(distributed.SHARED_STORE_ENV, None)
     return 0
 
 
-def _nproc_resume_hint(args: argparse.Namespace, planned) -> str:
+def _without(argv: list[str], *options: str) -> list[str]:
+    """``argv`` less each of ``options`` (``--opt V`` or ``--opt=V``) and its value."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in options)):
+            rest.append(arg)
+    return rest
+
+
+def _nproc_resume_hint(args: argparse.Namespace, planned, last: bool = False) -> str:
     from minitrain import checkpointing
 
     folders = checkpointing.checkpoint_dirs(planned.run_dir, [p for _, p in planned.plugins])
@@ -261,7 +295,8 @@ def _nproc_resume_hint(args: argparse.Namespace, planned) -> str:
     if found is None:
         return "no checkpoint was written (--plugin checkpoint makes a run resumable)"
     step = found[1]["header"]["global_step"]
-    return f"the newest checkpoint is of step {step}; resume with: {shlex.join(_resume_command(args, planned.run_dir))}"
+    where = f"the last checkpoint is {found[0]} (step {step})" if last else f"the newest checkpoint is of step {step}"
+    return f"{where}; resume with: {shlex.join(_resume_command(args, planned.run_dir))}"
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
