@@ -5,7 +5,8 @@
 * ``train/loss``: the batch loss every ``log_every`` steps. Reading it is a host-device sync, so
   it happens at most once per ``log_every`` steps, never every step;
 * ``epoch/<name>`` for each epoch metric (train_loss, val_loss, val_acc, lr, samples_per_s, ...);
-* the run's config, as text.
+* the run's config, as text, and where each resume or restart went on from (``resumes``): the
+  curves of steps done again show both attempts at those steps.
 
 All against the global step, so per-step and per-epoch curves share one x axis. It reads only
 events, so ``minitrain replay RUN --plugin tensorboard`` writes the same files after the fact.
@@ -46,6 +47,10 @@ class TensorBoard:
             return
         self.writer = SummaryWriter(log_dir=str(Path(event.run_dir) / self.config.subdir))
         self.writer.add_text("config", f"```\n{json.dumps(event.config, indent=2)}\n```", event.global_step)
+        if event.resumed_from or event.restart:
+            where = f"resumed from {event.resumed_from}" if event.resumed_from else "started afresh (no checkpoint yet)"
+            self.writer.add_text("resumes", f"{f'restart {event.restart}: ' if event.restart else ''}{where} at step "
+                                            f"{event.global_step}", event.global_step)
 
     @hookimpl
     def on_batch_end(self, event) -> None:

@@ -8,7 +8,8 @@ Written at the end of the fit (and after every epoch with ``every_epoch=true``):
 * for a classifier, ``confusion.png``: the last validation's confusion matrix, with the recipe's
   class names, and ``misclassified.png``: up to ``max_images`` validation images the final model
   got wrong;
-* ``report.html``: the plots (relative links, so it works offline), final metrics and config.
+* ``report.html``: the plots (relative links, so it works offline), final metrics, each resume
+  and restart of the run (where it went on from) and the config.
 
 Everything but the image grid is drawn from events alone (FitStart's config and class names,
 EpochEnd's metrics, ValidationEnd's confusion matrix), which is why ``minitrain report RUN_DIR``
@@ -61,6 +62,7 @@ class Visualization:
         self.confusion: list[list[int]] | None = None
         self.confusion_epoch = 0
         self.stop_reason: str | None = None
+        self.starts: list[dict] = []  # each resume or restart: {"restart", "resumed_from", "epoch", "global_step"}
         self.capturing = False
         self.buffer: tuple[torch.Tensor, ...] | None = None  # (images, targets, preds, wrong) on the device
         self.misclassified: tuple[torch.Tensor, ...] | None = None  # the same, on the host
@@ -71,6 +73,9 @@ class Visualization:
     def on_fit_start(self, event) -> None:
         self.run_dir = Path(event.run_dir) if event.run_dir else None
         self.run_config, self.class_names, self.total_epochs = event.config, event.class_names, event.epochs
+        if event.resumed_from or event.restart:  # (after load_state_dict: the run's earlier starts are in)
+            self.starts.append({"restart": event.restart, "resumed_from": event.resumed_from,
+                                "epoch": event.start_epoch, "global_step": event.global_step})
 
     @hookimpl
     def on_validation_start(self, event) -> None:
@@ -125,11 +130,13 @@ class Visualization:
 
     def state_dict(self) -> dict:
         """The curves so far, so that a resumed run's plots start at epoch 1."""
-        return {"epochs": self.epochs, "confusion": self.confusion, "confusion_epoch": self.confusion_epoch}
+        return {"epochs": self.epochs, "confusion": self.confusion, "confusion_epoch": self.confusion_epoch,
+                "starts": [dict(start) for start in self.starts]}
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs = {int(k): dict(v) for k, v in state["epochs"].items()}
         self.confusion, self.confusion_epoch = state["confusion"], state["confusion_epoch"]
+        self.starts = [dict(start) for start in state.get("starts", [])]  # (older checkpoints have none)
 
     # --- drawing ------------------------------------------------------------------------------
 
@@ -150,7 +157,7 @@ class Visualization:
         if self.misclassified is not None:
             errors = sum(sum(row) - row[i] for i, row in enumerate(self.confusion))
             plot_misclassified(*self.misclassified, self.class_names, errors, plots / "misclassified.png")
-        write_report(self.run_dir, self.run_config, epochs, self.stop_reason)
+        write_report(self.run_dir, self.run_config, epochs, self.stop_reason, self.starts)
 
 
 def _first_wrong(parts: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
@@ -227,14 +234,24 @@ def plot_misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch
     fig.savefig(path, dpi=100)
 
 
-def write_report(run_dir: Path, config: dict, epochs: list[dict], stop_reason: str | None) -> None:
-    """``report.html``: whichever plots exist, the final metrics and the config. Links are
-    relative, so the run directory can be copied or opened offline as it is."""
+def _start_line(start: dict) -> str:
+    restart = f"restart {start['restart']}: " if start["restart"] else ""
+    if not start["resumed_from"]:
+        return f"{restart}started afresh (no checkpoint yet)"
+    return f"{restart}resumed from {start['resumed_from']} at step {start['global_step']} (epoch {start['epoch']})"
+
+
+def write_report(run_dir: Path, config: dict, epochs: list[dict], stop_reason: str | None,
+                 starts: list[dict] = ()) -> None:
+    """``report.html``: whichever plots exist, the final metrics, where the run resumed or was
+    restarted (``starts``) and the config. Links are relative, so the run directory can be copied
+    or opened offline as it is."""
     esc = html.escape
     figures = [f'<figure><img src="{PLOTS}/{name}" alt="{esc(name)}"></figure>'
                for name in FIGURES if (run_dir / PLOTS / name).is_file()]
     final = epochs[-1] if epochs else {}
     summary = f"{len(epochs)} epoch(s) recorded" + (f"; stopped early: {esc(stop_reason)}" if stop_reason else "")
+    resumes = "".join(f"<li>{esc(_start_line(start))}</li>" for start in starts)
     metrics = "".join(f"<tr><th>{esc(k)}</th><td>{v:.4g}</td></tr>" for k, v in final.items())
     settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>" for k, v in config.items())
     (run_dir / "report.html").write_text(f"""<!doctype html>
@@ -246,6 +263,7 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{esc(run_dir.name)}</h1>
 <p>{summary}</p>
+{f"<p>Resumed (the steps after each checkpoint were done again):</p><ul>{resumes}</ul>" if resumes else ""}
 <h2>Final metrics</h2>
 <table>{metrics or "<tr><td>no completed epoch</td></tr>"}</table>
 <h2>Plots</h2>
