@@ -28,6 +28,7 @@ from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.errors import MinitrainError
 
 
 class Accumulate:
@@ -45,6 +46,9 @@ class Accumulate:
 
     @hookimpl
     def check(self, trainer) -> None:
+        if trainer.nonfinite_loss == "skip":
+            raise MinitrainError("accumulate: nonfinite_loss=skip would drop a batch from a window without its "
+                                 "step; use nonfinite_loss=stop with accumulation")
         if self.config.steps > 1 and trainer.scheduler is not None and trainer.scheduler_interval == "step":
             warnings.warn(f"accumulate: the recipe's per-step schedule advances once per optimizer step, every "
                           f"{self.config.steps} batches; if it counts batches it will not finish", stacklevel=2)

@@ -340,3 +340,9 @@ def test_lr_find_suggests_a_rate_and_touches_no_run(plain, tmp_path, capsys):
     suggested = float(printed.split("suggested lr: ")[1].split()[0])
     assert 1e-4 < suggested < 10 and f"--set=lr={suggested:.3g}" in printed
     assert out.stat().st_size > 10_000 and not Path("runs").exists()
+
+
+def test_accumulate_refuses_to_skip_non_finite_batches(plain, tmp_path, capsys):
+    assert cli.main(["run", str(plain), "--plugin", "accumulate:steps=2", "--set", "nonfinite_loss=skip",
+                     "--run-dir", str(tmp_path / "run")]) == 2
+    assert "accumulate: nonfinite_loss=skip would drop a batch" in capsys.readouterr().err
