@@ -261,6 +261,9 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     command = ["minitrain", "run", args.recipe, *(f"--set={o}" for o in args.overrides),
                f"--set=lr={result.suggestion:.3g}", *(f"--plugin={p}" for p in args.plugins)]
     print(f"suggested lr: {result.suggestion:.3g} (where the loss falls fastest); to use it:\n  {shlex.join(command)}")
+    if not result.diverged:
+        print(f"note: the loss was still falling at --max-lr {args.max_lr:g}; a larger --max-lr or more --steps "
+              "may move the suggestion")
     return 0
 
 

@@ -27,6 +27,11 @@ class Result:
     suggestion: float | None
     plot: Path | None = None
 
+    @property
+    def diverged(self) -> bool:
+        """Whether the loss clearly rose before the end of the range (else the range may be short)."""
+        return self.losses[-1] > 1.5 * min(self.losses)
+
 
 def lr_find(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
             disabled: list[str] = (), min_lr: float = 1e-6, max_lr: float = 10.0, steps: int = 100,
@@ -67,7 +72,7 @@ def _sweep(trainer, lr: float, min_lr: float, max_lr: float, steps: int) -> tupl
         loss = trainer.calls.train_step(trainer, batch)
         trainer.calls.backward(trainer, loss)
         trainer.calls.optimizer_step(trainer)
-        value = float(loss)  # a host sync per step: this is a test, not training
+        value = float(loss.detach())  # a host sync per step: this is a test, not training
         if not math.isfinite(value):
             break
         average = 0.98 * average + 0.02 * value
