@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 import warnings
+from typing import NoReturn
 
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
@@ -61,11 +62,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"minitrain: warning: {message}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT, f"minitrain: error: {self.prog}: {message} (--help shows the usage)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # accepted before or after the subcommand
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    parser = argparse.ArgumentParser(prog="minitrain", description="Plugin-based PyTorch training.")
+    parser = _Parser(prog="minitrain", description="Plugin-based PyTorch training.")
     parser.add_argument("--version", action="version", version=f"minitrain {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--disable-plugin-autoload", action="store_true",

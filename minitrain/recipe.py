@@ -141,6 +141,8 @@ class Components:
 
 def load_recipe(path: str | Path) -> ModuleType:
     path = Path(path)
+    if path.is_dir():
+        raise MinitrainError(f"recipe {path} is a directory; give a recipe file, e.g. recipes/cifar10_quick.py")
     if not path.is_file():
         raise MinitrainError(f"recipe not found: {path}")
     name = f"minitrain_recipe_{path.stem}"

@@ -60,7 +60,8 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[
         if move_aside:
             raise MinitrainError("--move-aside starts a run afresh; it does not go with --resume")
     if init_from is not None and not Path(init_from).is_file():
-        raise MinitrainError(f"--init-from: checkpoint not found: {init_from}")
+        raise MinitrainError(f"--init-from: checkpoint not found: {init_from}"
+                             + (" (a directory; give its checkpoint file)" if Path(init_from).is_dir() else ""))
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     config = make_config(recipe, overrides)
