@@ -54,23 +54,21 @@ class Compile:
 
     @hookimpl(wrapper=True, tryfirst=True)
     def train_step(self, trainer, batch):
-        try:
-            return (yield)
-        except Exception as exc:
-            if self.eager or not compile_failure(exc):
-                raise
-            self._fall_back(exc)
-        return trainer.hook.train_step(trainer=trainer, batch=batch)  # the same step, eager
+        return (yield from self._or_eager(trainer, "train_step", batch))
 
     @hookimpl(wrapper=True, tryfirst=True)
     def eval_step(self, trainer, batch):
+        return (yield from self._or_eager(trainer, "eval_step", batch))
+
+    def _or_eager(self, trainer, hook: str, batch):
+        """The step, as compiled; if compiling it fails, the same step again, eager."""
         try:
             return (yield)
         except Exception as exc:
             if self.eager or not compile_failure(exc):
                 raise
             self._fall_back(exc)
-        return trainer.hook.eval_step(trainer=trainer, batch=batch)
+        return getattr(trainer.hook, hook)(trainer=trainer, batch=batch)
 
     def _fall_back(self, exc: Exception) -> None:
         self.eager = True
