@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 import warnings
+from typing import NoReturn
 
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
@@ -61,11 +62,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"minitrain: warning: {message}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT, f"minitrain: error: {self.prog}: {message} (--help shows the usage)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # accepted before or after the subcommand
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    parser = argparse.ArgumentParser(prog="minitrain", description="Plugin-based PyTorch training.")
+    parser = _Parser(prog="minitrain", description="Plugin-based PyTorch training.")
     parser.add_argument("--version", action="version", version=f"minitrain {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--disable-plugin-autoload", action="store_true",
@@ -92,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                           "and --set may change only what can change mid-run (epochs, ...)")
     run.add_argument("--move-aside", action="store_true",
                      help="if --run-dir holds an earlier run, move it to DIR.aside-<time>/ and start afresh")
+    run.add_argument("--smoke", action="store_true",
+                     help="the check before a long run: one epoch of 2 training and 2 validation batches with every "
+                          "plugin, a report of what was checked; its run directory is removed unless --run-dir is given")
     run.add_argument("--trace-hooks", action="store_true", help="print every hook call (very verbose)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train with DDP on N processes of this machine (relaunches itself through torchrun)")
@@ -104,6 +115,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --init-from: leave tensors whose name or shape differ (a new head) as the recipe "
                           "initialises them, instead of stopping with the list")
     run.set_defaults(func=_cmd_run)
+
+    summary = command("summary", help="the recipe's model, module by module, with output shapes for one batch")
+    summary.add_argument("recipe")
+    summary.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    summary.add_argument("--depth", type=int, default=3, help="levels of nested modules to show (default 3)")
+    summary.set_defaults(func=_cmd_summary)
+
+    lr_find = command("lr-find", help="the learning-rate range test: suggests an lr for the recipe")
+    lr_find.add_argument("recipe")
+    lr_find.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    lr_find.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
+    lr_find.add_argument("--no-plugin", dest="disabled", action="append", default=[], metavar="NAME")
+    lr_find.add_argument("--min-lr", type=float, default=1e-6, help="first learning rate (default 1e-6)")
+    lr_find.add_argument("--max-lr", type=float, default=10.0, help="last learning rate (default 10)")
+    lr_find.add_argument("--steps", type=int, default=100, help="batches to try (default 100)")
+    lr_find.add_argument("--out", metavar="FILE.png", help="the plot (default runs/lr-find/<recipe>-<time>.png)")
+    lr_find.set_defaults(func=_cmd_lr_find)
 
     plugins = command("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -135,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch.export archive (.pt2, default) or TorchScript (.torchscript.pt)")
     export.add_argument("--out", metavar="FILE", help="where to write (default: in the run directory)")
     export.add_argument("--recipe", metavar="PATH", help="the run's recipe file, if it moved since training")
+    export.add_argument("--ema", action="store_true",
+                        help="export the moving average of the weights that the run's ema plugin kept")
     export.add_argument("--tta", action="store_true",
                         help="include the run's test-time augmentation (its tta plugin's views) in the model, so "
                              "that it scores as the run's validation did")
@@ -156,6 +186,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from minitrain import distributed
     from minitrain.run import plan, prepare
 
+    if args.smoke:
+        return _smoke(args)
     if args.nproc is not None:
         return _launch(args, plan)
     if args.max_restarts is not None:
@@ -178,7 +210,74 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     if distributed.is_main():
         print(f"done: {trainer.epoch} epochs, {trainer.global_step} steps; {summary}; run dir: {trainer.run_dir}")
+        if (trainer.stop_reason or "").startswith(("max_time=", "max_steps=")):  # a limit, not the end
+            more = " and a larger --set max_steps=N" if trainer.stop_reason.startswith("max_steps") else ""
+            print(f"minitrain: stopped at step {trainer.global_step}: {trainer.stop_reason}; "
+                  f"{_resume_hint(args, trainer)}{more}", file=sys.stderr)
     distributed.leave()
+    return 0
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    import time
+
+    from minitrain import smoke
+    from minitrain.plugins import register_plugin
+    from minitrain.run import prepare
+
+    if args.resume or args.nproc:
+        raise MinitrainError("--smoke makes a fresh run in one process; it does not go with --resume or --nproc")
+    started = time.perf_counter()
+    trainer = prepare(args.recipe, [*args.overrides, *smoke.OVERRIDES], args.plugins, args.disabled,
+                      args.run_dir or smoke.scratch_dir(), init_from=args.init_from,
+                      init_skip_mismatched=args.init_skip_mismatched, move_aside=args.move_aside)
+    recorder = smoke.Smoke(trainer)
+    register_plugin(trainer.pm, recorder)
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if args.debug:
+            raise
+        raise RunFailed(_failure(trainer, exc)) from exc
+    print(recorder.report(args.recipe, trainer, time.perf_counter() - started, keep=args.run_dir is not None))
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from minitrain.device import to_device
+    from minitrain.run import build_trainer, plan
+    from minitrain.summary import describe_model, table
+
+    planned = plan(args.recipe, args.overrides, disabled=["console", "jsonl", "csv"])
+    trainer, parts = build_trainer(planned, run_dir=None)
+    model = parts.model.to(trainer.device)
+    batch = next(iter(trainer.train_loader), None)
+    if batch is None:
+        raise MinitrainError("summary: the training loader yielded no batch to pass through the model")
+    inputs = to_device(batch, trainer.device)[0]
+    print(f"{args.recipe}: {describe_model(model)}")
+    print(table(model, inputs, args.depth))
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    import shlex
+
+    from minitrain.lr_find import lr_find
+
+    result = lr_find(args.recipe, args.overrides, args.plugins, args.disabled, args.min_lr, args.max_lr,
+                     args.steps, args.out)
+    print(f"tried {len(result.lrs)} learning rates from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; "
+          f"plot: {result.plot}")
+    if result.suggestion is None:
+        print("no suggestion: the loss did not fall over the range (try a lower --min-lr or more --steps)")
+        return 0
+    command = ["minitrain", "run", args.recipe, *(f"--set={o}" for o in args.overrides),
+               f"--set=lr={result.suggestion:.3g}", *(f"--plugin={p}" for p in args.plugins)]
+    print(f"suggested lr: {result.suggestion:.3g} (where the loss falls fastest); to use it:\n  {shlex.join(command)}")
+    if not result.diverged:
+        print(f"note: the loss was still falling at --max-lr {args.max_lr:g}; a larger --max-lr or more --steps "
+              "may move the suggestion")
     return 0
 
 
@@ -408,7 +507,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from minitrain.export import export
 
-    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe, args.tta)}")
+    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe, args.tta, args.ema)}")
     return 0
 
 

@@ -36,6 +36,7 @@ class ReplayTrainer:
         self.config: dict[str, Any] = {}
         self.epochs = self.epoch = self.global_step = 0
         self.metrics: dict[str, float] = {}
+        self.step_metrics: dict[str, float] = {}  # per-step values a live run's plugins publish: none here
 
     def follow(self, event: ev.Event) -> None:
         """Move to where the live trainer was when it emitted ``event``."""

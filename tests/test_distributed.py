@@ -311,3 +311,48 @@ def test_a_plain_dataloader_is_sharded_by_rank(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 1)
     plain = DataLoader(data)
     assert distributed.shard(plain, train=True) is plain
+
+
+ALLREDUCES = '''
+
+class AllReduces:
+    """Counts DDP's gradient all-reduces, through a communication hook that does the same work."""
+
+    name = "allreduces"
+
+    def __init__(self):
+        self.calls = 0
+
+    @minitrain.hookimpl
+    def on_fit_start(self, trainer):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counted(state, bucket):
+            self.calls += 1
+            return allreduce_hook(None, bucket)
+        if distributed.world_size() > 1:  # a DistributedDataParallel model
+            trainer.model.register_comm_hook(None, counted)
+
+    @minitrain.hookimpl
+    def on_fit_end(self, trainer):
+        if distributed.is_main():
+            Path(trainer.run_dir, "allreduces.json").write_text(json.dumps(self.calls))
+
+
+PLUGINS = [StepLosses(), AllReduces()]
+'''
+
+
+def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(runs, tmp_path):
+    root, _ = runs
+    recipe = tmp_path / "counted.py"
+    recipe.write_text(RECIPE.format(epochs=1, data_dir=str(root / "data")) + ALLREDUCES)
+    _torchrun(["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--plugin", "accumulate:steps=2",
+               "--plugin", "checkpoint", "--run-dir", "accumulated"], tmp_path, ["-m", "minitrain"])
+    assert json.loads((tmp_path / "accumulated" / "allreduces.json").read_text()) == 3  # 5 batches: 2 + 2 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = prepare(recipe, ["batch_size=32"], [], ["console"], tmp_path / "single")  # 32 + 32 + 16 images
+    single.fit()
+    for name, tensor in _weights(tmp_path / "accumulated").items():
+        torch.testing.assert_close(tensor, single.module.state_dict()[name], rtol=0, atol=3e-7)
