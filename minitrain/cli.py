@@ -19,7 +19,7 @@ import warnings
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from minitrain import __version__
+from minitrain import __version__, runs
 from minitrain.errors import MinitrainError, TrainingInterrupted
 from minitrain.files import one_line
 from minitrain.plugins import DISABLE_AUTOLOAD_ENV
@@ -147,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                               "cut the centre (keeps the proportions)")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=_cmd_predict)
+
+    runs.add_parser(sub, command)
     return parser
 
 
