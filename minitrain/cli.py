@@ -19,7 +19,7 @@ import warnings
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from minitrain import __version__, runs
+from minitrain import __version__, compare, runs
 from minitrain.errors import MinitrainError, TrainingInterrupted
 from minitrain.files import one_line
 from minitrain.plugins import DISABLE_AUTOLOAD_ENV
@@ -149,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_cmd_predict)
 
     runs.add_parser(sub, command)
+    compare.add_parser(sub, command)
     return parser
 
 
