@@ -1,5 +1,6 @@
 # `make demo` trains the default CIFAR-10 recipe; `make test` runs the test suite.
-# Both create .venv and install the project (with its pinned torch) on first use.
+# Both create .venv and install the project (with its pinned torch, and MLflow for the mlflow
+# plugin and its tests) on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tracking]'
 	touch $@
 
 install: $(VENV)/.installed
