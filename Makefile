@@ -3,6 +3,7 @@
 # plugin and its tests) on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_RUN := runs/cifar10_quick-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install demo test bench data
 
@@ -14,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/minitrain run recipes/cifar10_quick.py
+	$(VENV)/bin/minitrain run recipes/cifar10_quick.py --plugin viz --run-dir $(DEMO_RUN)
+	@echo "report: $(CURDIR)/$(DEMO_RUN)/report.html"
 
 test: install
 	$(PY) -m pytest
