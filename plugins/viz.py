@@ -16,10 +16,11 @@ Everything but the image grid is drawn from events alone (FitStart's config and 
 BatchEnd's losses, EpochEnd's metrics, ValidationEnd's confusion matrix), which is why
 ``minitrain report RUN_DIR`` can redraw it from ``events.jsonl`` without training. The per-step
 losses cost the loop one list append per step: the loss tensors are held, and every 256 steps
-(and at each epoch's end) go to the host in one copy that nobody waits for, as ``jsonl`` does. The grid needs the images themselves: a
-wrapper on ``eval_step`` collects them on the device during the last scheduled epoch's validation
-only, in fixed-size buffers (no host sync per batch), and moves them to the host once. A replay
-has no images, so it keeps a grid that is already there.
+(and at each epoch's end) go to the host in one copy that nobody waits for, as ``jsonl`` does.
+The grid needs the images themselves: a wrapper on ``eval_step`` collects them on the device
+during the last scheduled epoch's validation only, in fixed-size buffers (no host sync per
+batch), and moves them to the host once. A replay has no images, so it keeps a grid that is
+already there.
 
 Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas, never
 pyplot, so no global backend is switched and no window opens.
@@ -97,7 +98,7 @@ class Visualization:
         if not self.plugins and hasattr(trainer, "pm"):  # a trainer built without `minitrain run`
             self.plugins = sorted(name for name, plugin in trainer.pm.list_name_plugin()
                                   if plugin is not None and name != "core")
-        self.held = []
+        self._group()
         self._forget_steps_after(event.global_step)  # a resume from an earlier step redoes the later ones
 
     @hookimpl
