@@ -109,7 +109,7 @@ class Run:
                 "epochs_done": self.epochs_done, "epochs": self.epochs, "global_step": self.global_step,
                 "starts": self.starts, "device": self.device, "duration_s": self.duration,
                 "started": _iso(self.started), "last_write": _iso(self.last_write), "quiet_s": self.quiet_for,
-                "metrics": self.final_metrics}
+                "metrics": self.final_metrics, "bad_lines": self.bad_lines}
         if metric:
             data |= {"metric": metric, "best": self.best(metric), "last": self.last(metric)}
         return data
@@ -158,27 +158,10 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
                 run.bad_lines += 1 if line.strip() else 0
                 continue
             kind = data.get("event") if isinstance(data, dict) else None
-            if kind == "FitStart":
-                run.starts += 1
-                final = None
-                start_epoch, step = data.get("start_epoch", 1), data.get("global_step", 0)
-                run.epoch_metrics = {e: m for e, m in run.epoch_metrics.items() if e < start_epoch}
-                if run.steps:
-                    run.steps = [(s, loss) for s, loss in run.steps if s <= step]
-                run.epochs, run.steps_per_epoch = data.get("epochs"), data.get("steps_per_epoch")
-                run.device = data.get("device") or run.device
-                run.config = data.get("config") or run.config
-                run.global_step = step
-                segment_times.append(0.0)
-            elif kind == "EpochEnd":
-                metrics = data.get("metrics") or {}
-                run.epoch_metrics[data["epoch"]] = metrics
-                run.global_step = data.get("global_step", run.global_step)
-                if segment_times:
-                    segment_times[-1] += metrics.get("epoch_time", 0.0)
-            elif kind in FINAL:
-                final = data
-                run.global_step = data.get("global_step", run.global_step)
+            try:
+                final = _follow(run, kind, data, final, segment_times)
+            except (KeyError, TypeError, ValueError, AttributeError):  # a line of the wrong shape
+                run.bad_lines += 1
     run.epochs_done = max(run.epoch_metrics, default=0)
     if final is not None:
         kind = final["event"]
@@ -191,6 +174,33 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
             run.status, run.signal = "interrupted", final.get("signal")
     run.duration = _duration(segment_times, starts[-1] if starts else None, run)
     return run
+
+
+def _follow(run: Run, kind: str | None, data: dict, final: dict | None, segment_times: list[float]) -> dict | None:
+    """Take one event (not a per-step one) into ``run``; returns the final event of the current
+    start, if it has one yet."""
+    if kind == "FitStart":  # a start: what it redoes replaces what was recorded before
+        run.starts += 1
+        start_epoch, step = data.get("start_epoch", 1), data.get("global_step", 0)
+        run.epoch_metrics = {e: m for e, m in run.epoch_metrics.items() if e < start_epoch}
+        if run.steps:
+            run.steps = [(s, loss) for s, loss in run.steps if s <= step]
+        run.epochs, run.steps_per_epoch = data.get("epochs"), data.get("steps_per_epoch")
+        run.device = data.get("device") or run.device
+        run.config = data.get("config") or run.config
+        run.global_step = step
+        segment_times.append(0.0)
+        return None
+    if kind == "EpochEnd":
+        metrics = data.get("metrics") or {}
+        run.epoch_metrics[int(data["epoch"])] = metrics
+        run.global_step = data.get("global_step", run.global_step)
+        if segment_times:
+            segment_times[-1] += float(metrics.get("epoch_time", 0.0))
+    elif kind in FINAL:
+        run.global_step = data.get("global_step", run.global_step)
+        return data
+    return final
 
 
 def _duration(segment_times: list[float], last_start: float | None, run: Run) -> float | None:

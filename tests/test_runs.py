@@ -179,3 +179,11 @@ def test_runs_defaults_to_the_runs_folder(recipe, tmp_path, capsys):
     assert main(["runs"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[1].startswith("tiny_recipe-") and "finished" in out[1]
+
+
+def test_lines_that_are_not_events_are_counted_not_fatal(tmp_path):
+    run_dir = write_log(tmp_path / "run", [start(2, 1, 0), *epoch(1, 5, 1.0)])
+    with open(run_dir / "events.jsonl", "a") as log:
+        log.write('{"event":"EpochEnd","epoch":"two"}\n[1, 2]\nnot json\n{"event":"BatchEnd","glob')
+    run = read_run(run_dir, steps=True)
+    assert (run.status, run.epochs_done, len(run.steps), run.bad_lines) == ("running", 1, 5, 3)
