@@ -145,6 +145,9 @@ class MlflowLog:
             tags[f"minitrain.changed.{key}"] = f"{_text(old)} -> {_text(new)} at step {event.global_step}"
         tags = _fit(tags, TAG_VALUE_LIMIT)[0]
         start_time = None
+        if self.replaying and self.segments == 1 and "mlflow" in (info.get("plugins") or {}):
+            warnings.warn("mlflow: this run had the mlflow plugin on when it trained; the replay logs it "
+                          "again, as a new MLflow run", stacklevel=2)
         if self.replaying:  # the run's own start, from run.json, not the time of the replay
             history = info.get("history") or []
             if len(history) >= self.segments:

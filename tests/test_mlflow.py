@@ -23,6 +23,7 @@ mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip inst
 from mlflow import MlflowClient  # noqa: E402
 
 FIRST_PARTY_PLUGINS = {"mlflow", "viz", "checkpoint", "csv"}
+pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # MLflow's own, with SQLAlchemy 2.1
 HTTP_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
 
 FAILING = '''
@@ -239,6 +240,11 @@ def test_replay_logs_a_run_recorded_without_it(recipe, tmp_path, store, capsys):
     started = json.loads((run_dir / "run.json").read_text())["history"][0]["started"]
     from minitrain.runs import parse_time
     assert run.info.start_time == int(parse_time(started) * 1000)  # the run's time, not the replay's
+
+    logged = tmp_path / "logged"  # a run that had the plugin on: a replay says it logs it again
+    fit(recipe, logged, overrides=["epochs=1"])
+    main(["replay", str(logged), "--plugin", "mlflow"])
+    assert "logs it again, as a new MLflow run" in capsys.readouterr().err
 
 
 def closed_port() -> int:
