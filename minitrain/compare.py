@@ -131,10 +131,20 @@ def _log_scale_if_wide(ax, values: list[float]) -> None:
 
 def _finish_axes(ax, integer_x: bool) -> None:
     if integer_x:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        epoch_axis(ax)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+
+
+def epoch_axis(ax) -> None:
+    """Whole epochs on the x axis; a single epoch is shown as 1 with room on both sides, rather
+    than as ticks at 0.96, 0.98, ..."""
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    xs = {x for line in ax.get_lines() for x in line.get_xdata()}
+    if len(xs) == 1:
+        x = xs.pop()
+        ax.set_xlim(x - 1, x + 1)
 
 
 def _png(figure) -> str:

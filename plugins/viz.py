@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.compare import smooth
+from minitrain.compare import epoch_axis, smooth
 from minitrain.device import HostCopy
 from minitrain.runs import format_duration, read_run
 
@@ -271,7 +271,7 @@ def plot_curve(epochs: list[dict], series: list[tuple[str, str]], title: str, yl
     for label, points in lines:
         ax.plot(*zip(*points), marker="o", markersize=3, label=label)
     ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    epoch_axis(ax)
     ax.grid(alpha=0.3)
     if len(lines) > 1:
         ax.legend()
