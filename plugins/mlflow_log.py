@@ -27,7 +27,8 @@ The training loop never waits for MLflow. Every call to it (the import included,
 seconds) is made by one background thread, fed through a queue. At every step ``on_batch_end``
 returns after one modulo, except every ``log_every``-th, where it keeps the loss *tensor*: the
 held losses go to the host together, once per group or epoch, without making the host wait for
-the device (``HostCopy``), and reach MLflow in ``log_batch`` calls. A failure in that thread (a
+the device (``HostCopy``), and reach MLflow in ``log_batch`` calls: every 100 logged losses,
+``flush_secs`` seconds after the first of them, or at the epoch's end. A failure in that thread (a
 server that is down or too slow: HTTP requests are bounded by ``http_timeout`` and
 ``http_retries``) makes the plugin fail at its next hook, so the run disables it with one warning
 and trains on. At the end of the run the loop waits at most ``finish_timeout`` seconds for the
@@ -89,6 +90,8 @@ class MlflowLog:
         experiment: str | None = Field(None, description="MLflow experiment (default: the recipe's name)")
         run_name: str | None = Field(None, description="MLflow run name (default: the run directory's name)")
         log_every: int = Field(10, ge=1, description="steps between logged training losses")
+        flush_secs: float = Field(30.0, gt=0, description="longest time a logged loss is held before it is "
+                                  "sent (they go in groups of 100, and at each epoch's end)")
         log_best_checkpoint: bool = Field(False, description="upload the checkpoint plugin's best.pt at the end")
         http_timeout: int = Field(10, ge=1, description="seconds an HTTP request to a tracking server may take "
                                   "(unless MLFLOW_HTTP_REQUEST_TIMEOUT is set)")
@@ -104,6 +107,7 @@ class MlflowLog:
         self.config = config
         self.every = config.log_every
         self.held: list[tuple[int, Any, int]] = []  # (step, loss tensor or number, time in ms)
+        self.send_by = 0.0  # when the held losses go, however few
         self.worker: _Worker | None = None
         self.run_id: str | None = None  # set by the worker once the MLflow run exists
         self.run_key = uuid.uuid4().hex  # a tag naming the run before MLflow has given it an id
@@ -219,8 +223,11 @@ class MlflowLog:
     def on_batch_end(self, event) -> None:
         if event.global_step % self.every:  # all steps but one in `log_every` end here
             return
-        self.held.append((event.global_step, event.loss, int(time.time() * 1000)))
-        if len(self.held) >= HOLD:
+        held, now = self.held, time.time()
+        if not held:
+            self.send_by = now + self.config.flush_secs
+        held.append((event.global_step, event.loss, int(now * 1000)))
+        if len(held) >= HOLD or now >= self.send_by:
             self._hand_over()
 
     def _hand_over(self) -> None:

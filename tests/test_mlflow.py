@@ -300,6 +300,31 @@ def test_holding_the_losses_reads_no_tensor(monkeypatch):
     assert all(loss is losses[step - 1] for step, loss, _ in plugin.held)
 
 
+def test_held_losses_go_in_groups_or_after_flush_secs():
+    from types import SimpleNamespace
+
+    from minitrain.events import BatchEnd
+    from minitrain_plugins.mlflow_log import HOLD, MlflowLog
+
+    def steps(plugin, first, last):
+        for step in range(first, last + 1):
+            plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4,
+                                                 loss=torch.tensor(1.0)))
+
+    plugin = MlflowLog(MlflowLog.Config(log_every=1))
+    plugin.worker = SimpleNamespace(failure=None, notes=[], tasks=[])
+    plugin.worker.submit = plugin.worker.tasks.append
+    steps(plugin, 1, HOLD - 1)
+    assert not plugin.worker.tasks and len(plugin.held) == HOLD - 1
+    steps(plugin, HOLD, HOLD)
+    assert len(plugin.worker.tasks) == 1 and not plugin.held  # a full group
+    steps(plugin, HOLD + 1, HOLD + 1)
+    assert len(plugin.worker.tasks) == 1 and len(plugin.held) == 1
+    plugin.send_by = 0  # as if flush_secs had passed since then
+    steps(plugin, HOLD + 2, HOLD + 2)
+    assert len(plugin.worker.tasks) == 2 and plugin.held == []  # sent at the next logged step
+
+
 def test_without_mlflow_installed_the_plugin_says_how_to_get_it(recipe, tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
