@@ -239,7 +239,7 @@ class MlflowLog:
             return
         losses = [loss for _, loss, _ in held]
         if all(isinstance(loss, torch.Tensor) for loss in losses):
-            copy = HostCopy(torch.stack([loss.reshape(()) for loss in losses]).float())
+            copy = HostCopy(torch.stack(losses).reshape(-1).float())
             values = lambda: copy.get().tolist()  # noqa: E731
         else:  # a replayed log holds numbers
             values = lambda: [float(loss) for loss in losses]  # noqa: E731
