@@ -99,7 +99,7 @@ def _figures(runs: list[Run], labels: list[str]):
         ax.set(title="Training loss per step (smoothed; raw values faint)", xlabel="epoch" if per_epoch else "step",
                ylabel="loss")
         _log_scale_if_wide(ax, [loss for run in runs for _, loss in run.steps or ()])
-        _finish_axes(ax, bool(per_epoch))
+        _finish_axes(ax, False)  # (fractions of an epoch: a short run has ticks within it)
         yield "Training loss", fig
 
     metrics = sorted({key for run in runs for m in run.epoch_metrics.values() for key in m if key.startswith("val_")},
