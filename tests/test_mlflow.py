@@ -4,6 +4,7 @@ run ends, resume into the same MLflow run, replay of a run recorded without it, 
 server that is down or too slow (the plugin is disabled with a warning, training goes on)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -271,7 +272,12 @@ def test_a_server_too_slow_to_answer_does_not_hold_training_back(recipe, tmp_pat
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     held = []
-    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(16)], daemon=True).start()
+
+    def accept():
+        with contextlib.suppress(OSError):  # (until the test closes the socket)
+            while True:
+                held.append(server.accept()[0])
+    threading.Thread(target=accept, daemon=True).start()
     uri = f"http://127.0.0.1:{server.getsockname()[1]}"
     started = time.monotonic()
     with pytest.warns(ObserverFailed, match="plugin 'mlflow' failed"):
@@ -281,6 +287,8 @@ def test_a_server_too_slow_to_answer_does_not_hold_training_back(recipe, tmp_pat
     assert time.monotonic() - started < 20  # not the 30 s a request may take
     assert trainer.epoch == 2 and trainer.pm.get_plugin("mlflow") is None  # disabled
     server.close()
+    for connection in held:
+        connection.close()
 
 
 def test_holding_the_losses_reads_no_tensor(monkeypatch):
