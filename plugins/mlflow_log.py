@@ -340,7 +340,7 @@ class MlflowLog:
         """The event log, once it ends with ``final`` (its last event and step): the ``jsonl``
         plugin writes that line right after the hooks that ended the run."""
         deadline = time.monotonic() + LOG_WAIT
-        while final is not None and _last_event(path) != final and time.monotonic() < deadline:
+        while final is not None and path.is_file() and _last_event(path) != final and time.monotonic() < deadline:
             time.sleep(0.01)
         if path.is_file():
             self.worker.client.log_artifact(self.run_id, str(path))
