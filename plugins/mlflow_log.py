@@ -33,7 +33,7 @@ server that is down or too slow: HTTP requests are bounded by ``http_timeout`` a
 ``http_retries``) makes the plugin fail at its next hook, so the run disables it with one warning
 and trains on. At the end of the run the loop waits at most ``finish_timeout`` seconds for the
 last metrics and files. The work in the background is not free: with the SQLite store, a logged
-value costs about 0.1 ms of CPU (``log_batch`` of 100: 16 ms, measured on the 2-core machine),
+value costs 0.15-0.2 ms of CPU (``log_batch`` of 100: 16-20 ms, measured on the 2-core machine),
 which a training step pays where it holds Python's GIL; hence ``log_every`` defaults to 50, as
 ``tensorboard``'s does (benchmarks/overhead.py). The event log is uploaded last, from the
 background thread, as soon as its final line is on disk: this plugin has no per-step
@@ -93,7 +93,7 @@ class MlflowLog:
         experiment: str | None = Field(None, description="MLflow experiment (default: the recipe's name)")
         run_name: str | None = Field(None, description="MLflow run name (default: the run directory's name)")
         log_every: int = Field(50, ge=1, description="steps between logged training losses (each costs MLflow's "
-                               "SQLite store about 0.1 ms of CPU, in the background)")
+                               "SQLite store 0.15-0.2 ms of CPU, in the background)")
         flush_secs: float = Field(30.0, gt=0, description="longest time a logged loss is held before it is "
                                   "sent (they go in groups of 100, and at each epoch's end)")
         log_best_checkpoint: bool = Field(False, description="upload the checkpoint plugin's best.pt at the end")
