@@ -19,7 +19,7 @@ prepare)
   [[ -d .cifar/part2 ]] || $py ../shared/tools/cifar10/device-parts "$src" .cifar
   rm -rf .whl && mkdir .whl
   pins=$($py -m pip list --format=freeze 2>/dev/null \
-    | grep -iE '^(pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions|pluggy|tqdm)==')
+    | grep -iE '^(pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions|pluggy|tqdm|torchmetrics|lightning[-_]utilities)==')
   platforms=""
   for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
     platforms+=" --platform $p"
@@ -45,8 +45,8 @@ run)
     case $variant in
       bf16) args=(--sync-debug) ;;
       fp16) args=(--plugin amp:dtype=fp16 --set data_dtype=fp16) ;;
-      compiled) args=(--set compile=true) ;;
-      muon) args=(--set compile=true --set muon=true) ;;
+      compiled) args=(--plugin compile) ;;
+      muon) args=(--plugin compile --set muon=true) ;;
       *) echo "unknown variant $variant" >&2; continue ;;
     esac
     echo "=== $variant"

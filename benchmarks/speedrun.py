@@ -11,7 +11,7 @@ Framework and bare runs alternate (run i uses seed i for both, so their accuraci
 closely), and the last lines printed are the summary table.
 
     python benchmarks/speedrun.py --data-dir DIR --runs 10 --sync-debug
-    python benchmarks/speedrun.py --data-dir DIR --set compile=true --set muon=true
+    python benchmarks/speedrun.py --data-dir DIR --plugin compile --set muon=true
     python benchmarks/speedrun.py --device cpu --data-dir DIR --epochs 1 --runs 1 --warmup 0 \\
         --set widths=[8,16,16] --set batch_size=16 --set eval_batch_size=16     # smoke test
 
@@ -38,6 +38,7 @@ from minitrain.device import resolve_device, seed_everything
 from minitrain.plugins import PluginRequest, discover, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
 from minitrain.recipe import load_recipe, make_config
 from minitrain_plugins.amp import DTYPES, to_half, unsupported
+from minitrain_plugins.compile import compile_in_place
 from minitrain_plugins.tta import augmented_logits
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_speedrun.py"
@@ -124,7 +125,7 @@ def framework_run(recipe, config, device, data, plugins, timer, run_dir, extra=(
 
 def bare_run(recipe, config, device, data, plugins, timer) -> Run:
     """The same training by hand: no Trainer, no events, no hooks."""
-    amp, lookahead, tta = plugins.get("amp"), plugins.get("lookahead"), plugins.get("tta")
+    amp, lookahead, tta, compiler = (plugins.get(name) for name in ("amp", "lookahead", "tta", "compile"))
     dtype, mode = (DTYPES[amp.config.dtype], amp.config.mode) if amp else (None, "none")
     if dtype is not None and unsupported(device, dtype, mode):
         dtype = None  # the plugin falls back to fp32 here too
@@ -138,7 +139,9 @@ def bare_run(recipe, config, device, data, plugins, timer) -> Run:
     optimizer, scheduler, loss_fn = parts.optimizer, parts.scheduler, parts.loss_fn
     if dtype is not None and mode == "pure":
         to_half(model, dtype)
-    net = torch.compile(model) if config.compile else model
+    if compiler:
+        compile_in_place(model, compiler.config)
+    net = model
     if lookahead:
         lookahead.start(model, config.epochs * len(train))
     step = 0

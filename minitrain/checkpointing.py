@@ -133,6 +133,9 @@ def check_resume(spec: str | Path, run_dir: str | Path | None) -> None:
     if str(spec) == "auto":
         if run_dir is None:
             raise MinitrainError("--resume auto needs --run-dir: the directory of the run to continue")
+    elif Path(spec).is_dir():
+        raise MinitrainError(f"--resume {spec} is a directory; give a checkpoint file, or --run-dir {spec} "
+                             "--resume auto for the newest in a run directory")
     elif not Path(spec).is_file():
         raise MinitrainError(f"checkpoint not found: {spec}")
 

@@ -9,12 +9,11 @@ import inspect
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import types
 import typing
 import warnings
+from typing import NoReturn
 
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
@@ -50,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minitrain: error: {message}", file=sys.stderr)
         return FAILED if isinstance(exc, RunFailed) else BAD_INPUT
     except KeyboardInterrupt:
-        print("minitrain: interrupted", file=sys.stderr)
+        if not os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun the launcher says it, once
+            print("minitrain: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = shown
@@ -62,11 +62,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"minitrain: warning: {message}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT, f"minitrain: error: {self.prog}: {message} (--help shows the usage)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # accepted before or after the subcommand
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    parser = argparse.ArgumentParser(prog="minitrain", description="Plugin-based PyTorch training.")
+    parser = _Parser(prog="minitrain", description="Plugin-based PyTorch training.")
     parser.add_argument("--version", action="version", version=f"minitrain {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--disable-plugin-autoload", action="store_true",
@@ -93,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                           "and --set may change only what can change mid-run (epochs, ...)")
     run.add_argument("--move-aside", action="store_true",
                      help="if --run-dir holds an earlier run, move it to DIR.aside-<time>/ and start afresh")
+    run.add_argument("--smoke", action="store_true",
+                     help="the check before a long run: one epoch of 2 training and 2 validation batches with every "
+                          "plugin, a report of what was checked; its run directory is removed unless --run-dir is given")
     run.add_argument("--trace-hooks", action="store_true", help="print every hook call (very verbose)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train with DDP on N processes of this machine (relaunches itself through torchrun)")
@@ -102,6 +112,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --init-from: leave tensors whose name or shape differ (a new head) as the recipe "
                           "initialises them, instead of stopping with the list")
     run.set_defaults(func=_cmd_run)
+
+    summary = command("summary", help="the recipe's model, module by module, with output shapes for one batch")
+    summary.add_argument("recipe")
+    summary.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    summary.add_argument("--depth", type=int, default=3, help="levels of nested modules to show (default 3)")
+    summary.set_defaults(func=_cmd_summary)
+
+    lr_find = command("lr-find", help="the learning-rate range test: suggests an lr for the recipe")
+    lr_find.add_argument("recipe")
+    lr_find.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    lr_find.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
+    lr_find.add_argument("--no-plugin", dest="disabled", action="append", default=[], metavar="NAME")
+    lr_find.add_argument("--min-lr", type=float, default=1e-6, help="first learning rate (default 1e-6)")
+    lr_find.add_argument("--max-lr", type=float, default=10.0, help="last learning rate (default 10)")
+    lr_find.add_argument("--steps", type=int, default=100, help="batches to try (default 100)")
+    lr_find.add_argument("--out", metavar="FILE.png", help="the plot (default runs/lr-find/<recipe>-<time>.png)")
+    lr_find.set_defaults(func=_cmd_lr_find)
 
     plugins = command("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -133,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch.export archive (.pt2, default) or TorchScript (.torchscript.pt)")
     export.add_argument("--out", metavar="FILE", help="where to write (default: in the run directory)")
     export.add_argument("--recipe", metavar="PATH", help="the run's recipe file, if it moved since training")
+    export.add_argument("--ema", action="store_true",
+                        help="export the moving average of the weights that the run's ema plugin kept")
     export.add_argument("--tta", action="store_true",
                         help="include the run's test-time augmentation (its tta plugin's views) in the model, so "
                              "that it scores as the run's validation did")
@@ -157,6 +186,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from minitrain import distributed
     from minitrain.run import plan, prepare
 
+    if args.smoke:
+        return _smoke(args)
     if args.nproc is not None:
         return _launch(args, plan)
     trainer = prepare(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume,
@@ -176,7 +207,74 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     if distributed.is_main():
         print(f"done: {trainer.epoch} epochs, {trainer.global_step} steps; {summary}; run dir: {trainer.run_dir}")
+        if (trainer.stop_reason or "").startswith(("max_time=", "max_steps=")):  # a limit, not the end
+            more = " and a larger --set max_steps=N" if trainer.stop_reason.startswith("max_steps") else ""
+            print(f"minitrain: stopped at step {trainer.global_step}: {trainer.stop_reason}; "
+                  f"{_resume_hint(args, trainer)}{more}", file=sys.stderr)
     distributed.leave()
+    return 0
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    import time
+
+    from minitrain import smoke
+    from minitrain.plugins import register_plugin
+    from minitrain.run import prepare
+
+    if args.resume or args.nproc:
+        raise MinitrainError("--smoke makes a fresh run in one process; it does not go with --resume or --nproc")
+    started = time.perf_counter()
+    trainer = prepare(args.recipe, [*args.overrides, *smoke.OVERRIDES], args.plugins, args.disabled,
+                      args.run_dir or smoke.scratch_dir(), init_from=args.init_from,
+                      init_skip_mismatched=args.init_skip_mismatched, move_aside=args.move_aside)
+    recorder = smoke.Smoke(trainer)
+    register_plugin(trainer.pm, recorder)
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if args.debug:
+            raise
+        raise RunFailed(_failure(trainer, exc)) from exc
+    print(recorder.report(args.recipe, trainer, time.perf_counter() - started, keep=args.run_dir is not None))
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from minitrain.device import to_device
+    from minitrain.run import build_trainer, plan
+    from minitrain.summary import describe_model, table
+
+    planned = plan(args.recipe, args.overrides, disabled=["console", "jsonl", "csv"])
+    trainer, parts = build_trainer(planned, run_dir=None)
+    model = parts.model.to(trainer.device)
+    batch = next(iter(trainer.train_loader), None)
+    if batch is None:
+        raise MinitrainError("summary: the training loader yielded no batch to pass through the model")
+    inputs = to_device(batch, trainer.device)[0]
+    print(f"{args.recipe}: {describe_model(model)}")
+    print(table(model, inputs, args.depth))
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    import shlex
+
+    from minitrain.lr_find import lr_find
+
+    result = lr_find(args.recipe, args.overrides, args.plugins, args.disabled, args.min_lr, args.max_lr,
+                     args.steps, args.out)
+    print(f"tried {len(result.lrs)} learning rates from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; "
+          f"plot: {result.plot}")
+    if result.suggestion is None:
+        print("no suggestion: the loss did not fall over the range (try a lower --min-lr or more --steps)")
+        return 0
+    command = ["minitrain", "run", args.recipe, *(f"--set={o}" for o in args.overrides),
+               f"--set=lr={result.suggestion:.3g}", *(f"--plugin={p}" for p in args.plugins)]
+    print(f"suggested lr: {result.suggestion:.3g} (where the loss falls fastest); to use it:\n  {shlex.join(command)}")
+    if not result.diverged:
+        print(f"note: the loss was still falling at --max-lr {args.max_lr:g}; a larger --max-lr or more --steps "
+              "may move the suggestion")
     return 0
 
 
@@ -210,11 +308,18 @@ def _resume_command(args: argparse.Namespace, run_dir: str) -> list[str]:
 
 
 def _launch(args: argparse.Namespace, plan) -> int:
-    """Run ``torchrun --standalone --nproc_per_node=N -m minitrain ARGV`` (``--nproc`` removed),
+    """Run this command on N processes through torchrun's own launcher, in this process
+    (``torchrun --standalone --nproc_per_node=N -m minitrain ARGV`` with ``--nproc`` removed),
     after checking here what can be checked (recipe, config, plugins, run directory, the checkpoint
-    to resume), so that bad input is one line rather than one per process. PyTorch's launcher
-    starts the processes and watches over them; on Ctrl-C it stops them, and this process says how
-    to resume, as a single-process run does."""
+    to resume), so that bad input is one line rather than one per process. On Ctrl-C the launcher
+    stops the workers (rank 0 saves last.pt if it stopped between two steps) and this process says
+    how to resume, as a single-process run does."""
+    import logging
+
+    from torch.distributed import run as torchrun  # imports the launcher's loggers
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from minitrain import distributed
 
     if args.nproc < 1:
@@ -230,21 +335,23 @@ def _launch(args: argparse.Namespace, plan) -> int:
         rest += ["--run-dir", str(planned.run_dir)]
     sys.stdout.flush()
     sys.stderr.flush()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "minitrain", *rest]
-    process = subprocess.Popen(command)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # cores shared out
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("torch.distributed.elastic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:  # its warnings narrate the shutdown that this process reports in one line
+        logger.setLevel(logging.ERROR)
     try:
-        code = process.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun and its workers too
-        process.send_signal(signal.SIGINT)
-        code = process.wait()
-        hint = _nproc_resume_hint(args, planned)
-        print(f"minitrain: interrupted; {hint}", file=sys.stderr)
-        return 130
-    if code:
-        print(f"minitrain: error: the {args.nproc} processes failed (torchrun exit code {code}); see their "
-              f"output above", file=sys.stderr)
-        return FAILED
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "minitrain", *rest]))
+    except SignalException as exc:
+        print(f"minitrain: stopped by {exc.sigval.name}; {_nproc_resume_hint(args, planned)}", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise RunFailed(f"rank {rank} of {args.nproc} failed (exit code {failure.exitcode}); its output is above") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return 0
 
 
@@ -368,7 +475,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from minitrain.export import export
 
-    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe, args.tta)}")
+    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe, args.tta, args.ema)}")
     return 0
 
 

@@ -7,9 +7,10 @@ gives each process the device of its local rank. Without them nothing here does 
 single-process run never touches ``torch.distributed``.
 
 The rest is what every rank must agree on: who is rank 0 (the one that writes files and
-prints), and sums over ranks, taken once per epoch (training loss) or validation (loss sum and
-confusion matrix), never per step; and an orderly goodbye (:func:`leave`), which ``minitrain
-run`` says after a successful run. Gradient averaging is DDP's business (the ``ddp`` plugin).
+prints), the training loss summed over ranks once per epoch, never per step (validation metrics
+are torchmetrics, which sum their own states); which data each rank sees (:func:`shard`); and an
+orderly goodbye (:func:`leave`), which ``minitrain run`` says after a successful run. Gradient
+averaging is DDP's business (the ``ddp`` plugin).
 """
 from __future__ import annotations
 

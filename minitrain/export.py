@@ -36,21 +36,24 @@ from minitrain.plugins import describe_validation_error
 from minitrain.recipe import load_recipe
 
 METADATA = "minitrain.json"
+EMA_STATE = "ema_weights"  # where the ema plugin's checkpoint state keeps the averaged weights
 FORMATS = {"exported-program": ".pt2", "torchscript": ".torchscript.pt"}
 
 
 def export(source: str | Path, fmt: str = "exported-program", out: str | Path | None = None,
-           recipe: str | Path | None = None, tta: bool = False) -> Path:
+           recipe: str | Path | None = None, tta: bool = False, ema: bool = False) -> Path:
     """Write the model of ``source`` (a run directory: its ``last.pt``; or a checkpoint file
     inside a run directory) in format ``fmt`` to ``out`` (default: ``<run dir>/model-<checkpoint
     name><suffix>``). ``recipe`` replaces the recipe path ``run.json`` records. With ``tta`` the
-    file computes the run's test-time augmentation too. Returns ``out``."""
+    file computes the run's test-time augmentation too; with ``ema`` it holds the weights'
+    moving average that the ``ema`` plugin kept instead of the trained weights. Returns ``out``."""
     if fmt not in FORMATS:
         raise MinitrainError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
     run_dir, checkpoint = locate(source)
-    out = Path(out) if out else run_dir / f"model-{checkpoint.stem}{'-tta' if tta else ''}{FORMATS[fmt]}"
+    suffix = "-ema" * ema + "-tta" * tta
+    out = Path(out) if out else run_dir / f"model-{checkpoint.stem}{suffix}{FORMATS[fmt]}"
     check_writable(out.parent, "--out folder")
-    model, metadata = rebuild(run_dir, checkpoint, recipe)
+    model, metadata = rebuild(run_dir, checkpoint, recipe, ema)
     views = _read_json(run_dir / "run.json").get("test_time_augmentation")
     if tta:
         if not views:
@@ -105,9 +108,10 @@ def locate(source: str | Path) -> tuple[Path, Path]:
                          "so its recipe and config are unknown")
 
 
-def rebuild(run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
-    """The run's model with the checkpoint's weights, in eval mode on the CPU, and the metadata
-    an exported file carries."""
+def rebuild(run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = None,
+            ema: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The run's model with the checkpoint's weights (or their moving average, ``ema``), in eval
+    mode on the CPU, and the metadata an exported file carries."""
     run = _read_json(run_dir / "run.json")
     inputs = run.get("inputs")
     if not inputs:
@@ -129,8 +133,15 @@ def rebuild(run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = No
     else:
         model = recipe.build(config, torch.device("cpu")).model
     saved = checkpointing.load(checkpoint)
+    weights = saved["trainer"]["model"]
+    if ema:
+        averages = [state[EMA_STATE] for state in saved["trainer"].get("plugins", {}).values()
+                    if isinstance(state, dict) and EMA_STATE in state]
+        if not averages:
+            raise MinitrainError(f"--ema: {checkpoint} holds no moving average (train with --plugin ema)")
+        weights = {**weights, **averages[0]}  # the average of every floating tensor; the rest as trained
     try:
-        model.load_state_dict(saved["trainer"]["model"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise MinitrainError(f"checkpoint {checkpoint} does not fit recipe {recipe_path}'s model: "
                              f"{' '.join(str(exc).split())[:300]}") from None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,9 @@ class RecipeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an lr of inf or nan cannot train
 
-    changeable_on_resume: ClassVar[frozenset[str]] = frozenset({"epochs", "device", "data_dir", "nonfinite_loss"})
+    changeable_on_resume: ClassVar[frozenset[str]] = frozenset({
+        "epochs", "device", "data_dir", "nonfinite_loss", "max_steps", "max_time", "limit_train_batches",
+        "limit_val_batches"})
     """Fields a resumed run may change (``--resume auto --set epochs=12``): the change is applied and
     recorded. Any other field fixes what the checkpoint holds (model shape, batch size, seed, data,
     optimizer settings) and a change is refused. A recipe adds its own fields that can change
@@ -45,6 +47,13 @@ class RecipeConfig(BaseModel):
                               "modules) not to train, e.g. whiten,blocks.0 (see minitrain.finetune)")
     nonfinite_loss: Literal["stop", "skip"] = Field("stop", description="on a NaN/inf training loss: stop the "
                                                     "run, or skip the step (a host sync per step)")
+    max_steps: int | None = Field(None, ge=1, description="stop once global_step (batches trained) reaches this")
+    max_time: float | None = Field(None, gt=0, description="stop at the first step boundary after this many "
+                                   "seconds of training (also [D:]HH:MM:SS); resumable, as after SIGTERM")
+    limit_train_batches: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="train on this many batches per epoch (or this fraction of them)")
+    limit_val_batches: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="validate on this many batches (or this fraction of them)")
 
     # A recipe that changes a default (`epochs: int = 5`) redeclares the field and so drops the
     # constraints above; these validators are inherited whatever the subclass declares.
@@ -61,6 +70,19 @@ class RecipeConfig(BaseModel):
         if isinstance(value, str):
             return json.loads(value) if value.lstrip().startswith("[") else [
                 part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _seconds(cls, value):  # `--set max_time=01:30:00`, `2:00:00:00` (days) or seconds
+        if isinstance(value, str) and ":" in value:
+            try:
+                parts = [float(part) for part in value.split(":")]
+            except ValueError:
+                raise ValueError("expected seconds or [D:]HH:MM:SS") from None
+            if len(parts) > 4:
+                raise ValueError("expected seconds or [D:]HH:MM:SS")
+            return sum(part * unit for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)))
         return value
 
     @field_validator("lr")
@@ -119,6 +141,8 @@ class Components:
 
 def load_recipe(path: str | Path) -> ModuleType:
     path = Path(path)
+    if path.is_dir():
+        raise MinitrainError(f"recipe {path} is a directory; give a recipe file, e.g. recipes/cifar10_quick.py")
     if not path.is_file():
         raise MinitrainError(f"recipe not found: {path}")
     name = f"minitrain_recipe_{path.stem}"

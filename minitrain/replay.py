@@ -36,6 +36,7 @@ class ReplayTrainer:
         self.config: dict[str, Any] = {}
         self.epochs = self.epoch = self.global_step = 0
         self.metrics: dict[str, float] = {}
+        self.step_metrics: dict[str, float] = {}  # per-step values a live run's plugins publish: none here
 
     def follow(self, event: ev.Event) -> None:
         """Move to where the live trainer was when it emitted ``event``."""
@@ -111,6 +112,9 @@ def replay(run_dir: str | Path, plugin_specs: list[str]) -> int:
         if plugins.role_of(plugin) == "critical":
             raise MinitrainError(f"replay: plugin {name!r} acts on training itself (it is critical), and a replay "
                                  "has no model or optimizer; replay feeds recorded events to plugins that watch")
+        if getattr(plugin, "event_log", None) and (run_dir / plugin.event_log).resolve() == path.resolve():
+            raise MinitrainError(f"replay: plugin {name!r} would append to {path}, the log it replays; give it "
+                                 f"another file ({name}:filename=copy.jsonl)")
         register_plugin(pm, plugin, name)
     check_hooks(pm)
 

@@ -60,7 +60,8 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[
         if move_aside:
             raise MinitrainError("--move-aside starts a run afresh; it does not go with --resume")
     if init_from is not None and not Path(init_from).is_file():
-        raise MinitrainError(f"--init-from: checkpoint not found: {init_from}")
+        raise MinitrainError(f"--init-from: checkpoint not found: {init_from}"
+                             + (" (a directory; give its checkpoint file)" if Path(init_from).is_dir() else ""))
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     config = make_config(recipe, overrides)
@@ -152,6 +153,21 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
     checkpoint's weights (see :mod:`minitrain.finetune`); a resume, applied after it, wins. Under
     torchrun every rank calls this; rank 0 alone creates the run directory and writes to it."""
     planned = plan(recipe_path, overrides, plugin_specs, disabled, run_dir, resume, init_from, move_aside)
+    trainer, parts = build_trainer(planned, planned.run_dir, init_from, init_skip_mismatched)
+    trainer.config_changes = planned.changes
+    if planned.resumed is not None:
+        checkpointing.restore(trainer, *planned.resumed)
+    trainer.check()
+    if distributed.is_main():
+        _write_run_files(planned, parts, trainer, init_from)
+    return trainer
+
+
+def build_trainer(planned: Plan, run_dir: Path | None, init_from: str | Path | None = None,
+                  init_skip_mismatched: bool = False) -> tuple[Trainer, Components]:
+    """The recipe built (seeded, its parts checked, ``--init-from`` and ``freeze`` applied) and a
+    Trainer with the planned plugins; nothing written. ``run_dir=None``: a trainer that writes
+    nowhere (``minitrain lr-find``)."""
     config, recipe_path = planned.config, planned.recipe_path
     seed_everything(config.seed)
     try:
@@ -176,17 +192,12 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
     trainer = Trainer(
         parts.model, parts.optimizer, parts.train_loader, parts.val_loader, epochs=config.epochs,
         loss_fn=parts.loss_fn, scheduler=parts.scheduler, scheduler_interval=parts.scheduler_interval,
-        device=planned.device, run_dir=str(planned.run_dir), config=config.model_dump(mode="json"),
+        device=planned.device, run_dir=None if run_dir is None else str(run_dir), config=config.model_dump(mode="json"),
         class_names=parts.class_names, plugin_manager=pm, nonfinite_loss=config.nonfinite_loss,
-        metrics=parts.metrics, eval_loss_fn=parts.eval_loss_fn,
+        metrics=parts.metrics, eval_loss_fn=parts.eval_loss_fn, max_steps=config.max_steps, max_time=config.max_time,
+        limit_train_batches=config.limit_train_batches, limit_val_batches=config.limit_val_batches,
     )
-    trainer.config_changes = planned.changes
-    if planned.resumed is not None:
-        checkpointing.restore(trainer, *planned.resumed)
-    trainer.check()
-    if distributed.is_main():
-        _write_run_files(planned, parts, trainer, init_from)
-    return trainer
+    return trainer, parts
 
 
 def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_from: str | Path | None) -> None:
@@ -209,6 +220,8 @@ def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_fr
         "minitrain": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "device": str(planned.device), "world_size": distributed.world_size(), "class_names": parts.class_names,
         "inputs": parts.inputs or _inputs(parts.train_loader), "init_from": init_from and str(init_from),
+        "test_time_augmentation": next((p.test_time_augmentation for _, p in planned.plugins
+                                        if getattr(p, "test_time_augmentation", None)), None),
         "history": [*history, start],
     })
 

@@ -60,6 +60,10 @@ class Trainer:
         nonfinite_loss: str = "stop",
         metrics: Any = None,
         eval_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        max_steps: int | None = None,
+        max_time: float | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
     ):
         if scheduler_interval not in ("epoch", "step"):
             raise MinitrainError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
@@ -72,6 +76,8 @@ class Trainer:
         self.train_loader = distributed.shard(train_loader, train=True, seed=seed)
         self.val_loader = distributed.shard(val_loader, train=False)
         self.epochs = epochs
+        self.max_steps, self.max_time = max_steps, max_time  # run limits (see RecipeConfig)
+        self.limit_train_batches, self.limit_val_batches = limit_train_batches, limit_val_batches
         self.loss_fn = loss_fn
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
@@ -98,6 +104,10 @@ class Trainer:
         self.global_step = 0    # optimizer steps taken
         self.in_step = False    # from a batch's train_step until its progress is counted: a state
         #                         saved in between (RNG used, weights half updated) cannot resume exactly
+        self.stepping = True    # whether this batch's optimizer_step updates the weights (accumulation
+        #                         plugins set it per batch; nothing in the loop reads it)
+        self.step_metrics: dict[str, torch.Tensor] = {}  # per-step device scalars plugins publish (grad_norm)
+        self.grad_scaler: Any = None  # a torch.amp.GradScaler, if a plugin (amp, fp16) scales the loss
         self.stop_reason: str | None = None
         self.resumed_from: str | None = None  # the checkpoint a resume loaded (minitrain.checkpointing.resume)
         self.config_changes: dict[str, list[Any]] = {}  # what that resume changed (minitrain.run)
@@ -121,9 +131,17 @@ class Trainer:
         if self.epoch >= self.epochs:
             raise MinitrainError(f"nothing to train: {self.epoch} of {self.epochs} epochs are done (to train on, "
                                  "raise epochs: --set epochs=N with --resume, or trainer.epochs)")
+        if self.max_steps is not None and self.global_step >= self.max_steps:
+            raise MinitrainError(f"nothing to train: max_steps={self.max_steps} are done (to train on, raise "
+                                 "max_steps: --set max_steps=N with --resume)")
         if _length(self.train_loader) == 0:
             raise MinitrainError("the training loader has no batches (is the data set smaller than one batch "
                                  "with drop_last?)")
+        for name in ("limit_train_batches", "limit_val_batches"):
+            loader = self.train_loader if name == "limit_train_batches" else self.val_loader
+            if isinstance(getattr(self, name), float) and loader is not None and _length(loader) is None:
+                raise MinitrainError(f"{name} is a fraction, but the loader has no length to take it of; give a "
+                                     "number of batches")
         if self.calls.check:
             self.calls.check(self)
         self.checked = True
@@ -156,13 +174,13 @@ class Trainer:
             raise MinitrainError("nonfinite_loss=skip needs one process: under torchrun a rank that skips "
                                  "its backward would leave the others waiting for its gradients")
         guard_observers(self.pm, self._observer_failed)
-        with self._stop_on_signals():
+        with self._stop_on_signals(), self._stop_after(self.max_time):
             try:
                 self.calls.setup(self)
                 self.validation.to(self.device)
                 self.emit(ev.FitStart(
                     epochs=self.epochs, start_epoch=self.epoch + 1, global_step=self.global_step,
-                    steps_per_epoch=_length(self.train_loader), device=str(self.device),
+                    steps_per_epoch=self.steps_per_epoch, device=str(self.device),
                     run_dir=self.run_dir, config=self.config, class_names=self.class_names,
                     resumed_from=self.resumed_from, changed=self.config_changes,
                 ))
@@ -199,7 +217,7 @@ class Trainer:
         epoch, number, calls = self.epoch, self.epoch + 1, self.calls
         skip = self.nonfinite_loss == "skip"
         batches = self._batches()
-        self.emit(ev.EpochStart(epoch=number, global_step=self.global_step, steps=_length(self.train_loader),
+        self.emit(ev.EpochStart(epoch=number, global_step=self.global_step, steps=self.steps_per_epoch,
                                 start_batch=self.batch_idx))
         self.model.train()
         started, samples = time.perf_counter(), 0
@@ -232,6 +250,10 @@ class Trainer:
 
         if self.batch_idx == 0:
             raise NothingTrained(f"epoch {number}: the training loader yielded no batches")
+        if self.global_step == self.max_steps:  # the limit cut the loader short, or met the epoch's end
+            self.request_stop(f"max_steps={self.max_steps} reached")
+            if self.batch_idx != self.steps_per_epoch:
+                return  # mid-epoch: progress stays here so a checkpoint resumes from it
         elapsed = time.perf_counter() - started
         ranks = distributed.world_size()  # every rank ran as many batches as this one
         loss_sum = distributed.sum_over_ranks(self._loss_sum).item()  # the epoch's one read
@@ -271,7 +293,7 @@ class Trainer:
         validation = self.validation.to(self.device)
         validation.reset()
         batches = 0
-        for batch in self.val_loader:
+        for batch in itertools.islice(self.val_loader, _limit(_length(self.val_loader), self.limit_val_batches)):
             outputs, targets = self.calls.eval_step(self, batch)
             validation.update(outputs, targets)
             batches += 1
@@ -282,17 +304,27 @@ class Trainer:
         emit(ev.ValidationEnd(epoch=epoch, global_step=self.global_step, metrics=metrics, confusion=confusion))
         return metrics
 
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Batches an epoch trains: the loader's length, or ``limit_train_batches`` of it."""
+        return _limit(_length(self.train_loader), self.limit_train_batches)
+
     def _batches(self) -> Iterable:
-        """This epoch's batches from `batch_idx` on. A loader with ``set_position(epoch, batch_idx)``
-        starts there without loading earlier batches; any other loader is fast-forwarded."""
-        loader = self.train_loader
+        """This epoch's batches from `batch_idx` on, up to the epoch's limit and ``max_steps``. A
+        loader with ``set_position(epoch, batch_idx)`` starts there without loading earlier
+        batches; any other loader is fast-forwarded."""
+        loader, stop = self.train_loader, self.steps_per_epoch
+        if self.max_steps is not None:
+            stop = min(stop or self.max_steps, self.batch_idx + self.max_steps - self.global_step)
+        if stop == _length(loader):
+            stop = None  # the whole epoch: the loader alone
         if hasattr(loader, "set_position"):
             loader.set_position(self.epoch, self.batch_idx)
-            return loader
+            return loader if stop is None else itertools.islice(loader, stop - self.batch_idx)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
-        return itertools.islice(loader, self.batch_idx, None) if self.batch_idx else loader
+        return itertools.islice(loader, self.batch_idx, stop) if self.batch_idx or stop is not None else loader
 
     # --- what plugins use -------------------------------------------------------------------
 
@@ -365,6 +397,23 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    @contextlib.contextmanager
+    def _stop_after(self, seconds: float | None):
+        """Ask the loop to stop once ``seconds`` have passed (``max_time``), from a timer thread:
+        the loop already looks at ``stop_reason`` after every step, so the limit costs nothing
+        per step. Under torchrun the stop, like any, takes effect at the end of the epoch."""
+        if seconds is None:
+            yield
+            return
+        hours, rest = divmod(round(seconds), 3600)
+        timer = threading.Timer(seconds, self.request_stop, [f"max_time={hours}:{rest // 60:02}:{rest % 60:02} reached"])
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -455,6 +504,15 @@ def _nonfinite_tensors(module: torch.nn.Module) -> list[str]:
     tensors = {name: t for name, t in module.state_dict().items() if t.is_floating_point()}
     finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
     return [name for name, ok in zip(tensors, finite) if not ok]
+
+
+def _limit(length: int | None, limit: int | float | None) -> int | None:
+    """Batches to take of a loader of ``length`` (None: unknown): all, a number, or a fraction."""
+    if limit is None:
+        return length
+    if isinstance(limit, float):
+        return max(1, int(length * limit))
+    return limit if length is None else min(length, limit)
 
 
 def _length(loader: Iterable) -> int | None:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from minitrain import PluginConfig, hookimpl
 from minitrain.device import HostCopy
+from minitrain.summary import describe_model
 
 
 class Console:
@@ -32,7 +33,7 @@ class Console:
         self.stream = sys.stderr
         self.bar: tqdm | None = None
         self.every, self.start_batch = sys.maxsize, 0  # steps between progress updates; set per epoch
-        self.pending: HostCopy | None = None  # the loss asked for at the last refresh
+        self.pending: dict[str, HostCopy] = {}  # the values (loss, grad_norm) asked for at the last refresh
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
@@ -45,6 +46,7 @@ class Console:
             print(f"  changed on resume: {key} {old} -> {new}", flush=True)
         resumed = f" from epoch {event.start_epoch}" if event.start_epoch > 1 else ""
         print(f"training {event.epochs} epochs on {event.device}{resumed}{where}", flush=True)
+        print(f"model: {describe_model(trainer.module)}", flush=True)
 
     @hookimpl
     def on_epoch_start(self, event) -> None:
@@ -59,32 +61,36 @@ class Console:
             self.every = max(1, (event.steps or 50 * lines) // lines) if lines else sys.maxsize
 
     @hookimpl
-    def on_batch_end(self, event) -> None:
+    def on_batch_end(self, event, trainer) -> None:
         done = event.batch_idx + 1 - self.start_batch  # steps run this epoch by this process
         if done % self.every:  # all steps but one in `every` end here
             return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = done * event.batch_size / elapsed  # as if every batch were this one's size
+        values = {name: self._read(name, value) for name, value in {"loss": event.loss, **trainer.step_metrics}.items()}
         if self.bar is not None:
-            self.bar.set_postfix(loss=self._loss(event.loss), rate=f"{rate:.0f}/s", refresh=False)
+            self.bar.set_postfix(**values, rate=f"{rate:.0f}/s", refresh=False)
             self.bar.update(event.batch_idx + 1 - self.bar.n)
         else:
             total = self.steps or 0
             eta = (total - event.batch_idx - 1) * elapsed / done if total else 0
-            print(f"  epoch {event.epoch} step {event.batch_idx + 1}/{total or '?'} loss {self._loss(event.loss)} "
+            shown = " ".join(f"{name} {value}" for name, value in values.items())
+            print(f"  epoch {event.epoch} step {event.batch_idx + 1}/{total or '?'} {shown} "
                   f"{rate:.0f} samples/s eta {eta:.0f}s", flush=True)
 
-    def _loss(self, loss) -> str:
-        if not isinstance(loss, torch.Tensor) or loss.device.type == "cpu":
-            return f"{float(loss):.4f}"
-        shown, self.pending = self.pending, HostCopy(loss)
+    def _read(self, name: str, value) -> str:
+        """A per-step value as text, without making the host wait: on an accelerator, the value
+        asked for at the previous refresh, if its copy has arrived."""
+        if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
+            return f"{float(value):.4f}"
+        shown, self.pending[name] = self.pending.get(name), HostCopy(value)
         return f"{float(shown.get()):.4f}" if shown is not None and shown.ready() else "-"
 
     @hookimpl
     def on_epoch_end(self, event) -> None:
         self._close_bar()
         m = event.metrics
-        parts = [f"{k} {m[k]:.4f}" for k in ("train_loss", "val_loss", "val_acc") if k in m]
+        parts = [f"{k} {m[k]:.4f}" for k in m if k == "train_loss" or k.startswith("val_")]
         print(f"epoch {event.epoch}/{self.epochs}: " + ", ".join(parts)
               + f" ({m.get('epoch_time', 0):.1f}s, {m.get('samples_per_s', 0):.0f} samples/s, lr {m.get('lr', 0):.3g})",
               flush=True)

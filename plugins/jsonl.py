@@ -24,6 +24,7 @@ from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
 from minitrain.device import HostCopy
+from minitrain.files import check_writable
 from minitrain.events import BatchEnd, BatchStart, Event, ExceptionRaised, FitEnd, Interrupted
 
 FINAL = (FitEnd, ExceptionRaised, Interrupted)
@@ -47,6 +48,11 @@ class JsonlLog:
         self.held_limit = 2 * config.flush_every  # two events per step
         self.deadline = 0.0  # when the held events must be grouped, whatever their number
         self.groups: deque[tuple[list[Event], HostCopy | None]] = deque()  # with their losses' copy
+
+    @hookimpl
+    def check(self, trainer) -> None:
+        if trainer.run_dir is not None:
+            check_writable((Path(trainer.run_dir) / self.config.filename).parent, "jsonl folder")
 
     @hookimpl(tryfirst=True)
     def on_fit_start(self, event, trainer) -> None:

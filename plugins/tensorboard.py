@@ -2,8 +2,9 @@
 
 ``tensorboard --logdir runs/`` then shows every run side by side. Written:
 
-* ``train/loss``: the batch loss every ``log_every`` steps. Reading it is a host-device sync, so
-  it happens at most once per ``log_every`` steps, never every step;
+* ``train/loss``: the batch loss every ``log_every`` steps, and beside it every per-step value
+  plugins publish in ``trainer.step_metrics`` (``train/grad_norm`` with ``clip``). Reading them is a
+  host-device sync, so it happens at most once per ``log_every`` steps, never every step;
 * ``epoch/<name>`` for each epoch metric (train_loss, val_loss, val_acc, lr, samples_per_s, ...);
 * the run's config, as text.
 
@@ -19,6 +20,7 @@ from pydantic import Field
 from torch.utils.tensorboard import SummaryWriter
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.files import check_writable
 
 
 class TensorBoard:
@@ -35,6 +37,11 @@ class TensorBoard:
         self.writer: SummaryWriter | None = None
 
     @hookimpl
+    def check(self, trainer) -> None:
+        if trainer.run_dir is not None:
+            check_writable(Path(trainer.run_dir) / self.config.subdir, "tensorboard folder")
+
+    @hookimpl
     def on_fit_start(self, event) -> None:
         if event.run_dir is None:
             return
@@ -42,9 +49,11 @@ class TensorBoard:
         self.writer.add_text("config", f"```\n{json.dumps(event.config, indent=2)}\n```", event.global_step)
 
     @hookimpl
-    def on_batch_end(self, event) -> None:
+    def on_batch_end(self, event, trainer) -> None:
         if self.writer is not None and event.global_step % self.config.log_every == 0:
             self.writer.add_scalar("train/loss", float(event.loss), event.global_step)
+            for name, value in trainer.step_metrics.items():  # grad_norm, ... (empty in a replay)
+                self.writer.add_scalar(f"train/{name}", float(value), event.global_step)
 
     @hookimpl
     def on_epoch_end(self, event) -> None:

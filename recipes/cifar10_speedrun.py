@@ -16,11 +16,11 @@ reference scripts stop at 9.9.
 
 What is not model or optimizer is a reusable piece: the resident loader (``minitrain.data``),
 the whitening layer (``minitrain.nets``), bf16 (``amp``), ``lookahead``, ``tta`` and the
-evaluation schedule (``validation``) are plugins; only the whitening-bias switch and the
-optional ``torch.compile`` are this file's own plugin.
+evaluation schedule (``validation``) are plugins; only the whitening-bias switch is this file's
+own plugin. ``torch.compile`` is the ``compile`` plugin.
 
     minitrain run recipes/cifar10_speedrun.py
-    minitrain run recipes/cifar10_speedrun.py --set compile=true --set muon=true   # muon: untuned
+    minitrain run recipes/cifar10_speedrun.py --plugin compile --set muon=true   # muon: untuned
     python benchmarks/speedrun.py --data-dir DIR     # timed, against a bare loop, on a GPU
 
 On a CPU it runs too (slowly); ``data_dtype=auto`` then keeps the inputs fp32.
@@ -55,24 +55,17 @@ class Config(minitrain.RecipeConfig):
     logit_scale: float = 1 / 9
     eval_batch_size: int = 2000
     data_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on cuda, else fp32
-    compile: bool = False  # torch.compile the model (the setup hook below)
     muon: bool = False  # Muon for the conv filters instead of SGD
     muon_lr: float = 0.24
     muon_momentum: float = 0.6
 
 
 class SpeedrunHooks:
-    """This recipe's own plugin: ``torch.compile`` at set-up when ``compile`` is on, and the
-    whitening bias trainable in the first ``whiten_bias_epochs`` only. It reads the run's config
-    from the trainer, so one instance serves every run."""
+    """This recipe's own plugin: the whitening bias trainable in the first ``whiten_bias_epochs``
+    only. It reads the run's config from the trainer, so one instance serves every run."""
 
     name = "speedrun"
     role = "critical"  # it changes training: a failure must stop the run
-
-    @minitrain.hookimpl
-    def setup(self, trainer) -> None:
-        if trainer.config.get("compile"):
-            trainer.model = torch.compile(trainer.module)
 
     @minitrain.hookimpl
     def on_epoch_start(self, event, trainer) -> None:

@@ -72,6 +72,12 @@ def assert_tracks(metrics, reference, loss_rtol):
         assert abs(got["val_acc"] - want["val_acc"]) <= 0.07
 
 
+def assert_same(metrics, reference):
+    """Trained in fp32 after all: the same numbers as the fp32 run, to the bit, but the timings."""
+    untimed = [{k: v for k, v in m.items() if k not in ("epoch_time", "samples_per_s")} for m in (*metrics, *reference)]
+    assert untimed[:len(metrics)] == untimed[len(metrics):]
+
+
 @pytest.fixture
 def fp32_metrics(bn_recipe):
     return train(bn_recipe)[1]
@@ -91,7 +97,7 @@ def test_fp16_uses_a_grad_scaler_or_falls_back_once(bn_recipe, fp32_metrics):
     mp = plugin(trainer)
     if mp.scaler is None:  # this PyTorch cannot do fp16 autocast on the CPU
         assert len(warned) == 1 and mp.dtype is None
-        assert_tracks(metrics, fp32_metrics, loss_rtol=1e-6)
+        assert_same(metrics, fp32_metrics)
     else:
         assert warned == [] and mp.dtype is torch.float16
         assert 0 < mp.scaler.get_scale() <= 2.0**16
@@ -103,7 +109,7 @@ def test_unsupported_device_falls_back_to_fp32_with_one_warning(bn_recipe, fp32_
     trainer, metrics, warned = train(bn_recipe, "amp:dtype=fp16")
     assert warned == ["amp: fp16 autocast is not available on cpu (no half precision here); training in fp32"]
     assert plugin(trainer).dtype is None and plugin(trainer).scaler is None
-    assert_tracks(metrics, fp32_metrics, loss_rtol=1e-6)
+    assert_same(metrics, fp32_metrics)
 
 
 def test_pure_mode_converts_the_model_but_keeps_batchnorm_fp32(bn_recipe, fp32_metrics):

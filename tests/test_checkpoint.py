@@ -17,6 +17,7 @@ from minitrain.errors import MinitrainError
 from minitrain.events import Event
 from minitrain.plugins import check_hooks, make_plugin_manager, register_plugin
 from minitrain.run import prepare
+from minitrain.testing import EpochLog
 from minitrain_plugins.checkpoint import CheckpointSaved
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
@@ -114,6 +115,11 @@ def weights(trainer):
     return {k: v.clone() for k, v in trainer.module.state_dict().items()}
 
 
+def untimed(metrics):
+    """An epoch's metrics but its timings, which differ from run to run: the rest are equal to the bit."""
+    return {key: value for key, value in metrics.items() if key not in ("epoch_time", "samples_per_s")}
+
+
 def assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     for key in a:
@@ -130,7 +136,8 @@ def events(run_dir, name):
 @pytest.mark.filterwarnings("ignore:checkpoint. this run starts at step")  # later files set aside
 @pytest.mark.filterwarnings("ignore:--resume. this run leaves out the plugin")  # the test's Interrupt
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, start):
-    straight = start(tmp_path / "straight")
+    straight_log = EpochLog()
+    straight = start(tmp_path / "straight", extra=[straight_log])
     straight.fit()
     expected = weights(straight)
     assert straight.global_step == 15  # 3 epochs x 5 batches
@@ -146,14 +153,16 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, sta
     assert last["global_step"] == 8  # saved on the interrupt, between two batches
 
     for resume, steps_done in (("auto", 8), (mid, 6)):  # as a new process would: a fresh prepare()
-        steps = Steps()
-        resumed = start(run, ["checkpoint:every_steps=3"], resume=resume, extra=[steps])
+        steps, log = Steps(), EpochLog()
+        resumed = start(run, ["checkpoint:every_steps=3"], resume=resume, extra=[steps, log])
         assert resumed.global_step == steps_done
         resumed.fit()
         assert resumed.global_step == 15
         epoch, batch = divmod(steps_done, 5)
         assert len(steps.run) == 15 - steps_done and steps.run[0] == (epoch + 1, batch)  # no batch replayed
         assert_bitwise_equal(weights(resumed), expected)
+        # epochs 2 (resumed in its middle: its loss sum comes from the checkpoint) and 3
+        assert list(map(untimed, log.metrics)) == list(map(untimed, straight_log.metrics[1:]))
 
 
 def test_a_run_stopped_inside_a_batch_keeps_the_last_whole_state(tmp_path, start):
@@ -238,6 +247,29 @@ def test_a_failed_write_raises_and_leaves_the_previous_files(tmp_path, start, mo
     assert "\n" not in str(err.value)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file left either
     assert checkpointing.load(folder / "last.pt")["header"]["global_step"] == 5
+
+
+@pytest.mark.parametrize("name", ["config.json", "run.json"])
+def test_a_failed_run_file_write_raises_and_leaves_the_previous_file(tmp_path, start, monkeypatch, name):
+    """The run's own files go through the same atomic writer as checkpoints and metrics.csv."""
+    run = tmp_path / "run"
+    start(run, ["checkpoint"], epochs=1).fit()
+    before = (run / name).read_bytes()
+    real_replace = os.replace
+
+    def disk_full_replace(src, dst):
+        if pathlib.Path(dst) == run / name:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", disk_full_replace)
+
+    with pytest.raises(MinitrainError, match=rf"could not write run file .*{name} \(OSError: .*No space left"):
+        start(run, ["checkpoint:every=2"], epochs=2, resume="auto")  # a new config.json and run.json, both
+    assert (run / name).read_bytes() == before
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    start(run, ["checkpoint:every=2"], epochs=2, resume="auto")
+    assert (run / name).read_bytes() != before  # what the failed write would have changed
 
 
 def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeypatch):
@@ -351,6 +383,7 @@ class StopAtStart:
         trainer.request_stop("stopped by the test")
 
 
+@pytest.mark.filterwarnings("ignore:--resume auto. skipping checkpoint")  # the two cut-short files
 def test_a_resume_that_finds_no_readable_checkpoint_starts_afresh_in_the_same_directory(tmp_path, start):
     run = tmp_path / "run"
     start(run, ["checkpoint"], epochs=1).fit()

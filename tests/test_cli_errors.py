@@ -309,5 +309,22 @@ def test_event_log_is_read_as_json_only(capsys, tmp_path):
     payload = pickle.dumps(Payload(marker), protocol=0).decode("latin1")
     (run / "events.jsonl").write_text(json.dumps({"event": "FitEnd", "epochs_completed": 1, "global_step": 5,
                                                   "metrics": {}}) + "\n" + payload.replace("\n", " ") + "\n")
-    line = run_cli(capsys, "replay", run, "--plugin", "jsonl")
+    line = run_cli(capsys, "replay", run, "--plugin", "jsonl:filename=copy.jsonl")
     assert f"{run / 'events.jsonl'}:2" in line and not marker.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run"], "minitrain run: the following arguments are required: recipe"),
+    (["run", "r.py", "--nproc", "x"], "argument --nproc: invalid int value: 'x'"),
+    (["nosuch"], "argument command: invalid choice: 'nosuch'"),
+], ids=["missing", "wrong-type", "unknown-command"])
+def test_usage_errors_are_one_line_too(capsys, argv, message):
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("minitrain: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_directory_given_for_a_file_says_so(capsys, recipe, tmp_path):
+    assert "is a directory; give a recipe file" in run_cli(capsys, "run", tmp_path)
+    assert f"--resume {tmp_path} is a directory" in run_cli(capsys, "run", recipe, "--resume", tmp_path)

@@ -16,8 +16,7 @@ from minitrain.export import export, load
 from minitrain.predict import normalize, predict, read
 from minitrain.run import prepare
 
-FIRST_PARTY_PLUGINS = {"checkpoint"}
-
+FIRST_PARTY_PLUGINS = {"checkpoint", "tta"}
 
 @pytest.fixture
 def trained(recipe, tmp_path):
@@ -72,11 +71,12 @@ def test_predict_command_prints_top_k_and_json(trained, images, capsys):
     out = export(run_dir / "checkpoints" / "last.pt", out=run_dir / "exported" / "m.pt2")
     assert main(["predict", str(out), str(paths[0]), str(paths[1]), "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"{paths[0]}: ") and lines[0].count(",") == 1
+    assert lines == [f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+                     for r in predict(out, paths[:2], top_k=2)]  # each image's two most probable classes
     assert main(["predict", str(out), str(paths[2]), "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
-    assert result["image"] == str(paths[2]) and len(result["top"]) == 5
-    assert sum(t["probability"] for t in result["top"]) <= 1 + 1e-6
+    assert result["image"] == str(paths[2]) and len(result["top"]) == 5  # the default top-k
+    assert [result] == predict(out, paths[2:3], top_k=5)
 
 
 def test_clear_errors_for_bad_files(trained, images, tmp_path, capsys):
@@ -101,3 +101,164 @@ def test_clear_errors_for_bad_files(trained, images, tmp_path, capsys):
     (run_dir / "checkpoints" / "last.pt").rename(run_dir / "checkpoints" / "kept.pt")
     assert main(["export", str(run_dir)]) == 2
     assert "has no checkpoints/last.pt" in capsys.readouterr().err
+
+
+# --- test-time augmentation, recipes of every kind, images of every kind ----------------------------
+
+
+def test_export_with_tta_scores_what_the_run_reported(recipe, tmp_path, fake_cifar, capsys):
+    run = tmp_path / "run"
+    trainer = prepare(recipe, ["epochs=2"], ["checkpoint", "tta:translate=1"], ["console"], run)
+    metrics = trainer.fit()
+    assert main(["export", str(run)]) == 0
+    assert "this file does not, so it scores below the run's val_acc (--tta includes it)" in capsys.readouterr().err
+    assert main(["export", str(run), "--tta"]) == 0
+    model, metadata = load(run / "model-last-tta.pt2")
+    assert metadata["test_time_augmentation"] == {"flip": True, "translate": 1}
+    images, labels = load_cifar10(fake_cifar, train=False)
+    with torch.no_grad():
+        predicted = model(trainer.val_loader.normalize(images)).argmax(1)
+    assert (predicted == labels).float().mean().item() == pytest.approx(metrics["val_acc"])
+
+
+def test_export_without_tta_in_the_run_refuses_tta(trained, capsys):
+    _, run_dir = trained
+    assert main(["export", str(run_dir), "--tta"]) == 2
+    assert "validated without test-time augmentation" in capsys.readouterr().err
+
+
+OWN_LOADER = '''
+"""Ten-class images from a DataLoader of its own; it states what its model expects."""
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import minitrain
+
+
+class Config(minitrain.RecipeConfig):
+    epochs: int = 1
+    batch_size: int = 8
+    device: str = "cpu"
+
+
+def build_model(config):
+    return nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 10))
+
+
+def build(config, device):
+    raise AssertionError("export builds the model alone")
+
+
+def build_for_training(config, device):
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 2, 6, 6, generator=generator), torch.arange(32) % 10
+    model = build_model(config)
+    return minitrain.Components(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=DataLoader(TensorDataset(images, labels), batch_size=config.batch_size),
+        inputs={"size": [6, 6], "mean": [0.5, 0.5], "std": [0.25, 0.25]})
+'''
+
+
+def test_export_of_a_recipe_with_its_own_loader_from_another_directory(write_recipe, tmp_path, monkeypatch):
+    path = write_recipe(OWN_LOADER, "own_loader.py")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("own_loader_for_training", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "build", module.build_for_training)
+    from minitrain import recipe as recipes
+
+    real_load = recipes.load_recipe
+    monkeypatch.setattr("minitrain.run.load_recipe", lambda p: module if p == path else real_load(p))
+    prepare(path, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
+    monkeypatch.undo()  # export loads the recipe file as it is: its build() would fail
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = export(tmp_path / "run")  # run.json records the recipe's absolute path
+    model, metadata = load(out)
+    assert (metadata["input_size"], metadata["mean"], metadata["std"]) == ([6, 6], [0.5, 0.5], [0.25, 0.25])
+    assert metadata["class_names"] == [str(i) for i in range(10)] and model(torch.zeros(3, 2, 6, 6)).shape == (3, 10)
+
+
+def test_export_does_not_need_the_data_set_when_the_recipe_builds_its_model_alone(recipe, tmp_path, fake_cifar):
+    source = recipe.read_text().replace("def build(config", '''def build_model(config):
+    return nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10))
+
+
+def build(config''')
+    path = tmp_path / "with_model.py"
+    path.write_text(source)
+    prepare(path, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
+    import shutil
+
+    shutil.rmtree(fake_cifar)
+    assert load(export(tmp_path / "run"))[1]["input_size"] == [32, 32]
+
+
+@pytest.fixture
+def exported(trained):
+    _, run_dir = trained
+    return export(run_dir)
+
+
+def _top(path, exported, resize="stretch"):
+    """The model's probability of each class for one image, in class order."""
+    (result,) = predict(exported, [path], top_k=10, resize=resize)
+    return [p for _, p in sorted((t["index"], t["probability"]) for t in result["top"])]
+
+
+def test_predict_turns_images_upright_by_their_exif_orientation(exported, tmp_path, fake_cifar):
+    pictures, _ = load_cifar10(fake_cifar, train=False)
+    upright = Image.fromarray(pictures[3].permute(1, 2, 0).numpy())
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": the pixels are stored turned the other way
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png", exif=exif)
+    assert _top(tmp_path / "turned.png", exported) == _top(tmp_path / "upright.png", exported)
+
+
+def test_predict_converts_every_image_mode(exported, tmp_path):
+    grey = np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)
+    Image.fromarray(grey, mode="L").save(tmp_path / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16-bit: same picture
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    assert _top(tmp_path / "grey16.png", exported) == pytest.approx(_top(tmp_path / "grey8.png", exported))
+
+    rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    rgba = np.dstack([rgb, np.full((32, 32), 255, np.uint8)])
+    rgba[:16, :, 3] = 0  # the top half transparent: laid on white
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    on_white = rgb.copy()
+    on_white[:16] = 255
+    Image.fromarray(on_white).save(tmp_path / "on_white.png")
+    assert _top(tmp_path / "rgba.png", exported) == _top(tmp_path / "on_white.png", exported)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    for name in ("cmyk.jpg", "palette.png"):
+        assert sum(_top(tmp_path / name, exported)) == pytest.approx(1)
+
+
+def test_predict_can_keep_proportions_and_cut_the_centre(exported, tmp_path, fake_cifar):
+    pictures, _ = load_cifar10(fake_cifar, train=False)
+    square = pictures[5].permute(1, 2, 0).numpy()
+    wide = np.concatenate([np.zeros((32, 16, 3), np.uint8), square, np.zeros((32, 16, 3), np.uint8)], axis=1)
+    Image.fromarray(square).save(tmp_path / "square.png")
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert _top(tmp_path / "wide.png", exported, "crop") == pytest.approx(_top(tmp_path / "square.png", exported))
+    assert _top(tmp_path / "wide.png", exported) != pytest.approx(_top(tmp_path / "square.png", exported))
+
+
+def test_an_unreadable_image_is_reported_while_the_others_are_classified(exported, images, tmp_path, capsys):
+    paths, _ = images
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    assert main(["predict", str(exported), str(paths[0]), str(broken), str(paths[1])]) == 2
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(paths[0]), str(paths[1])]
+    assert err.startswith(f"minitrain: error: cannot read image {broken}") and err.count("\n") == 1

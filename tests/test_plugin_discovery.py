@@ -320,3 +320,78 @@ def test_cli_plugins_order(thirdparty, capsys):
     order = json.loads(out)
     assert order["backward"] == ["core (trylast)"]
     assert not any("thirdparty" in impl for impls in order.values() for impl in impls)
+
+
+# --- plugins from a local file --------------------------------------------------------------------
+
+LOCAL_PLUGIN = '''
+import minitrain
+from pydantic import Field
+
+
+class LossAlarm:
+    class Config(minitrain.PluginConfig):
+        ceiling: float = Field(10.0, gt=0)
+
+    def __init__(self, config):
+        self.config = config
+
+    @minitrain.hookimpl
+    def on_epoch_end(self, event, trainer):
+        if event.metrics["train_loss"] > self.config.ceiling:
+            trainer.request_stop(f"train_loss above {self.config.ceiling}")
+'''
+
+
+@pytest.fixture(autouse=True)
+def _forget_local_modules():
+    yield
+    for name in ("my_plugins", "alarms", "shapes"):
+        sys.modules.pop(name, None)
+
+
+def test_a_plugin_in_a_local_file_is_named_by_its_import_path(recipe, tmp_path, capsys):
+    from minitrain import cli
+
+    (tmp_path / "my_plugins.py").write_text(LOCAL_PLUGIN)  # in the working directory
+    run = tmp_path / "run"
+    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--plugin", "my_plugins.LossAlarm:ceiling=0.001",
+                     "--no-plugin", "console", "--run-dir", str(run)]) == 0
+    assert "done: 1 epochs" in capsys.readouterr().out  # it stopped the run after the first epoch
+    assert json.loads((run / "run.json").read_text())["plugins"]["my_plugins.LossAlarm"] == {"ceiling": 0.001}
+
+    assert cli.main(["plugins", "--order", "--plugin", "my_plugins.LossAlarm"]) == 0
+    assert "on_epoch_end: my_plugins.LossAlarm" in capsys.readouterr().out
+    assert cli.main(["run", str(recipe), "--plugin", "my_plugins.LossAlarm:ceiling=0.001", "--no-plugin",
+                     "my_plugins.LossAlarm", "--no-plugin", "console", "--run-dir", str(tmp_path / "off")]) == 0
+    assert "done: 1 epochs" in capsys.readouterr().out and "my_plugins.LossAlarm" not in json.loads(
+        (tmp_path / "off" / "run.json").read_text())["plugins"]
+
+
+def test_a_recipe_imports_the_modules_beside_it_and_names_their_plugins(recipe, tmp_path, capsys):
+    from minitrain import cli
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "alarms.py").write_text(LOCAL_PLUGIN)
+    (folder / "shapes.py").write_text("FEATURES = 48\n")
+    source = recipe.read_text().replace("nn.Linear(48, 10)", "nn.Linear(shapes.FEATURES, 10)")
+    (folder / "beside.py").write_text("import shapes\n" + source + '\nPLUGINS = ["alarms.LossAlarm:ceiling=0.001"]\n')
+    run = tmp_path / "run"
+    assert cli.main(["run", str(folder / "beside.py"), "--set", "epochs=3", "--no-plugin", "console",
+                     "--run-dir", str(run)]) == 0
+    assert "done: 1 epochs" in capsys.readouterr().out
+    assert "alarms.LossAlarm" in json.loads((run / "run.json").read_text())["plugins"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nowhere.Plugin", "plugin 'nowhere.Plugin': no module 'nowhere' (looked in the current directory"),
+    ("json.NoSuchThing", "plugin 'json.NoSuchThing': module json has no 'NoSuchThing'"),
+    ("lossalarm", "unknown plugin 'lossalarm' (known: "),
+])
+def test_a_local_plugin_that_cannot_be_found_is_one_line(recipe, tmp_path, capsys, spec, message):
+    from minitrain import cli
+
+    assert cli.main(["run", str(recipe), "--plugin", spec, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "run").exists()

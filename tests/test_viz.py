@@ -19,7 +19,7 @@ from minitrain.run import prepare
 CURVES = ["loss.png", "accuracy.png", "lr.png", "confusion.png"]
 
 
-FIRST_PARTY_PLUGINS = {"viz", "tensorboard"}
+FIRST_PARTY_PLUGINS = {"viz", "tensorboard", "checkpoint"}
 
 
 def fit(recipe, run_dir, plugins=("viz",), epochs=2):
@@ -93,12 +93,14 @@ def test_every_epoch_draws_after_each_epoch(recipe, tmp_path):
     class Look:
         @hookimpl
         def on_epoch_end(self, event, trainer):
-            seen.append(sorted(p.name for p in (tmp_path / "run" / "plots").glob("*.png")))
+            seen.append({p.name: p.read_bytes() for p in (tmp_path / "run" / "plots").glob("*.png")})
 
     trainer = prepare(recipe, ["epochs=2"], ["viz:every_epoch=true"], ["console"], tmp_path / "run")
     trainer.pm.register(Look())
     trainer.fit()
-    assert seen[0] == sorted(CURVES)  # epoch 1, drawn before other plugins look; no grid yet
+    # drawn before other plugins look; the image grid comes from the last epoch's validation
+    assert [sorted(drawn) for drawn in seen] == [sorted(CURVES), sorted([*CURVES, "misclassified.png"])]
+    assert [name for name in CURVES if seen[0][name] == seen[1][name]] == []  # each one drawn again, with epoch 2
 
 
 def test_replay_feeds_the_log_to_any_plugin(recipe, tmp_path, capsys):
@@ -139,6 +141,39 @@ def test_replay_errors_are_one_line(recipe, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("minitrain: error: ") and "events.jsonl:" in err and "epoch" in err
     assert len(err.splitlines()) == 1
+
+
+def test_report_reads_the_log_run_json_names_and_skips_a_cut_short_last_line(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    trainer = prepare(recipe, ["epochs=2"], ["jsonl:filename=log.jsonl"], ["console"], run)
+    trainer.fit()
+    assert json.loads((run / "run.json").read_text())["event_log"] == "log.jsonl"
+    with (run / "log.jsonl").open("a") as log:
+        log.write('{"event": "BatchStart", "epoch": 3, "batch_')  # killed while writing its last line
+    assert main(["report", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"wrote {run / 'report.html'}" in out and "the last line is cut short" in err
+    assert linked_images(run) == [f"plots/{name}" for name in CURVES]
+
+
+def test_replay_refuses_a_plugin_that_acts_on_training(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(recipe, run, plugins=(), epochs=1)
+    assert main(["replay", str(run), "--plugin", "checkpoint"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("minitrain: error: replay: plugin 'checkpoint' acts on training itself (it is critical), and a "
+                   "replay has no model or optimizer; replay feeds recorded events to plugins that watch")
+    assert not (run / "checkpoints").exists()
+
+
+def test_replay_through_jsonl_writes_a_copy_but_never_into_the_log_it_reads(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(recipe, run, plugins=(), epochs=1)
+    log = (run / "events.jsonl").read_text()
+    assert main(["replay", str(run), "--plugin", "jsonl"]) == 2
+    assert "would append to" in capsys.readouterr().err and (run / "events.jsonl").read_text() == log
+    assert main(["replay", str(run), "--plugin", "jsonl:filename=copy.jsonl"]) == 0
+    assert (run / "copy.jsonl").read_text() == log
 
 
 # --- the per-step training loss, and what the report says about the run --------------------------

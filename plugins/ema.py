@@ -1,0 +1,103 @@
+"""An exponential moving average of the weights, kept on the device beside the model:
+``average = decay * average + (1 - decay) * weights`` after every ``every``-th optimizer step
+(buffers, such as BatchNorm's statistics, are copied).
+
+    minitrain run recipe.py --plugin ema:decay=0.999,evaluate=true
+    minitrain export RUN_DIR --ema
+
+The average travels in checkpoints (exact resume). With ``evaluate=true`` each validation
+evaluates the average instead of the trained weights, which are put back afterwards; with
+``minitrain export --ema`` the exported model carries the average. Training itself never sees it.
+Updates are ``torch._foreach`` operations on the device: no host sync.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from minitrain import PluginConfig, hookimpl
+from minitrain.errors import MinitrainError
+from minitrain.export import EMA_STATE as STATE  # where `minitrain export --ema` finds the average
+
+
+class EMA:
+    enabled_by_default = False
+    role = "critical"  # its state must travel with the run, and it may decide what is validated
+
+    class Config(PluginConfig):
+        decay: float = Field(0.999, gt=0, lt=1, description="weight of the old average at each update")
+        every: int = Field(1, ge=1, description="optimizer steps between updates")
+        evaluate: bool = Field(False, description="validate the average instead of the trained weights")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.updates = 0
+        self.names: list[str] = []
+        self.average: list[torch.Tensor] = []
+        self._loaded: dict[str, torch.Tensor] | None = None
+        self._swapped: list[torch.Tensor] | None = None
+
+    @hookimpl(trylast=True)  # after dtype and device changes to the model (amp, core)
+    def setup(self, trainer) -> None:
+        state = trainer.module.state_dict(keep_vars=True)
+        self.names = [name for name, t in state.items() if t.is_floating_point()]
+        self.tracked = [state[name] for name in self.names]
+        self.trained = {id(p) for p in trainer.module.parameters()}
+        source = self._loaded or (dict(zip(self.names, self.average)) if self.average else None)
+        if source is not None and sorted(source) != sorted(self.names):
+            raise MinitrainError("ema: the saved average does not fit this model's tensors")
+        self.average = [(source[name] if source is not None else t).detach().to(t.device, t.dtype, copy=True)
+                        for name, t in zip(self.names, self.tracked)]
+        self._loaded = None
+
+    @hookimpl(wrapper=True)
+    def optimizer_step(self, trainer):
+        result = yield
+        if trainer.stepping:
+            self.updates += 1
+            if self.updates % self.config.every == 0:
+                self._update()
+        return result
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        weights = [(a, t) for a, t in zip(self.average, self.tracked) if id(t) in self.trained]
+        buffers = [(a, t) for a, t in zip(self.average, self.tracked) if id(t) not in self.trained]
+        if weights:
+            torch._foreach_lerp_([a for a, _ in weights], [t.detach() for _, t in weights], 1 - self.config.decay)
+        if buffers:
+            torch._foreach_copy_([a for a, _ in buffers], [t for _, t in buffers])
+
+    @hookimpl
+    def on_validation_start(self) -> None:
+        if self.config.evaluate and self.updates:
+            self._swapped = [t.detach().clone() for t in self.tracked]
+            with torch.no_grad():
+                torch._foreach_copy_([t.detach() for t in self.tracked], self.average)
+
+    @hookimpl
+    def on_validation_end(self) -> None:
+        self._put_back()
+
+    @hookimpl
+    def on_exception_raised(self) -> None:
+        self._put_back()
+
+    @hookimpl
+    def on_interrupted(self) -> None:
+        self._put_back()
+
+    def _put_back(self) -> None:
+        if self._swapped is not None:
+            with torch.no_grad():
+                torch._foreach_copy_([t.detach() for t in self.tracked], self._swapped)
+            self._swapped = None
+
+    def state_dict(self) -> dict:
+        return {STATE: dict(zip(self.names, self.average)), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loaded, self.updates = dict(state[STATE]), state["updates"]
+        if self.names:  # set up already (a second fit): take it at once
+            self.average = [self._loaded[name].to(a.device, a.dtype) for name, a in zip(self.names, self.average)]
+            self._loaded = None
