@@ -12,8 +12,10 @@ directory. Logged:
   flattened with dots; a value longer than MLflow takes is cut, with a warning;
 * tags: recipe, run directory, minitrain and torch versions, plugins, the recipe's git commit
   (``mlflow.source.git.commit``) when it is in a git checkout;
-* metrics: the training loss every ``log_every`` steps (``train_loss_step``), and each epoch's
-  metrics (``train_loss``, ``val_loss``, ``val_acc``, ``lr``, ...), all against the global step;
+* metrics: the training loss every ``log_every`` steps (``train_loss_step``) with the per-step
+  values plugins publish in ``trainer.step_metrics`` (``grad_norm`` with ``clip``), and each
+  epoch's metrics (``train_loss``, ``val_loss``, ``val_acc``, ``lr``, ...), all against the global
+  step;
 * at the end: ``plots/``, ``report.html``, ``metrics.csv``, the event log, ``config.json``,
   ``run.json`` and ``errors.log`` where the run has them, and the ``checkpoint`` plugin's
   ``best.pt`` with ``log_best_checkpoint=true``; the status FINISHED (``FitEnd``, a stop request
@@ -110,7 +112,7 @@ class MlflowLog:
                                  "pip install 'minitrain[tracking]' (or pip install mlflow)")
         self.config = config
         self.every = config.log_every
-        self.held: list[tuple[int, Any, int]] = []  # (step, loss tensor or number, time in ms)
+        self.held: list[tuple[int, Any, int, dict | None]] = []  # (step, loss, time in ms, step metrics)
         self.send_by = 0.0  # when the held losses go, however few
         self.worker: _Worker | None = None
         self.run_id: str | None = None  # set by the worker once the MLflow run exists
@@ -224,32 +226,39 @@ class MlflowLog:
     # --- while it trains ----------------------------------------------------------------------
 
     @hookimpl
-    def on_batch_end(self, event) -> None:
+    def on_batch_end(self, event, trainer) -> None:
         if event.global_step % self.every:  # all steps but one in `log_every` end here
             return
         held, now = self.held, time.time()
         if not held:
             self.send_by = now + self.config.flush_secs
-        held.append((event.global_step, event.loss, int(now * 1000)))
+        published = getattr(trainer, "step_metrics", None)  # grad_norm with `clip`, ...: device scalars
+        held.append((event.global_step, event.loss, int(now * 1000), dict(published) if published else None))
         if len(held) >= HOLD or now >= self.send_by:
             self._hand_over()
 
     def _hand_over(self) -> None:
-        """Send the held losses to the host in one copy that nobody waits for here, and to MLflow
-        from the worker."""
+        """Send the held losses (and the step metrics plugins published with them) to the host in
+        one copy that nobody waits for here, and to MLflow from the worker."""
         self._check()
         held, self.held = self.held, []
         if not held:
             return
-        losses = [loss for _, loss, _ in held]
-        if all(isinstance(loss, torch.Tensor) for loss in losses):
-            copy = HostCopy(torch.stack(losses).reshape(-1).float())
-            values = lambda: copy.get().tolist()  # noqa: E731
+        names = [(STEP_METRIC, step, stamp) for step, _, stamp, _ in held]
+        values = [loss for _, loss, _, _ in held]
+        for step, _, stamp, published in held:
+            for name, value in (published or {}).items():
+                names.append((name, step, stamp))
+                values.append(value)
+        if all(isinstance(value, torch.Tensor) for value in values):
+            if len(values) > len(held):  # scalars of any dtype and shape (1,) or ()
+                values = [value.detach().reshape(()).float() for value in values]
+            copy = HostCopy(torch.stack(values).reshape(-1).float())
+            read = lambda: copy.get().tolist()  # noqa: E731
         else:  # a replayed log holds numbers
-            values = lambda: [float(loss) for loss in losses]  # noqa: E731
-        steps = [(step, stamp) for step, _, stamp in held]
+            read = lambda: [float(value) for value in values]  # noqa: E731
         self.worker.submit(lambda: self._log_metrics(
-            [(STEP_METRIC, value, step, stamp) for (step, stamp), value in zip(steps, values())]))
+            [(name, value, step, stamp) for (name, step, stamp), value in zip(names, read())]))
 
     def _log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric

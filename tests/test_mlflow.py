@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from minitrain.run import prepare
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip install -e '.[tracking]')")
 from mlflow import MlflowClient  # noqa: E402
 
-FIRST_PARTY_PLUGINS = {"mlflow", "viz", "checkpoint", "csv"}
+FIRST_PARTY_PLUGINS = {"mlflow", "viz", "checkpoint", "csv", "clip"}
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # MLflow's own, with SQLAlchemy 2.1
 HTTP_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
 
@@ -208,6 +209,14 @@ PLUGINS = [Stop()]
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "enough"
 
 
+def test_step_metrics_plugins_publish_are_logged_with_the_loss(recipe, tmp_path, store):
+    fit(recipe, tmp_path / "run", plugins=["mlflow:log_every=2", "clip:max_norm=0.5"])
+    run = only_run(store)
+    norms = history(store, run, "grad_norm")
+    assert [s for s, _ in norms] == [s for s, _ in history(store, run, "train_loss_step")] == list(range(2, 16, 2))
+    assert all(v > 0 for _, v in norms)
+
+
 def test_the_best_checkpoint_only_when_asked(recipe, tmp_path, store):
     fit(recipe, tmp_path / "run", plugins=["mlflow:log_best_checkpoint=true", "checkpoint"])
     run = only_run(store)
@@ -302,22 +311,21 @@ def test_holding_the_losses_reads_no_tensor(monkeypatch):
     for name in ("item", "tolist", "cpu", "__float__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a per-step read of the loss"))
     for step, loss in enumerate(losses, 1):
-        plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4, loss=loss))
+        plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4, loss=loss),
+                            SimpleNamespace(step_metrics={}))
     monkeypatch.undo()
-    assert [step for step, _, _ in plugin.held] == list(range(10, 10 * HOLD, 10))
-    assert all(loss is losses[step - 1] for step, loss, _ in plugin.held)
+    assert [step for step, _, _, _ in plugin.held] == list(range(10, 10 * HOLD, 10))
+    assert all(loss is losses[step - 1] for step, loss, _, _ in plugin.held)
 
 
 def test_held_losses_go_in_groups_or_after_flush_secs():
-    from types import SimpleNamespace
-
     from minitrain.events import BatchEnd
     from minitrain_plugins.mlflow_log import HOLD, MlflowLog
 
     def steps(plugin, first, last):
         for step in range(first, last + 1):
             plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4,
-                                                 loss=torch.tensor(1.0)))
+                                                 loss=torch.tensor(1.0)), SimpleNamespace(step_metrics={}))
 
     plugin = MlflowLog(MlflowLog.Config(log_every=1))
     plugin.worker = SimpleNamespace(failure=None, notes=[], tasks=[])
