@@ -18,7 +18,7 @@ from typing import NoReturn
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from minitrain import __version__
+from minitrain import __version__, compare, runs
 from minitrain.errors import MinitrainError, TrainingInterrupted
 from minitrain.files import one_line
 from minitrain.plugins import DISABLE_AUTOLOAD_ENV
@@ -179,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
                               "cut the centre (keeps the proportions)")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=_cmd_predict)
+
+    runs.add_parser(sub, command)
+    compare.add_parser(sub, command)
     return parser
 
 

@@ -59,6 +59,7 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     error: str | None = None  # why it could not be loaded
+    deferred: bool = False  # `target` is the entry point itself, to load if the plugin is named
 
     @property
     def enabled_by_default(self) -> bool:
@@ -102,7 +103,7 @@ def discover(autoload_third_party: bool | None = None) -> dict[str, PluginInfo]:
         found[ep.name] = info
         if not autoload_third_party and dist != FIRST_PARTY:
             info.error = f"not loaded: {DISABLE_AUTOLOAD_ENV} is set"
-            info.target = ep  # loaded on demand if named explicitly
+            info.target, info.deferred = ep, True  # loaded on demand if named explicitly
             continue
         _load(info, ep)
     return found
@@ -143,8 +144,9 @@ def instantiate(info: PluginInfo, options: dict[str, Any]) -> Any:
 
 
 def _create(info: PluginInfo, options: dict[str, Any]) -> Any:
-    if isinstance(info.target, importlib.metadata.EntryPoint):  # autoload was off; named explicitly
-        _load(info, info.target)
+    if info.deferred:  # autoload was off; named explicitly. (Not an isinstance check: once a package
+        info.deferred = False  # imports the importlib_metadata backport, as MLflow does, entry_points()
+        _load(info, info.target)  # hands out the backport's EntryPoint class.)
     if info.target is None:
         raise MinitrainError(f"plugin {info.name!r} cannot be used: {info.error}")
     target, model = info.target, info.config_model

@@ -2,21 +2,26 @@
 
 Written at the end of the fit (and after every epoch with ``every_epoch=true``):
 
-* ``loss.png`` (train and validation loss), ``accuracy.png`` (validation accuracy, for a
-  classifier), ``metrics.png`` (the recipe's other validation metrics) and ``lr.png`` (learning
-  rate), by epoch;
+* ``loss.png``: the training loss at every step (smoothed, the raw values faint) and the
+  validation loss per epoch; ``accuracy.png`` (validation accuracy, for a classifier),
+  ``metrics.png`` (the recipe's other validation metrics) and ``lr.png`` (learning rate), by epoch;
 * for a classifier, ``confusion.png``: the last validation's confusion matrix, with the recipe's
   class names, and ``misclassified.png``: up to ``max_images`` validation images the final model
   got wrong;
-* ``report.html``: the plots (relative links, so it works offline), final metrics, each resume
-  and restart of the run (where it went on from) and the config.
+* ``report.html``, titled with the recipe's name: the run's status (finished, stopped, failed,
+  interrupted, or running while ``every_epoch`` redraws), duration, device, plugins, stop
+  reason and errors, each resume and restart of the run (where it went on from), the plots
+  (relative links, so it works offline), final metrics and config.
 
 Everything but the image grid is drawn from events alone (FitStart's config and class names,
-EpochEnd's metrics, ValidationEnd's confusion matrix), which is why ``minitrain report RUN_DIR``
-can redraw it from ``events.jsonl`` without training. The grid needs the images themselves: a
-wrapper on ``eval_step`` collects them on the device during the last scheduled epoch's validation
-only, in fixed-size buffers (no host sync per batch), and moves them to the host once. A replay
-has no images, so it keeps a grid that is already there.
+BatchEnd's losses, EpochEnd's metrics, ValidationEnd's confusion matrix), which is why
+``minitrain report RUN_DIR`` can redraw it from ``events.jsonl`` without training. The per-step
+losses cost the loop one list append per step: the loss tensors are held, and every 256 steps
+(and at each epoch's end) go to the host in one copy that nobody waits for, as ``jsonl`` does.
+The grid needs the images themselves: a wrapper on ``eval_step`` collects them on the device
+during the last scheduled epoch's validation only, in fixed-size buffers (no host sync per
+batch), and moves them to the host once. A replay has no images, so it keeps a grid that is
+already there.
 
 Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas, never
 pyplot, so no global backend is switched and no window opens.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -32,8 +38,12 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.compare import epoch_axis, smooth
+from minitrain.device import HostCopy
+from minitrain.runs import format_duration, read_run
 
 PLOTS = "plots"
+HOLD = 256  # per-step losses held before they go to the host together
 CURVES = {  # file -> (title, y label, [(metric, legend label)])
     "loss.png": ("Loss", "loss", [("train_loss", "train"), ("val_loss", "validation")]),
     "accuracy.png": ("Validation accuracy", "accuracy", [("val_acc", "validation")]),
@@ -63,6 +73,13 @@ class Visualization:
         self.confusion_epoch = 0
         self.stop_reason: str | None = None
         self.starts: list[dict] = []  # each resume or restart: {"restart", "resumed_from", "epoch", "global_step"}
+        self.status, self.error, self.device = "running", None, None
+        self.started, self.start_epoch, self.replaying = time.time(), 1, False
+        self.plugins: list[str] = []
+        self.steps_per_epoch: int | None = None
+        self.held: list = []  # this group's batch losses (tensors until they reach the host)
+        self.held_from = 0  # the global step of the first of them
+        self.step_losses: list[tuple[int, HostCopy | torch.Tensor]] = []  # (first step, losses) per group
         self.capturing = False
         self.buffer: tuple[torch.Tensor, ...] | None = None  # (images, targets, preds, wrong) on the device
         self.misclassified: tuple[torch.Tensor, ...] | None = None  # the same, on the host
@@ -70,12 +87,60 @@ class Visualization:
     # --- recording ----------------------------------------------------------------------------
 
     @hookimpl
-    def on_fit_start(self, event) -> None:
+    def on_fit_start(self, event, trainer) -> None:
+        from minitrain.replay import ReplayTrainer
+
         self.run_dir = Path(event.run_dir) if event.run_dir else None
         self.run_config, self.class_names, self.total_epochs = event.config, event.class_names, event.epochs
+        self.status, self.error, self.stop_reason, self.device = "running", None, None, event.device
+        self.started, self.start_epoch = time.time(), event.start_epoch
+        self.replaying = isinstance(trainer, ReplayTrainer)
+        self.steps_per_epoch = event.steps_per_epoch
+        self.plugins = sorted(_read_json(self.run_dir / "run.json").get("plugins") or {}) if self.run_dir else []
+        if not self.plugins and hasattr(trainer, "pm"):  # a trainer built without `minitrain run`
+            self.plugins = sorted(name for name, plugin in trainer.pm.list_name_plugin()
+                                  if plugin is not None and name != "core")
         if event.resumed_from or event.restart:  # (after load_state_dict: the run's earlier starts are in)
             self.starts.append({"restart": event.restart, "resumed_from": event.resumed_from,
                                 "epoch": event.start_epoch, "global_step": event.global_step})
+        self._group()
+        self._forget_steps_after(event.global_step)  # a resume from an earlier step redoes the later ones
+
+    @hookimpl
+    def on_batch_end(self, event) -> None:
+        held = self.held
+        if not held:
+            self.held_from = event.global_step
+        held.append(event.loss)
+        if len(held) == HOLD:
+            self._group()
+
+    def _group(self) -> None:
+        """Start moving the held losses to the host, in one copy that nobody waits for here."""
+        held, self.held = self.held, []
+        if not held:
+            return
+        if isinstance(held[0], torch.Tensor):
+            self.step_losses.append((self.held_from, HostCopy(torch.stack(held).reshape(-1).float())))
+        else:  # a replayed log holds numbers
+            self.step_losses.append((self.held_from, torch.tensor(held, dtype=torch.float32)))
+
+    def steps(self) -> list[tuple[int, float]]:
+        """Every step's loss so far, as ``(global step, loss)``."""
+        self._group()
+        out = []
+        for first, losses in self.step_losses:
+            values = losses.get() if isinstance(losses, HostCopy) else losses
+            out += zip(range(first, first + len(values)), values.tolist())
+        return out
+
+    def _forget_steps_after(self, step: int) -> None:
+        kept = [(first, losses if isinstance(losses, torch.Tensor) else losses.get())
+                for first, losses in self.step_losses if first <= step]
+        if kept and kept[-1][0] + len(kept[-1][1]) - 1 > step:
+            first, losses = kept[-1]
+            kept[-1] = (first, losses[:step - first + 1])
+        self.step_losses = kept
 
     @hookimpl
     def on_validation_start(self, event) -> None:
@@ -111,6 +176,7 @@ class Visualization:
 
     @hookimpl(tryfirst=True)  # before a checkpoint plugin saves this plugin's state
     def on_epoch_end(self, event) -> None:
+        self._group()
         self.epochs[event.epoch] = dict(event.metrics)
         if self.config.every_epoch:
             self.write()
@@ -118,25 +184,38 @@ class Visualization:
     @hookimpl
     def on_fit_end(self, event) -> None:
         self.stop_reason = event.stop_reason
+        self.status = "stopped" if event.stop_reason else "finished"
         self.write()
 
     @hookimpl
-    def on_exception_raised(self) -> None:
+    def on_exception_raised(self, event) -> None:
+        self.status, self.error = "failed", f"{event.error_type}: {event.message}"
         self.write()
 
     @hookimpl
-    def on_interrupted(self) -> None:
+    def on_interrupted(self, event) -> None:
+        self.status, self.error = "interrupted", f"interrupted by {event.signal}"
         self.write()
 
     def state_dict(self) -> dict:
-        """The curves so far, so that a resumed run's plots start at epoch 1."""
+        """The curves so far, so that a resumed run's plots start at epoch 1 and step 1."""
+        steps = self.steps()
         return {"epochs": self.epochs, "confusion": self.confusion, "confusion_epoch": self.confusion_epoch,
-                "starts": [dict(start) for start in self.starts]}
+                "starts": [dict(start) for start in self.starts],
+                "loss_steps": torch.tensor([s for s, _ in steps], dtype=torch.int64),
+                "losses": torch.tensor([v for _, v in steps], dtype=torch.float32)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs = {int(k): dict(v) for k, v in state["epochs"].items()}
         self.confusion, self.confusion_epoch = state["confusion"], state["confusion_epoch"]
         self.starts = [dict(start) for start in state.get("starts", [])]  # (older checkpoints have none)
+        self.held, self.step_losses = [], []
+        if "losses" in state and len(state["losses"]):  # (checkpoints of earlier versions have none)
+            steps = state["loss_steps"].tolist()
+            if steps == list(range(steps[0], steps[0] + len(steps))):
+                self.step_losses = [(steps[0], state["losses"].float())]
+            else:
+                self.step_losses = [(s, state["losses"][i:i + 1].float()) for i, s in enumerate(steps)]
 
     # --- drawing ------------------------------------------------------------------------------
 
@@ -146,8 +225,12 @@ class Visualization:
         plots = self.run_dir / PLOTS
         plots.mkdir(parents=True, exist_ok=True)
         epochs = [{"epoch": e} | self.epochs[e] for e in sorted(self.epochs)]
+        steps = self.steps()
         for name, (title, ylabel, series) in CURVES.items():
-            plot_curve(epochs, series, title, ylabel, plots / name)
+            if name == "loss.png" and steps:
+                plot_loss(epochs, steps, self.steps_per_epoch, plots / name)
+            else:
+                plot_curve(epochs, series, title, ylabel, plots / name)
         shown = {key for _, _, series in CURVES.values() for key, _ in series}
         others = sorted({key for m in epochs for key in m if key.startswith("val_") and key not in shown})
         plot_curve(epochs, [(key, key.removeprefix("val_")) for key in others], "Validation metrics", "value",
@@ -157,7 +240,21 @@ class Visualization:
         if self.misclassified is not None:
             errors = sum(sum(row) - row[i] for i, row in enumerate(self.confusion))
             plot_misclassified(*self.misclassified, self.class_names, errors, plots / "misclassified.png")
-        write_report(self.run_dir, self.run_config, epochs, self.stop_reason, self.starts)
+        write_report(self.run_dir, self.run_config, epochs, self.stop_reason, self.summary())
+
+    def summary(self) -> dict:
+        """What the report says about the run as a whole."""
+        if self.replaying:  # the run's own times, from its files (minitrain.runs), not the replay's
+            duration = read_run(self.run_dir).duration
+        else:  # this start's wall time, and the training time of the epochs of earlier starts
+            duration = time.time() - self.started + sum(
+                m.get("epoch_time", 0.0) for e, m in self.epochs.items() if e < self.start_epoch)
+        info = _read_json(self.run_dir / "run.json")
+        recipe = info.get("recipe")
+        errors = self.run_dir / "errors.log"
+        return {"recipe": Path(recipe).stem if recipe else None, "status": self.status, "duration": duration,
+                "device": self.device, "plugins": self.plugins, "stop_reason": self.stop_reason, "error": self.error,
+                "error_log": _error_titles(errors) if errors.is_file() else [], "starts": self.starts}
 
 
 def _first_wrong(parts: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
@@ -181,10 +278,29 @@ def plot_curve(epochs: list[dict], series: list[tuple[str, str]], title: str, yl
     for label, points in lines:
         ax.plot(*zip(*points), marker="o", markersize=3, label=label)
     ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    epoch_axis(ax)
     ax.grid(alpha=0.3)
     if len(lines) > 1:
         ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def plot_loss(epochs: list[dict], steps: list[tuple[int, float]], steps_per_epoch: int | None, path: Path) -> None:
+    """The training loss at every step, smoothed, over its raw values drawn faint, and the
+    validation loss at the end of each epoch; against epochs where the epoch length is known."""
+    per_epoch = steps_per_epoch or None
+    x = [s / per_epoch if per_epoch else s for s, _ in steps]
+    losses = [loss for _, loss in steps]
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(x, losses, color="C0", alpha=0.25, linewidth=0.8)
+    ax.plot(x, smooth(losses), color="C0", linewidth=1.8, label="train (per step, smoothed)")
+    validation = [(m["epoch"], m["val_loss"]) for m in epochs if "val_loss" in m]
+    if validation and per_epoch:  # (a loader without a length: steps alone, as epochs cannot be placed)
+        ax.plot(*zip(*validation), color="C1", marker="o", markersize=3, label="validation")
+    ax.set(title="Loss", xlabel="epoch" if per_epoch else "step", ylabel="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.savefig(path, dpi=100)
 
 
@@ -234,36 +350,50 @@ def plot_misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch
     fig.savefig(path, dpi=100)
 
 
-def _start_line(start: dict) -> str:
-    restart = f"restart {start['restart']}: " if start["restart"] else ""
-    if not start["resumed_from"]:
-        return f"{restart}started afresh (no checkpoint yet)"
-    return f"{restart}resumed from {start['resumed_from']} at step {start['global_step']} (epoch {start['epoch']})"
-
-
 def write_report(run_dir: Path, config: dict, epochs: list[dict], stop_reason: str | None,
-                 starts: list[dict] = ()) -> None:
-    """``report.html``: whichever plots exist, the final metrics, where the run resumed or was
-    restarted (``starts``) and the config. Links are relative, so the run directory can be copied
-    or opened offline as it is."""
+                 summary: dict | None = None) -> None:
+    """``report.html``: what the run was and how it ended (``summary``: recipe, status, duration,
+    device, plugins, error, errors.log's entries), whichever plots exist, the final metrics and the
+    config. Links are relative, so the run directory can be copied or opened offline as it is."""
     esc = html.escape
+    summary = summary or {}
     figures = [f'<figure><img src="{PLOTS}/{name}" alt="{esc(name)}"></figure>'
                for name in FIGURES if (run_dir / PLOTS / name).is_file()]
     final = epochs[-1] if epochs else {}
-    summary = f"{len(epochs)} epoch(s) recorded" + (f"; stopped early: {esc(stop_reason)}" if stop_reason else "")
-    resumes = "".join(f"<li>{esc(_start_line(start))}</li>" for start in starts)
+    recipe = summary.get("recipe")
+    title = f"{recipe}: {run_dir.name}" if recipe else run_dir.name
+    status = summary.get("status", "finished" if not stop_reason else "stopped")
+    facts = [("status", f'<span class="status-{esc(status)}">{esc(status)}</span>'),
+             ("epochs", f"{len(epochs)} recorded"),
+             ("duration", esc(format_duration(summary.get("duration")))),
+             ("device", esc(summary.get("device") or "-")),
+             ("plugins", esc(", ".join(summary.get("plugins") or []) or "-")),
+             ("run directory", esc(str(run_dir.absolute())))]
+    if stop_reason:
+        facts.insert(1, ("stop reason", esc(stop_reason)))
+    if summary.get("error"):
+        facts.insert(1, ("error", f'<span class="status-failed">{esc(summary["error"])}</span>'))
+    if summary.get("starts"):
+        facts.append(("resumed", "<ul>" + "".join(f"<li>{esc(_start_line(start))}</li>" for start in summary["starts"])
+                      + "</ul>the steps after each checkpoint were done again"))
+    if summary.get("error_log"):
+        entries = "".join(f"<li>{esc(line)}</li>" for line in summary["error_log"])
+        facts.append(("errors.log", f'<a href="errors.log">full tracebacks</a><ul>{entries}</ul>'))
+    about = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in facts)
     metrics = "".join(f"<tr><th>{esc(k)}</th><td>{v:.4g}</td></tr>" for k, v in final.items())
     settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>" for k, v in config.items())
     (run_dir / "report.html").write_text(f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>minitrain report: {esc(run_dir.name)}</title>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
-table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }}
 figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
+.status-failed, .status-interrupted {{ color: #b00; font-weight: bold; }} .status-running {{ color: #a60; }}
+ul {{ margin: 0.2em 0; padding-left: 1.2em; }} .sub {{ color: #666; margin-top: -0.6em; }}
 </style></head><body>
-<h1>{esc(run_dir.name)}</h1>
-<p>{summary}</p>
-{f"<p>Resumed (the steps after each checkpoint were done again):</p><ul>{resumes}</ul>" if resumes else ""}
+<h1>{esc(recipe or run_dir.name)}</h1>
+<p class="sub">{esc(run_dir.name)}</p>
+<table>{about}</table>
 <h2>Final metrics</h2>
 <table>{metrics or "<tr><td>no completed epoch</td></tr>"}</table>
 <h2>Plots</h2>
@@ -272,3 +402,28 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 <table>{settings}</table>
 </body></html>
 """, encoding="utf-8")
+
+
+def _start_line(start: dict) -> str:
+    restart = f"restart {start['restart']}: " if start["restart"] else ""
+    if not start["resumed_from"]:
+        return f"{restart}started afresh (no checkpoint yet)"
+    return f"{restart}resumed from {start['resumed_from']} at step {start['global_step']} (epoch {start['epoch']})"
+
+
+def _error_titles(path: Path, limit: int = 20) -> list[str]:
+    """The heading line of each entry of a run's errors.log (``--- TIME step N: what failed``)."""
+    try:
+        lines = [line[4:].strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.startswith("--- ")]
+    except OSError:
+        return []
+    return lines[-limit:]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

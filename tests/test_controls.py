@@ -207,6 +207,7 @@ def test_export_ema_without_the_plugin_says_so(plain, tmp_path, capsys):
 
 # --- compile -------------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:--resume. this run leaves out the plugin")  # resumed without compile, on purpose
 def test_compile_changes_no_tensor_name_and_trains_like_eager(plain, tmp_path):
     eager = train(plain, ["epochs=1"], ["checkpoint"], tmp_path / "eager")
     compiled = train(plain, ["epochs=1"], ["checkpoint", "compile:backend=aot_eager"], tmp_path / "compiled")

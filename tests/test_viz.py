@@ -174,3 +174,88 @@ def test_replay_through_jsonl_writes_a_copy_but_never_into_the_log_it_reads(reci
     assert "would append to" in capsys.readouterr().err and (run / "events.jsonl").read_text() == log
     assert main(["replay", str(run), "--plugin", "jsonl:filename=copy.jsonl"]) == 0
     assert (run / "copy.jsonl").read_text() == log
+
+
+# --- the per-step training loss, and what the report says about the run --------------------------
+
+def logged_losses(run_dir) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [(e["global_step"], e["loss"]) for e in lines if e["event"] == "BatchEnd"]
+
+
+def test_the_loss_plot_has_every_step_live_and_from_the_log(recipe, tmp_path, monkeypatch):
+    import minitrain_plugins.viz as viz
+
+    drawn = []
+    real = viz.plot_loss
+    monkeypatch.setattr(viz, "plot_loss", lambda epochs, steps, per_epoch, path: (
+        drawn.append((steps, per_epoch)), real(epochs, steps, per_epoch, path)))
+    run = tmp_path / "run"
+    trainer = fit(recipe, run, epochs=3)
+    assert drawn[-1][0] == logged_losses(run) and len(drawn[-1][0]) == 15 and drawn[-1][1] == 5
+    assert_picture(run / "plots" / "loss.png")
+
+    (run / "plots" / "loss.png").unlink()
+    drawn.clear()
+    assert main(["report", str(run)]) == 0  # a replay: the losses come from the log's BatchEnd lines
+    assert drawn[-1][0] == logged_losses(run)
+    assert_picture(run / "plots" / "loss.png")
+
+    buffer = io.BytesIO()  # the per-step curve travels in checkpoints too
+    torch.save(trainer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = prepare(recipe, ["epochs=4"], ["viz"], ["console"], tmp_path / "resumed")
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.fit()
+    assert [s for s, _ in drawn[-1][0]] == list(range(1, 21))
+
+
+def test_holding_the_step_losses_reads_no_tensor(monkeypatch):
+    """Between groups, on_batch_end only appends the loss tensor: no .item(), no copy, no sync."""
+    from minitrain.events import BatchEnd
+    from minitrain_plugins.viz import HOLD, Visualization
+
+    plugin = Visualization(Visualization.Config())
+    losses = [torch.tensor(float(i)) for i in range(HOLD - 1)]
+    for name in ("item", "tolist", "cpu", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a per-step read of the loss"))
+    for step, loss in enumerate(losses, 1):
+        plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4, loss=loss))
+    monkeypatch.undo()
+    assert all(a is b for a, b in zip(plugin.held, losses)) and not plugin.step_losses
+    assert plugin.steps() == [(s, float(s - 1)) for s in range(1, HOLD)]
+
+
+def test_the_report_says_how_the_run_went(recipe, tmp_path):
+    run = tmp_path / "run"
+    fit(recipe, run)
+    report = (run / "report.html").read_text()
+    assert "<title>tiny_recipe: run</title>" in report and "<h1>tiny_recipe</h1>" in report
+    for fact in ("<th>status</th><td><span class=\"status-finished\">finished</span>", "<th>device</th><td>cpu</td>",
+                 "<th>plugins</th><td>jsonl, viz</td>", "<th>duration</th><td>"):
+        assert fact in report
+
+    failing = recipe.with_name("failing_recipe.py")
+    failing.write_text(recipe.read_text() + '''
+
+class Boom:
+    role = "critical"
+
+    @minitrain.hookimpl
+    def on_epoch_end(self, event):
+        if event.epoch == 2:
+            raise RuntimeError("disk on fire")
+
+
+PLUGINS = ["viz", Boom()]
+''')
+    assert main(["run", str(failing), "--set", "epochs=3", "--run-dir", str(tmp_path / "failed"),
+                 "--no-plugin", "console"]) == 1
+    report = (tmp_path / "failed" / "report.html").read_text()
+    assert '<span class="status-failed">failed</span>' in report
+    assert "RuntimeError: disk on fire" in report and '<a href="errors.log">' in report
+    assert "step 10: the run failed" in report  # errors.log's entry
+
+    assert main(["report", str(tmp_path / "failed")]) == 0  # the replay says the same
+    report = (tmp_path / "failed" / "report.html").read_text()
+    assert '<span class="status-failed">failed</span>' in report and "RuntimeError: disk on fire" in report

@@ -1,0 +1,135 @@
+"""``minitrain compare``: one self-contained page from the runs' event logs, checked as a browser
+sees it (headless Chromium: the page renders, every image loads, the console shows no error), and
+the viz report checked the same way."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from minitrain.cli import main
+from minitrain.compare import smooth
+
+FIRST_PARTY_PLUGINS = {"viz"}
+BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
+               None)
+needs_browser = pytest.mark.skipif(BROWSER is None, reason="headless Chromium not installed (Debian: apt-get install "
+                                   "chromium; .ci/run installs it)")
+
+PROBE = """<script>
+(function () {  /* first in <head>: hears every error the page raises, then reports at load */
+  var errors = [], original = console.error;
+  console.error = function () { errors.push(Array.prototype.map.call(arguments, String).join(" "));
+                                original.apply(console, arguments); };
+  window.addEventListener("error", function (e) {
+    var t = e.target;
+    errors.push(t && t !== window && t.tagName ? "failed to load " + t.tagName + " " + (t.src || t.href)
+                                              : String(e.message));
+  }, true);
+  window.addEventListener("unhandledrejection", function (e) { errors.push("unhandled rejection: " + e.reason); });
+  window.addEventListener("load", function () {
+    var images = Array.prototype.map.call(document.images, function (img) {
+      return {src: (img.getAttribute("src") || "").slice(0, 40), complete: img.complete, width: img.naturalWidth};
+    });
+    var out = document.createElement("pre");
+    out.id = "minitrain-probe";
+    out.textContent = JSON.stringify({title: document.title, text: document.body.innerText.length,
+                                      images: images, errors: errors});
+    document.body.appendChild(out);
+  });
+})();
+</script>"""
+
+
+def browse(page, tmp_path) -> dict:
+    """Open a copy of ``page`` (next to it, so relative links resolve) in headless Chromium with
+    the probe above, and return what the probe saw, plus the console lines Chromium logged."""
+    probed = page.with_name(f".probe-{page.name}")
+    probed.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
+    result = subprocess.run(
+        [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--log-level=0",
+         "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    probed.unlink()
+    found = re.search(r'<pre id="minitrain-probe">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"the page never finished loading; chromium said: {result.stderr[-2000:]}"
+    seen = json.loads(found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">")
+                      .replace("&amp;", "&"))
+    seen["console"] = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    return seen
+
+
+def fit(recipe, run_dir, *args):
+    assert main(["run", str(recipe), "--run-dir", str(run_dir), "--no-plugin", "console", *args]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def two_runs(recipe, tmp_path):
+    return [fit(recipe, tmp_path / "runs" / "fast", "--set", "epochs=2", "--set", "lr=0.3"),
+            fit(recipe, tmp_path / "runs" / "slow", "--set", "epochs=3", "--set", "lr=0.05")]
+
+
+def test_compare_writes_one_page_from_the_event_logs(two_runs, tmp_path, capsys):
+    for run in two_runs:  # nothing but the logs and the run files: no plots were drawn
+        assert not (run / "plots").exists()
+    out = tmp_path / "pages" / "fast-vs-slow.html"
+    assert main(["compare", *map(str, two_runs), "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    page = out.read_text()
+    images = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)"', page)
+    assert images == ["Training loss", "Validation loss", "Validation acc", "Learning rate (end of epoch)"]
+    assert "Comparing 2 runs" in page and page.count("tiny_recipe") == 2
+    differ = page[page.index("Settings that differ"):page.index("Final metrics")]
+    assert re.search(r"<th>lr</th><td>0.3</td><td>0.05</td>", differ)
+    assert re.search(r"<th>epochs</th><td>2</td><td>3</td>", differ) and "batch_size" not in differ
+    assert page.count(">finished<") == 2
+
+
+def test_compare_refuses_what_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    assert main(["compare", str(tmp_path / "plain")]) == 2
+    assert "not a minitrain run directory" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+
+
+def test_smoothing_starts_at_the_first_value_and_skips_non_finite():
+    assert smooth([2.0, 2.0, 2.0], span=5) == [2.0, 2.0, 2.0]
+    values = smooth([1.0, float("nan"), 3.0], span=3)
+    assert values[0] == 1.0 and values[1] != values[1] and 1.0 < values[2] < 3.0
+    assert smooth([5.0, 1.0], span=1) == [5.0, 1.0]
+
+
+@needs_browser
+def test_the_comparison_page_renders_in_a_browser(two_runs, tmp_path):
+    out = tmp_path / "compare.html"
+    assert main(["compare", *map(str, two_runs), "-o", str(out)]) == 0
+    seen = browse(out, tmp_path)
+    assert seen["title"] == "minitrain: comparing 2 runs" and seen["text"] > 300
+    assert len(seen["images"]) == 4
+    assert all(image["complete"] and image["width"] > 0 for image in seen["images"]), seen["images"]
+    assert seen["errors"] == [] and seen["console"] == []
+
+
+@needs_browser
+def test_the_report_renders_in_a_browser(recipe, tmp_path):
+    run = fit(recipe, tmp_path / "run", "--set", "epochs=2", "--plugin", "viz")
+    seen = browse(run / "report.html", tmp_path)
+    assert seen["title"] == "tiny_recipe: run"
+    assert len(seen["images"]) >= 4 and all(image["complete"] and image["width"] > 0 for image in seen["images"])
+    assert seen["errors"] == [] and seen["console"] == []
+
+
+@needs_browser
+def test_the_browser_check_sees_a_broken_page(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text('<!doctype html><html><head><title>t</title></head><body><p>text</p>'
+                    '<img src="missing.png"><script>console.error("boom")</script></body></html>')
+    seen = browse(page, tmp_path)
+    assert seen["images"][0]["width"] == 0
+    assert "boom" in seen["errors"] and any("failed to load IMG" in e for e in seen["errors"])
+    assert any("boom" in line for line in seen["console"])
