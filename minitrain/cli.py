@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun the launcher says it, once
             print("minitrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `minitrain runs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     finally:
         warnings.showwarning = shown
         if autoload is None:
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # accepted before or after the subcommand
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    parser = _Parser(prog="minitrain", description="Plugin-based PyTorch training.")
+    parser = _Parser(prog="minitrain", description="Plugin-based PyTorch training.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"minitrain {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--disable-plugin-autoload", action="store_true",
@@ -81,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kwargs)
+        return sub.add_parser(name, parents=[common], allow_abbrev=False, **kwargs)
 
     run = command("run", help="train a recipe")
     run.add_argument("recipe", help="path to a recipe file, e.g. recipes/cifar10_quick.py")

@@ -117,6 +117,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._skipped = 0               # steps of this epoch skipped for a non-finite loss
         self._skipped_in_fit = 0        # of this fit's steps (a fit of skipped steps alone trained nothing)
+        self._running: int | None = None  # the number of the epoch in progress, EpochStart to EpochEnd
         self._finite_through = 0        # the last step at which the losses were known finite
         self._nonfinite: str | None = None  # what was found non-finite, once it was
         self._signal: str | None = None     # the signal that asked the run to stop
@@ -211,11 +212,13 @@ class Trainer:
 
     @property
     def epoch_number(self) -> int:
-        """The epoch running (or the last one, once all are done), numbered from 1 as events are."""
-        return max(1, min(self.epoch + 1, self.epochs))
+        """The epoch running, numbered from 1 as events are: from its EpochStart to its EpochEnd's
+        hooks included (where ``epoch`` already counts it as done), and the next one between two."""
+        return self._running or max(1, min(self.epoch + 1, self.epochs))
 
     def _train_epoch(self) -> None:
         epoch, number, calls = self.epoch, self.epoch + 1, self.calls
+        self._running = number
         skip = self.nonfinite_loss == "skip"
         batches = self._batches()
         self.emit(ev.EpochStart(epoch=number, global_step=self.global_step, steps=self.steps_per_epoch,
@@ -280,6 +283,7 @@ class Trainer:
         self.epoch, self.batch_idx, self.metrics, self._skipped = epoch + 1, 0, metrics, 0
         self._loss_sum.zero_()
         self.emit(ev.EpochEnd(epoch=number, global_step=self.global_step, metrics=metrics))
+        self._running = None
 
     @torch.no_grad()
     def validate(self, epoch: int | None = None) -> dict[str, float]:

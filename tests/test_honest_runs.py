@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitrain import Trainer, checkpointing, cli
+from minitrain import Trainer, checkpointing, cli, hookimpl
 from minitrain.errors import MinitrainError
 from minitrain.run import prepare
 
@@ -286,3 +286,28 @@ def test_nproc_checks_its_input_before_starting_any_process(recipe, tmp_path, ca
     line = error_line(capsys, "run", recipe, "--nproc", "2", "--set", "lr=oops", "--run-dir", tmp_path / "run")
     assert line.startswith("--set: lr: ") and not (tmp_path / "run").exists()
     assert not checkpointing.checkpoint_dirs(tmp_path / "run", [])[0].exists()
+
+
+class FailsAtEpochEnd:
+    role = "critical"
+
+    @hookimpl
+    def on_epoch_end(self, event):
+        if event.epoch == 2:
+            raise RuntimeError("disk full")
+
+
+def test_a_failure_in_an_epoch_end_hook_names_that_epoch(recipe, tmp_path, capsys, monkeypatch):
+    import minitrain.run
+
+    real = minitrain.run.build_trainer
+
+    def with_failing_plugin(*args, **kwargs):
+        trainer, parts = real(*args, **kwargs)
+        trainer.pm.register(FailsAtEpochEnd(), "fails")
+        return trainer, parts
+    monkeypatch.setattr(minitrain.run, "build_trainer", with_failing_plugin)
+    line = error_line(capsys, "run", recipe, "--set", "epochs=3", "--no-plugin", "console",
+                      "--run-dir", tmp_path / "run", code=1)
+    assert line.startswith("training failed in epoch 2, step 10: RuntimeError: disk full")
+
