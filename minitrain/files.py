@@ -6,6 +6,7 @@ through :func:`write_atomic`; a plugin author may use it too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -39,6 +40,16 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], what: st
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # still there only if the rename did not happen
     _fsync_dir(path.parent)
+
+
+def read_json(path: str | Path) -> dict:
+    """A run file's JSON object (run.json, config.json), or ``{}`` when it is missing or unreadable:
+    for readers that make do without it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def check_writable(path: str | Path, what: str = "folder") -> None:

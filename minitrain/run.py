@@ -30,7 +30,7 @@ import torch
 from minitrain import __version__, checkpointing, distributed, finetune
 from minitrain.device import resolve_device, seed_everything
 from minitrain.errors import MinitrainError
-from minitrain.files import write_atomic
+from minitrain.files import read_json, write_atomic
 from minitrain.plugins import PluginRequest, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
 from minitrain.recipe import Components, RecipeConfig, load_recipe, make_config
 from minitrain.trainer import Trainer
@@ -233,7 +233,7 @@ def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_fr
         os.rename(run_dir, aside)
         warnings.warn(f"moved the earlier run in {run_dir} to {aside}", stacklevel=3)
     make_run_dir(run_dir)
-    history = _read_json(run_dir / "run.json").get("history", []) if planned.resumed or planned.restart else []
+    history = read_json(run_dir / "run.json").get("history", []) if planned.resumed or planned.restart else []
     start: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": trainer.resumed_from,
                              "restart": planned.restart, "world_size": distributed.world_size()}
     if planned.resumed:
@@ -271,13 +271,6 @@ def _inputs(loader: Any) -> dict[str, Any] | None:
 def _plugin_config(plugin: Any) -> dict[str, Any]:
     config = getattr(plugin, "config", None)
     return config.model_dump(mode="json") if hasattr(config, "model_dump") else {}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.errors import MinitrainError
+from minitrain.files import read_json
 
 STATUSES = ("finished", "stopped", "failed", "interrupted", "running")
 FINAL = {"FitEnd", "ExceptionRaised", "Interrupted"}
@@ -124,13 +125,13 @@ def higher_is_better(metric: str) -> bool:
 def read_run(path: str | Path, steps: bool = False) -> Run:
     """Read one run directory; ``steps`` also keeps every batch loss of the log (for curves)."""
     path = Path(path)
-    info = _read_json(path / "run.json")
+    info = read_json(path / "run.json")
     run = Run(path, steps=[] if steps else None)
     run.recipe_path = info.get("recipe")
     run.recipe = Path(run.recipe_path).stem if run.recipe_path else None
     run.plugins = info.get("plugins") or {}
     run.device = info.get("device")
-    run.config = _read_json(path / "config.json")
+    run.config = read_json(path / "config.json")
     starts = [t for t in (parse_time(h.get("started")) for h in info.get("history") or []) if t is not None]
     run.started = starts[0] if starts else None
     log = path / (info.get("event_log") or "events.jsonl")
@@ -308,14 +309,6 @@ def format_value(value: float | None) -> str:
 
 def _iso(seconds: float | None) -> str | None:
     return None if seconds is None else datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # --- `minitrain runs` ---------------------------------------------------------------------------

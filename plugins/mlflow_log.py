@@ -68,6 +68,7 @@ from minitrain.errors import MinitrainError
 from minitrain.events import ExceptionRaised, FitEnd, Interrupted
 from minitrain.files import one_line
 from minitrain.runs import flatten, parse_time
+from minitrain.files import read_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STEP_METRIC = "train_loss_step"
@@ -134,7 +135,7 @@ class MlflowLog:
         self.held = []
         run_dir = Path(event.run_dir).absolute() if event.run_dir else None
         self.run_dir = run_dir
-        info = _read_json(run_dir / "run.json") if run_dir else {}
+        info = read_json(run_dir / "run.json") if run_dir else {}
         recipe = info.get("recipe")
         name = Path(recipe).stem if recipe else "minitrain"
         plugins = info.get("plugins") or _plugin_options(trainer)
@@ -312,7 +313,7 @@ class MlflowLog:
         status, run_dir = STATUS[type(event)], self.run_dir
         files = []
         if run_dir is not None:
-            info = _read_json(run_dir / "run.json")
+            info = read_json(run_dir / "run.json")
             csv_name = (info.get("plugins") or {}).get("csv", {}).get("filename", "metrics.csv")
             files = [(run_dir / name, "") for name in ("report.html", csv_name, "config.json", "run.json", "errors.log")]
             files.append((run_dir / "plots", "plots"))
@@ -327,7 +328,7 @@ class MlflowLog:
                                "incomplete and left RUNNING")
         self._check()
         if run_dir is not None:
-            log = run_dir / (_read_json(run_dir / "run.json").get("event_log") or "events.jsonl")
+            log = run_dir / (read_json(run_dir / "run.json").get("event_log") or "events.jsonl")
             final = (type(event).__name__, event.global_step)
             self.worker.submit(lambda: self._upload_log(log, None if self.replaying else final))
             _join_at_exit(self.worker)
@@ -472,19 +473,11 @@ def _git_commit(folder: Path) -> str | None:
     return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _mtime(run_dir: Path | None, replaying: bool) -> float | None:
     """When a replayed run ended: its event log's last write."""
     if run_dir is None or not replaying:
         return None
-    log = run_dir / (_read_json(run_dir / "run.json").get("event_log") or "events.jsonl")
+    log = run_dir / (read_json(run_dir / "run.json").get("event_log") or "events.jsonl")
     try:
         return log.stat().st_mtime
     except OSError:

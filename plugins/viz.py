@@ -41,6 +41,7 @@ from minitrain import PluginConfig, hookimpl
 from minitrain.compare import epoch_axis, smooth
 from minitrain.device import HostCopy
 from minitrain.runs import format_duration, read_run
+from minitrain.files import read_json
 
 PLOTS = "plots"
 HOLD = 256  # per-step losses held before they go to the host together
@@ -96,7 +97,7 @@ class Visualization:
         self.started, self.start_epoch = time.time(), event.start_epoch
         self.replaying = isinstance(trainer, ReplayTrainer)
         self.steps_per_epoch = event.steps_per_epoch
-        self.plugins = sorted(_read_json(self.run_dir / "run.json").get("plugins") or {}) if self.run_dir else []
+        self.plugins = sorted(read_json(self.run_dir / "run.json").get("plugins") or {}) if self.run_dir else []
         if not self.plugins and hasattr(trainer, "pm"):  # a trainer built without `minitrain run`
             self.plugins = sorted(name for name, plugin in trainer.pm.list_name_plugin()
                                   if plugin is not None and name != "core")
@@ -249,7 +250,7 @@ class Visualization:
         else:  # this start's wall time, and the training time of the epochs of earlier starts
             duration = time.time() - self.started + sum(
                 m.get("epoch_time", 0.0) for e, m in self.epochs.items() if e < self.start_epoch)
-        info = _read_json(self.run_dir / "run.json")
+        info = read_json(self.run_dir / "run.json")
         recipe = info.get("recipe")
         errors = self.run_dir / "errors.log"
         return {"recipe": Path(recipe).stem if recipe else None, "status": self.status, "duration": duration,
@@ -419,11 +420,3 @@ def _error_titles(path: Path, limit: int = 20) -> list[str]:
     except OSError:
         return []
     return lines[-limit:]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
