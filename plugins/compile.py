@@ -9,6 +9,12 @@ names with the plugin on or off (no ``_orig_mod.``). It runs after mixed precisi
 the model and before DDP wraps it. Compilation happens at the first training step (and again at
 the first validation, in eval mode); where it fails, the plugin warns once and the run goes on
 eager, redoing that step.
+
+With inductor, half-precision intermediates are rounded as eager rounds them
+(``emulate_precision_casts``). Without it, inductor keeps some of them in fp32, and the backward
+of ``torch.amax`` over a bf16 value (the max-pool head of the CIFAR-10 networks, under bf16
+autocast or a bf16 model) compares fp32 values with their bf16 maximum, finds no match and
+divides by zero: every gradient is NaN from the first step (PyTorch 2.11 on CUDA, 2.14 on CPU).
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ class Compile:
         fullgraph: bool = Field(False, description="fail rather than break the graph")
         dynamic: bool | None = Field(None, description="shapes: dynamic, static, or decided by torch (empty)")
         backend: str = Field("inductor", description="torch.compile's backend (inductor, aot_eager, eager, ...)")
+        emulate_precision_casts: bool = Field(
+            True, description="inductor: round bf16/fp16 intermediates as eager does (off: slightly "
+                              "faster, and NaN gradients through amax in half precision)")
 
     def __init__(self, config: Config):
         self.config = config
@@ -78,5 +87,10 @@ class Compile:
 
 def compile_in_place(module: torch.nn.Module, config: Compile.Config) -> None:
     """``module.compile(...)`` with the plugin's options (also for a hand-written loop)."""
-    options = config.model_dump()
-    module.compile(mode=None if options.pop("mode") == "default" else config.mode, **options)
+    options = None
+    if config.backend == "inductor":  # a mode is a set of inductor options; both cannot be given
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(config.mode), "emulate_precision_casts": config.emulate_precision_casts}
+    module.compile(mode=None if options is not None or config.mode == "default" else config.mode,
+                   options=options, fullgraph=config.fullgraph, dynamic=config.dynamic, backend=config.backend)

@@ -4,6 +4,7 @@ summary, lr-find)."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -232,6 +233,33 @@ def test_a_compiler_that_fails_warns_once_and_the_run_goes_on_eager(plain):
         trainer = train(plain, ["epochs=1"], ["compile:backend=always_fails"])
     assert len([w for w in caught if "compile:" in str(w.message)]) == 1
     assert trainer.global_step == 12 and trainer.module._compiled_call_impl is None
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "clang"))), reason="inductor needs a C compiler on the CPU")
+def test_inductor_gives_amax_over_bf16_the_gradient_eager_gives():
+    """The max-pool head of the CIFAR-10 networks under bf16 autocast: inductor left to keep bf16
+    intermediates in fp32 turns every gradient into NaN (PyTorch 2.14 here, 2.11 on CUDA); the
+    plugin's default options prevent it."""
+    from minitrain_plugins.compile import Compile, compile_in_place
+
+    class MaxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return torch.amax(torch.nn.functional.gelu(self.conv(x)), dim=(2, 3))
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 7, 7)
+    eager, compiled = MaxHead(), MaxHead()
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    compile_in_place(compiled, Compile.Config())
+    for model in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().square().sum().backward()
+    torch.testing.assert_close(compiled.conv.weight.grad, eager.conv.weight.grad, rtol=2e-2, atol=1e-2)
 
 
 # --- profile -------------------------------------------------------------------------------------
