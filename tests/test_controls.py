@@ -200,6 +200,26 @@ def test_ema_averages_on_the_device_resumes_exactly_validates_and_exports(plain,
         torch.testing.assert_close(exported(x), model(x))
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_warms_up_so_that_a_short_run_averages_trained_weights(plain, warmup):
+    trainer = prepare(plain, ["max_steps=2"], [f"ema:decay=0.999,warmup={str(warmup).lower()}"], ["console"])
+    seen = [weights(trainer)]
+
+    class After:
+        @hookimpl(trylast=True)
+        def on_batch_end(self, trainer):
+            seen.append(weights(trainer))
+
+    register_plugin(trainer.pm, After())
+    trainer.fit()
+    decays = [0.1, 2 / 11] if warmup else [0.999, 0.999]
+    expected = seen[0]["1.weight"]
+    for decay, step in zip(decays, seen[1:]):
+        expected = decay * expected + (1 - decay) * step["1.weight"]
+    ema = trainer.pm.get_plugin("ema")
+    torch.testing.assert_close(ema.average[ema.names.index("1.weight")], expected)
+
+
 def test_export_ema_without_the_plugin_says_so(plain, tmp_path, capsys):
     train(plain, ["epochs=1"], ["checkpoint"], tmp_path / "run")
     assert cli.main(["export", str(tmp_path / "run"), "--ema"]) == 2
