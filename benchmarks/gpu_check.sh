@@ -6,7 +6,8 @@
 #   stage     device call 1 (carry .cifar/part1): keeps part 1 on the machine in /root/stage.
 #   run       device call 2 (carry .cifar/part2 and .whl), right after call 1 while the machine is
 #             warm: installs the wheels, rebuilds CIFAR-10 from both parts, runs the benchmark in
-#             each of $VARIANTS (default: bf16 with the sync check, fp16, compiled; also: muon),
+#             each of $VARIANTS (default: bf16 with the sync check, fp16, compiled, then
+#             controls: CLI runs with amp, clip, accumulate, ema, compile, profile; also: muon),
 #             $RUNS timed runs of each kind (default 10); figures in $OUT/<variant>.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,12 +42,23 @@ run)
   export PYTHONPATH=$site PYTHONUNBUFFERED=1
   [[ -d /root/stage/part1 ]] || { echo "no /root/stage/part1: the machine was given back after call 1; run stage again" >&2; exit 2; }
   python3 .cifar/part2/build.py /root/cifar10 /root/stage/part1 .cifar/part2 >/dev/null
-  for variant in ${VARIANTS:-bf16 fp16 compiled}; do  # VARIANTS="bf16 muon" runs just those
+  for variant in ${VARIANTS:-bf16 fp16 compiled controls}; do  # VARIANTS="bf16 muon" runs just those
     case $variant in
       bf16) args=(--sync-debug) ;;
       fp16) args=(--plugin amp:dtype=fp16 --set data_dtype=fp16) ;;
       compiled) args=(--plugin compile) ;;
       muon) args=(--plugin compile --set muon=true) ;;
+      controls)  # the training controls on the card: whole CLI runs of the quick recipe, 2 epochs each
+        echo "=== controls"
+        for plugins in "amp:dtype=fp16 clip:max_norm=2 accumulate:steps=2 ema:evaluate=true" \
+                       "compile amp profile:wait=5,warmup=2,active=3"; do
+          flags=(); for p in $plugins; do flags+=(--plugin "$p"); done
+          echo "--- ${flags[*]}" | tee -a "$OUT/controls.log"
+          python3 -m minitrain run recipes/cifar10_quick.py --set device="${DEVICE:-cuda}" --set data_dir=/root/cifar10 \
+            --set epochs=2 --run-dir "$(mktemp -d)/run" "${flags[@]}" >>"$OUT/controls.log" 2>&1 \
+            && tail -n 4 "$OUT/controls.log" || { tail -n 20 "$OUT/controls.log"; echo "=== controls failed"; }
+        done
+        continue ;;
       *) echo "unknown variant $variant" >&2; continue ;;
     esac
     echo "=== $variant"

@@ -90,10 +90,10 @@ class SyncCheck:
     @hookimpl(tryfirst=True)
     def on_batch_start(self, event) -> None:
         if event.global_step == self.first:
+            torch.cuda.set_sync_debug_mode("warn")  # first: it warns that the mode is a prototype
             self.recorder = warnings.catch_warnings(record=True)
             self.caught = self.recorder.__enter__()
             warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
 
     @hookimpl(trylast=True)
     def on_batch_end(self, event, trainer) -> None:
