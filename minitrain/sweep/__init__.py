@@ -1,0 +1,1 @@
+"""``minitrain sweep``: hyperparameter search on Optuna, each trial an ordinary run."""
