@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
                               "cut the centre (keeps the proportions)")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=_cmd_predict)
+
+    from minitrain import sweep
+    sweep.add_parser(sub, command)
     return parser
 
 
