@@ -62,3 +62,16 @@ def test_recipe_space_merged_key_by_key_and_fixed_keys_leave_it(recipe):
     assert [(d.key, d.spec) for d in space] == [("lr", "float:0.05:0.5"), ("batch_size", "choice:8,16"),
                                                ("epochs", "int:1:3")]
     assert [d.key for d in spaces.build_space(module, [], {"lr": "0.1"})] == ["batch_size"]
+
+
+def test_the_recipes_spaces_fit_their_configs():
+    from pathlib import Path
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    checked = 0
+    for path in sorted(recipes.glob("*.py")):
+        module = load_recipe(path)
+        if getattr(module, "SPACE", None):
+            spaces.check_space(spaces.build_space(module, [], {}), module, [])
+            checked += 1
+    assert checked >= 1  # cifar10_quick declares one
