@@ -145,12 +145,12 @@ def prepare(args: argparse.Namespace):
     if folder.is_dir() and any(folder.iterdir()) and not recorded:
         raise MinitrainError(f"{folder} holds files that are not a sweep's; choose another --study")
     storage_url = args.storage
+    if storage_url and "://" not in storage_url:  # a journal file: one path, wherever the command runs from
+        storage_url = str(Path(storage_url).absolute())
     if recorded.get("storage") and storage_url and studies.masked(storage_url) != recorded["storage"]:
-        raise MinitrainError(f"study {name} lives in {recorded['storage']}, not {studies.masked(storage_url)}; "
+        raise MinitrainError(f"study {name} lives in {recorded['storage']}, not {studies.masked(storage_url)} "
                              f"(its folder {folder} says so)")
     storage_url = storage_url or recorded.get("storage")
-    if storage_url and "://" not in storage_url:
-        storage_url = str(Path(storage_url))
 
     prune_spec = f"prune:study={name},trial=0,monitor={monitor},direction={direction}"
     plan_run(recipe_path, args.overrides, [*args.plugins, prune_spec], args.disabled,
@@ -248,6 +248,8 @@ def make_sampler(spec: str, space) -> tuple[str, Any]:
 
     name, options = _named_options("--sampler", spec, SAMPLERS)
     cls = getattr(optuna().samplers, SAMPLERS[name])
+    if name == "tpe":  # Optuna's advice for trials run in parallel; no effect on one worker alone
+        options = {"constant_liar": True, **options}
     if name == "grid":
         options = {**options, "search_space": grid_space(space)}
     return name, _construct("--sampler", name, cls, options)

@@ -71,6 +71,7 @@ def rows(study, folder: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             seconds = None
         run_dir = attrs.get("run_dir")
+        here = run_dir is not None and (folder / run_dir).is_dir()
         note = attrs.get("error") or attrs.get("stop_reason") or (
             f"stopped by {attrs['interrupted']}; its values were queued again" if attrs.get("interrupted") else None)
         if state == "FAIL" and note is None:
@@ -80,8 +81,8 @@ def rows(study, folder: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({
             "number": t.number, "state": state, "params": dict(t.params), "overrides": attrs.get("overrides", []),
             "value": t.value, "epochs": attrs.get("epochs", len(t.intermediate_values) or None),
-            "seconds": seconds, "run_dir": str(folder / run_dir) if run_dir else None,
-            "log": str(folder / "logs" / f"{run_dir}.log") if run_dir else None, "note": note,
+            "seconds": seconds, "run_dir": str(folder / run_dir) if here else None, "host": attrs.get("host"),
+            "log": str(folder / "logs" / f"{run_dir}.log") if here else None, "note": note,
         })
     sign = -1 if settings.get("direction", "max") == "max" else 1
 
@@ -110,7 +111,7 @@ def show(name_or_dir: str, storage_url: str | None, as_json: bool) -> int:
     keys = list(settings.get("space", {})) or sorted({k for r in table for k in r["params"]})
     header = ["trial", "state", monitor, "epochs", "time", *keys, "run dir"]
     lines = [[str(r["number"]), r["state"].lower(), _fmt(r["value"]), _fmt(r["epochs"]), _time(r["seconds"]),
-              *(_fmt(r["params"].get(k)) for k in keys), r["run_dir"] or "-"] for r in table]
+              *(_fmt(r["params"].get(k)) for k in keys), r["run_dir"] or _elsewhere(r)] for r in table]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     for row, r in zip([header, *lines], [None, *table]):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -140,6 +141,11 @@ def reproduce(settings: dict[str, Any], row: dict[str, Any]) -> list[str]:
     flags = [("--set", o) for o in [*settings.get("fixed", []), *row["overrides"]]]
     flags += [("--plugin", p) for p in settings.get("plugins", [])] + [("--no-plugin", d) for d in settings.get("disabled", [])]
     return ["minitrain", "run", settings.get("recipe", "RECIPE"), *(item for pair in flags for item in pair)]
+
+
+def _elsewhere(row: dict[str, Any]) -> str:
+    """Where a trial ran when its directory is not on this machine."""
+    return f"(on {row['host']})" if row.get("host") and row["state"] != "WAITING" else "-"
 
 
 def _fmt(value: Any) -> str:
@@ -241,7 +247,7 @@ def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table:
     trs = []
     for r in table:
         links = " ".join(filter(None, [link(reports.get(r["number"]), "report"), link(r["run_dir"], "run dir"),
-                                       link(r["log"], "log")]))
+                                       link(r["log"], "log")])) or esc(_elsewhere(r))
         cls = r["state"].lower() + (" best" if best and r["number"] == best["number"] else "")
         trs.append(f'<tr class="{cls}"><td>{r["number"]}</td><td>{esc(r["state"].lower())}</td>'
                    f'<td class="num">{esc(_fmt(r["value"]))}</td><td class="num">{esc(_fmt(r["epochs"]))}</td>'
