@@ -240,6 +240,32 @@ def test_prune_plugin_refuses_a_run_outside_a_sweep(capsys, recipe):
 
 # --- kills, Ctrl-C, and a sweep run again --------------------------------------------------------
 
+def test_which_running_trials_are_lost():
+    """On this host a trial is lost when its sweep's process has ended (or its pid now names
+    another process); elsewhere, when its sweep has not said it is alive for STALE_AFTER_S."""
+    import datetime
+    import socket
+    from types import SimpleNamespace
+
+    from minitrain.sweep import study as studies
+
+    def trial(**attrs):
+        return SimpleNamespace(user_attrs=attrs, datetime_start=datetime.datetime.now())
+
+    me = studies.owner()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    now = time.time()
+    assert not studies.is_lost(trial(**me))
+    assert studies.is_lost(trial(**{**me, "pid": ended.pid}))
+    assert studies.is_lost(trial(**{**me, "pid_start": "another boot:1"}))
+    elsewhere = {"host": socket.gethostname() + "-other", "pid": 1}
+    assert not studies.is_lost(trial(**elsewhere, alive=now - 60))
+    assert studies.is_lost(trial(**elsewhere, alive=now - studies.STALE_AFTER_S - 1))
+    assert not studies.is_lost(trial())  # just asked for; its owner not written yet
+
+
+
 def _launch(args: list[str], log: Path) -> subprocess.Popen:
     """The sweep in a process group of its own, as a shell would start it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

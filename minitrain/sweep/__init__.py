@@ -39,7 +39,8 @@ def add_parser(sub, command) -> None:
                                 "trials (each an ordinary minitrain run in runs/sweeps/NAME/trial-NNNN/); "
                                 "`sweep show NAME` lists them best first and writes plots and sweep.html; "
                                 "`sweep best NAME` prints the command that reproduces the best trial.")
-    sweep.add_argument("target", nargs="+", metavar="RECIPE", help=FORMS)
+    sweep.add_argument("target", nargs="+", metavar="RECIPE",
+                       help="the recipe to search; or `show NAME|DIR`, `best NAME|DIR` for a study's results")
     sweep.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                        help="a config field to search: float:LOW:HIGH[:log], int:LOW:HIGH[:log] or choice:A,B,...; "
                             "replaces the recipe's SPACE entry for KEY; repeatable")
@@ -47,8 +48,8 @@ def add_parser(sub, command) -> None:
     sweep.add_argument("--study", metavar="NAME", help="the study's name (default: the recipe and a timestamp); "
                                                         "running the command again with it continues the study")
     sweep.add_argument("--storage", metavar="URL",
-                       help="Optuna storage: an RDB URL (postgresql://..., mysql://...) that several machines share, "
-                            "or a journal file path; default: runs/sweeps/NAME/study.journal")
+                       help="Optuna storage: an RDB URL (postgresql+psycopg://..., mysql+pymysql://...) that several "
+                            "machines share, or a journal file path; default: runs/sweeps/NAME/study.journal")
     sweep.add_argument("--workers", type=int, metavar="K", help="trials at once on this machine (default 1)")
     sweep.add_argument("--monitor", metavar="METRIC", help="the epoch metric to optimise (default val_acc)")
     sweep.add_argument("--direction", choices=["max", "min"],

@@ -343,7 +343,9 @@ class Sweep:
                     return
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.study.tell(trial, float(value))
-                    self._say(f"trial {number} complete: {monitor} {value:.4g} after {end.get('epochs')} epochs ({took})")
+                    epochs = end.get("epochs")
+                    self._say(f"trial {number} complete: {monitor} {value:.4g} after {epochs} "
+                              f"epoch{'' if epochs == 1 else 's'} ({took})")
                     return
                 self._fail(trial, f"the run reported no finite {monitor} (got {value})", run.log)
             elif interrupted:

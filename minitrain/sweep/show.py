@@ -130,8 +130,9 @@ def best(name_or_dir: str, storage_url: str | None) -> int:
     top = next((r for r in table if r["state"] == "COMPLETE"), None)
     if top is None:
         raise MinitrainError(f"study {name} has no complete trial yet")
-    print(f"# trial {top['number']}: {settings.get('monitor')} {_fmt(top['value'])} after {_fmt(top['epochs'])} "
-          f"epochs; its run: {top['run_dir']}", file=sys.stderr)
+    epochs = top["epochs"]
+    print(f"# trial {top['number']}: {settings.get('monitor')} {_fmt(top['value'])} after {_fmt(epochs)} "
+          f"epoch{'' if epochs == 1 else 's'}; its run: {top['run_dir'] or _elsewhere(top)}", file=sys.stderr)
     print(shlex.join(reproduce(settings, top)))
     return 0
 
@@ -203,7 +204,8 @@ def _plots(study, folder: Path, monitor: str) -> dict[str, str | None]:
         return plot.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), target_name=monitor)
 
     draw = {
-        "history.png": lambda: plot.plot_optimization_history(study, target_name=monitor),
+        "history.png": lambda: (plot.plot_optimization_history(study, target_name=monitor) if complete
+                                else _raise("no complete trial")),
         "intermediate.png": lambda: plot.plot_intermediate_values(study) if curves else _raise("no trial reported yet"),
         "importances.png": importances,
         "slice.png": lambda: plot.plot_slice(study, target_name=monitor) if complete else _raise("no complete trial"),
@@ -215,8 +217,12 @@ def _plots(study, folder: Path, monitor: str) -> dict[str, str | None]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = make()
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-            figure.set_size_inches(max(figure.get_size_inches()[0], 6.4), max(figure.get_size_inches()[1], 4.0))
+            every = list(axes.flat) if hasattr(axes, "flat") else [axes]
+            for ax in every:
+                _tidy(ax, file, monitor)
+            figure = every[0].figure
+            figure.set_size_inches(max(figure.get_size_inches()[0], 6.4, 3.6 * len(every)),
+                                   max(figure.get_size_inches()[1], 4.0))
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
             plt.close(figure)
@@ -227,6 +233,24 @@ def _plots(study, folder: Path, monitor: str) -> dict[str, str | None]:
             path.unlink(missing_ok=True)
             problems[file] = one_line(exc)
     return problems
+
+
+def _tidy(ax, file: str, monitor: str) -> None:
+    """Axes a reader takes in at a glance: epochs and trial numbers as whole numbers, and a log
+    axis labelled at 1, 2 and 5 of each decade in plain numbers (Optuna's labels every minor tick
+    in powers of ten, and they run into each other)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if file == "intermediate.png":
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(monitor)
+    if file in ("history.png", "intermediate.png"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if ax.get_xscale() == "log":
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelrotation=30)
 
 
 def _raise(reason: str):
@@ -244,6 +268,7 @@ def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table:
             return ""
         return f'<a href="{esc(Path(path).relative_to(folder).as_posix() if _inside(path, folder) else Path(path).absolute().as_uri())}">{esc(text)}</a>'
 
+    notes = any(r["note"] for r in table)
     trs = []
     for r in table:
         links = " ".join(filter(None, [link(reports.get(r["number"]), "report"), link(r["run_dir"], "run dir"),
@@ -253,7 +278,7 @@ def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table:
                    f'<td class="num">{esc(_fmt(r["value"]))}</td><td class="num">{esc(_fmt(r["epochs"]))}</td>'
                    f'<td class="num">{esc(_time(r["seconds"]))}</td>'
                    + "".join(f'<td class="num">{esc(_fmt(r["params"].get(k)))}</td>' for k in keys)
-                   + f'<td>{links}</td><td class="note">{esc(r["note"] or "")}</td></tr>')
+                   + f'<td>{links}</td>' + (f'<td class="note">{esc(r["note"] or "")}</td>' if notes else "") + "</tr>")
     figures = [f'<figure><img src="{file}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption></figure>'
                for file, title in PLOTS.items() if plots.get(file) is None and (folder / file).is_file()]
     missing = [f"{esc(PLOTS[file].split(' (')[0])}: {esc(problem)}" for file, problem in plots.items() if problem]
@@ -287,7 +312,7 @@ figcaption {{ font-size: 90%; color: #444; }}
 {best_html}
 <h2>Trials, best first</h2>
 <table><tr><th>trial</th><th>state</th><th>{esc(monitor)}</th><th>epochs</th><th>time</th>
-{"".join(f"<th>{esc(k)}</th>" for k in keys)}<th>files</th><th>note</th></tr>
+{"".join(f"<th>{esc(k)}</th>" for k in keys)}<th>files</th>{"<th>note</th>" if notes else ""}</tr>
 {chr(10).join(trs)}
 </table>
 <h2>Plots</h2>
