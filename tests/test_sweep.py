@@ -76,6 +76,12 @@ def test_trials_are_required(capsys, recipe):
     assert code == 2 and "--trials N" in err
 
 
+def test_without_optuna_a_sweep_says_how_to_install_it(capsys, recipe, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    code, _, err = sweep(capsys, recipe, "--space", "lr=float:0.1:1", "--trials", 2)
+    assert code == 2 and "minitrain sweep needs Optuna: pip install 'minitrain[sweep]'" in err
+
+
 def test_show_and_best_options_and_missing_study(capsys):
     code, _, err = sweep(capsys, "show", "nope")
     assert code == 2 and "no sweep 'nope'" in err

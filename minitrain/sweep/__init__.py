@@ -106,6 +106,7 @@ def prepare(args: argparse.Namespace):
     from minitrain.sweep import study as studies
     from minitrain.sweep.runner import SweepPlan
 
+    studies.optuna()  # installed? (the one-line error says how, before any other work)
     recipe_path = args.target[0]
     if args.trials is None:
         raise MinitrainError("--trials N: how many trials the study should have")
