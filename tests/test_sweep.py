@@ -18,7 +18,7 @@ from minitrain import cli
 
 optuna = pytest.importorskip("optuna", reason="minitrain sweep needs Optuna: pip install -e '.[sweep]'")
 
-FIRST_PARTY_PLUGINS = {"prune", "viz", "checkpoint"}
+FIRST_PARTY_PLUGINS = {"prune", "viz", "checkpoint", "early_stopping"}
 SWEEPS = Path("runs") / "sweeps"
 
 
@@ -235,6 +235,43 @@ def test_a_trial_that_cannot_start_stops_the_sweep(capsys, recipe):
     code, out, err = sweep(capsys, *args)
     assert code == 0, (out, err)
     assert sorted(states("nomonitor").values()) == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+def test_early_stopping_and_checkpoints_work_inside_trials(capsys, recipe):
+    """On the tiny data val_loss rises after epoch 2 at lr=0.2: early stopping ends the trial,
+    which is complete (not pruned) with its last value, and the checkpoint plugin saved as usual."""
+    code, out, err = sweep(capsys, recipe, "--space", "lr=choice:0.2,0.21", "--trials", 1, "--study", "es",
+                           "--set", "epochs=8", "--pruner", "none", "--monitor", "val_loss",
+                           "--plugin", "early_stopping:patience=1", "--plugin", "checkpoint")
+    assert code == 0, (out, err)
+    (trial,) = study("es").get_trials(deepcopy=False)
+    run_dir = SWEEPS / "es" / "trial-0000"
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["epochs"] < 8
+    assert trial.user_attrs["stop_reason"].startswith("val_loss did not improve")
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
+    assert json.loads((run_dir / "run.json").read_text())["plugins"]["early_stopping"]["patience"] == 1
+
+
+def test_workers_share_the_cores_and_take_gpus_in_turn(monkeypatch):
+    import torch
+
+    from minitrain.sweep import _gpus, _threads
+    from minitrain.sweep.runner import Sweep
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [_threads(k) for k in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _threads(2) == 3  # the user's choice
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _gpus("auto") == ["0", "1"] and _gpus("cpu") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert _gpus("cuda") == ["4", "6"]
+    sweep_ = Sweep.__new__(Sweep)  # only its environment for a worker
+    sweep_.plan = type("Plan", (), {"threads": 3, "gpus": ["4", "6"]})()
+    assert [sweep_._environment(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4", "6", "4"]
 
 
 def test_prune_plugin_refuses_a_run_outside_a_sweep(capsys, recipe):
