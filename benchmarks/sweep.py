@@ -61,14 +61,16 @@ def main() -> None:
         seconds = timed([*minitrain, "sweep", RECIPE, "--trials", str(args.trials), "--workers", str(args.workers),
                          "--set", f"epochs={args.epochs}", "--sampler", f"tpe:seed={args.seed}", "--pruner", pruner,
                          "--study", study], out / f"sweep-{pruner}.log")
-        shown = subprocess.run([*minitrain, "sweep", "show", study, "--json"], capture_output=True, text=True, check=True)
+        shown = subprocess.run([*minitrain, "sweep", "show", study, "--json"], capture_output=True, text=True,
+                               check=True)
         (out / f"sweep-{pruner}.json").write_text(shown.stdout)
         trials = json.loads(shown.stdout)["trials"]
         best = trials[0]
         values = ", ".join(f"{k}={v:.3g}" for k, v in best["params"].items())
         epochs = sum(t["epochs"] or 0 for t in trials)
         rows.append((f"sweep, pruner {pruner} ({args.trials} trials, {epochs} epochs trained)", seconds,
-                     str(sum(t["state"] == "PRUNED" for t in trials)), best["value"], f"trial {best['number']}: {values}"))
+                     str(sum(t["state"] == "PRUNED" for t in trials)), best["value"],
+                     f"trial {best['number']}: {values}"))
 
     keys = list(best["params"])
     rows[0][4] = ", ".join(f"{k}={config[k]:.3g}" for k in keys)  # the defaults of what the sweeps searched

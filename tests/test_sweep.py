@@ -159,7 +159,8 @@ def test_pruning_stops_a_hopeless_trial(capsys, recipe):
         fit_end = events[-1]
         assert fit_end["event"] == "FitEnd"
         if t.state.name == "PRUNED":
-            assert fit_end["epochs_completed"] == 1 and fit_end["stop_reason"].startswith("pruned by the sweep's median")
+            assert fit_end["epochs_completed"] == 1
+            assert fit_end["stop_reason"].startswith("pruned by the sweep's median")
             assert t.value > 100 and t.user_attrs["epochs"] == 1  # the value it was pruned at
         else:
             assert fit_end["epochs_completed"] == 3 and fit_end["stop_reason"] is None
@@ -313,8 +314,8 @@ def _launch(args: list[str], log: Path) -> subprocess.Popen:
     """The sweep in a process group of its own, as a shell would start it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "minitrain", "sweep", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "minitrain", "sweep", *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -173,8 +173,9 @@ def prepare(args: argparse.Namespace):
                *(["--workers", str(workers)] if workers != 1 else []),
                *(["--monitor", args.monitor] if args.monitor else []),
                *(["--direction", args.direction] if args.direction else []),
-               *(["--sampler", args.sampler] if args.sampler else []), *(["--pruner", args.pruner] if args.pruner else []),
-               *_flags("--set", args.overrides), *_flags("--plugin", args.plugins), *_flags("--no-plugin", args.disabled)]
+               *(["--sampler", args.sampler] if args.sampler else []),
+               *(["--pruner", args.pruner] if args.pruner else []), *_flags("--set", args.overrides),
+               *_flags("--plugin", args.plugins), *_flags("--no-plugin", args.disabled)]
     plan = SweepPlan(name=name, folder=folder, storage_url=storage_url, recipe_path=recipe_path, recipe=recipe,
                      space=space, fixed=list(args.overrides), plugins=list(args.plugins), disabled=list(args.disabled),
                      monitor=monitor, direction=direction, trials=args.trials, workers=min(workers, args.trials),

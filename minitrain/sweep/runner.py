@@ -207,7 +207,8 @@ class Sweep:
             return 1
         best = self.study.best_trial
         self._say(f"best: trial {best.number}, {self.plan.monitor} {best.value:.4g} with {_short(best.params)}")
-        self._say(f"  reproduce it: minitrain sweep best {self.plan.name}; all trials: minitrain sweep show {self.plan.name}")
+        self._say(f"  reproduce it: minitrain sweep best {self.plan.name}; "
+                  f"all trials: minitrain sweep show {self.plan.name}")
         return 0
 
     def _say(self, text: str, err: bool = False) -> None:
@@ -339,7 +340,8 @@ class Sweep:
                 value = end.get("value")
                 if pruned:
                     self.study.tell(trial, state=self.state.PRUNED)
-                    self._say(f"trial {number} pruned after epoch {end.get('epochs')}: {monitor} {_number(value)} ({took})")
+                    self._say(f"trial {number} pruned after epoch {end.get('epochs')}: {monitor} {_number(value)} "
+                              f"({took})")
                     return
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.study.tell(trial, float(value))

@@ -140,7 +140,8 @@ def best(name_or_dir: str, storage_url: str | None) -> int:
 def reproduce(settings: dict[str, Any], row: dict[str, Any]) -> list[str]:
     """The ``minitrain run`` command of a trial, without the sweep's prune plugin."""
     flags = [("--set", o) for o in [*settings.get("fixed", []), *row["overrides"]]]
-    flags += [("--plugin", p) for p in settings.get("plugins", [])] + [("--no-plugin", d) for d in settings.get("disabled", [])]
+    flags += [("--plugin", p) for p in settings.get("plugins", [])]
+    flags += [("--no-plugin", d) for d in settings.get("disabled", [])]
     return ["minitrain", "run", settings.get("recipe", "RECIPE"), *(item for pair in flags for item in pair)]
 
 
@@ -266,7 +267,8 @@ def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table:
     def link(path: str | None, text: str) -> str:
         if not path or not Path(path).exists():
             return ""
-        return f'<a href="{esc(Path(path).relative_to(folder).as_posix() if _inside(path, folder) else Path(path).absolute().as_uri())}">{esc(text)}</a>'
+        href = Path(path).relative_to(folder).as_posix() if _inside(path, folder) else Path(path).absolute().as_uri()
+        return f'<a href="{esc(href)}">{esc(text)}</a>'
 
     notes = any(r["note"] for r in table)
     trs = []
@@ -286,7 +288,8 @@ def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table:
     for r in table:
         counts[r["state"].lower()] = counts.get(r["state"].lower(), 0) + 1
     described = {
-        "recipe": settings.get("recipe"), "searched": ", ".join(f"{k}={v}" for k, v in settings.get("space", {}).items()),
+        "recipe": settings.get("recipe"),
+        "searched": ", ".join(f"{k}={v}" for k, v in settings.get("space", {}).items()),
         "objective": f"{'maximise' if settings.get('direction') == 'max' else 'minimise'} {monitor}",
         "fixed (--set)": " ".join(settings.get("fixed", [])) or "-",
         "plugins": " ".join(settings.get("plugins", [])) or "-",

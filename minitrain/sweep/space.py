@@ -160,7 +160,8 @@ def build_space(recipe: ModuleType, given: Iterable[str], fixed: Mapping[str, st
         if not sep or not key or not spec.strip():
             raise MinitrainError(f"--space {item!r}: expected KEY=SPEC, e.g. lr=float:1e-3:1:log")
         if key in fixed:
-            raise MinitrainError(f"--space {item}: {key} is also fixed by --set {key}={fixed[key]}; search it or fix it")
+            raise MinitrainError(f"--space {item}: {key} is also fixed by --set {key}={fixed[key]}; "
+                                 "search it or fix it")
         space[key] = parse_spec(key, spec.strip())
     if not space:
         raise MinitrainError("nothing to search: give --space KEY=SPEC (e.g. --space lr=float:1e-3:1:log), "

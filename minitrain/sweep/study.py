@@ -98,8 +98,9 @@ def open_storage(url: str | None, folder: Path):
     try:
         return RDBStorage(url)
     except ImportError as exc:
-        raise MinitrainError(f"--storage {masked(url)}: the database driver is missing ({one_line(exc)}); "
-                             "for PostgreSQL: pip install 'psycopg[binary]' and a URL postgresql+psycopg://...") from None
+        missing = f"--storage {masked(url)}: the database driver is missing ({one_line(exc)})"
+        raise MinitrainError(f"{missing}; for PostgreSQL: pip install 'psycopg[binary]' and a URL "
+                             "postgresql+psycopg://...") from None
     except Exception as exc:
         raise MinitrainError(f"--storage {masked(url)}: cannot open the study database: {one_line(exc)}") from None
 
@@ -134,7 +135,8 @@ def open_study(name: str, storage, settings: Settings, sampler, pruner):
     except ValueError as exc:  # an existing study with the other direction
         raise MinitrainError(f"study {name}: {one_line(exc)}") from None
     recorded = study.user_attrs.get(SETTINGS_ATTR)
-    if recorded is None or (recorded != settings.to_dict() and not any(counts(t) for t in study.get_trials(deepcopy=False))):
+    measured = any(counts(t) for t in study.get_trials(deepcopy=False))
+    if recorded is None or (recorded != settings.to_dict() and not measured):
         study.set_user_attr(SETTINGS_ATTR, settings.to_dict())  # new, or nothing measured yet
     elif differences := settings.differences(recorded):
         raise MinitrainError(f"study {name} searches something else: {'; '.join(differences)}. A study measures one "
