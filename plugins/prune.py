@@ -7,7 +7,8 @@ number as options (so both are in the trial's ``run.json``) and the metric the s
     minitrain run RECIPE ... --plugin prune:study=NAME,trial=7,monitor=val_acc,direction=max
 
 After each epoch that validated it sends ``monitor`` to the sweep, which reports it to Optuna
-(``trial.report(value, epoch)``) and asks the pruner (``trial.should_prune()``). A rejected trial
+(``trial.report(value, epoch)``) and asks the pruner (``trial.should_prune()``), except after the
+last epoch: a trial that has trained all its epochs is complete. A rejected trial
 is stopped through ``trainer.request_stop``, so it ends between two steps like an early-stopped
 run, with ``FitEnd.stop_reason`` saying it was pruned; the sweep records it as pruned. When the
 fit ends it sends the final value. Outside a sweep there is no study to report to, and the
@@ -60,8 +61,9 @@ class Prune:
         if value is None:
             return  # an epoch without validation (the validation plugin)
         self.last = value
+        final = event.epoch >= trainer.epochs  # reported, but not judged: stopping now would save nothing
         try:
-            channel.send(self.conn, {"kind": "report", "epoch": event.epoch, "value": value})
+            channel.send(self.conn, {"kind": "report", "epoch": event.epoch, "value": value, "final": final})
             answer = channel.receive(self.conn)
         except (EOFError, OSError):
             trainer.request_stop("the sweep that started this trial is gone")

@@ -206,6 +206,25 @@ def build(config, device):
 '''
 
 
+def test_a_trial_is_not_pruned_after_its_last_epoch(capsys, recipe):
+    """Stopping a trial that has trained all its epochs saves nothing: its last value is reported,
+    but not judged, and the trial is complete, however bad."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend("last.journal"))
+    queued = optuna.create_study(study_name="last", direction="minimize", storage=storage)
+    for lr in (0.05, 1000):
+        queued.enqueue_trial({"lr": lr})
+    code, out, err = sweep(capsys, recipe, "--space", "lr=choice:0.05,1000", "--trials", 2, "--study", "last",
+                           "--storage", "last.journal", "--monitor", "val_loss", "--set", "epochs=1",
+                           "--pruner", "median:n_startup_trials=1")
+    assert code == 0, (out, err)
+    trials = study("last", storage).get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"] and trials[1].value > 100
+    assert all(t.intermediate_values == {1: t.value} for t in trials)
+
+
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(capsys, write_recipe, fake_cifar):
     recipe = write_recipe(FAILING_RECIPE.format(data_dir=str(fake_cifar)), "failing.py")
     code, out, err = sweep(capsys, recipe, "--space", "failure=choice:none,nan,raise", "--trials", 3,

@@ -2,8 +2,8 @@
 
 A trial is an ordinary ``minitrain run`` in a child process; the sweep gives it one end of a
 socket pair and puts its file descriptor in ``MINITRAIN_SWEEP_CHANNEL``. The ``prune`` plugin, in
-the trial, sends a ``report`` after every validation and waits for the answer (prune or go on), and
-an ``end`` when the fit ends. Messages are JSON objects; only the sweep talks to Optuna, so a trial
+the trial, sends a ``report`` after every validation (``final`` after the last epoch, which is
+not judged) and waits for the answer (prune or go on), and an ``end`` when the fit ends. Messages are JSON objects; only the sweep talks to Optuna, so a trial
 needs neither Optuna nor the study's storage (nor its password).
 """
 from __future__ import annotations

@@ -312,7 +312,7 @@ class Sweep:
                     if message.get("kind") == "report":
                         with self.lock:
                             trial.report(float(message["value"]), step=int(message["epoch"]))
-                            prune = bool(trial.should_prune())
+                            prune = not message.get("final") and bool(trial.should_prune())
                         pruned = pruned or prune
                         channel.send(conn, {"prune": prune, "pruner": self.plan.pruner_name})
                     elif message.get("kind") == "end":
