@@ -11,6 +11,10 @@ crash, or be killed, without taking the sweep with it.
 Only this process talks to Optuna: a worker thread asks the study for a trial, starts the child,
 answers its ``prune`` plugin after every validation (``trial.report``, ``trial.should_prune``)
 and tells the study the outcome when the child exits.
+
+A Python script that starts a sweep itself (``minitrain.cli.main(["sweep", ...])``) guards its
+body with ``if __name__ == "__main__":``, as multiprocessing requires of any program that starts
+processes this way: each child imports the main module.
 """
 from __future__ import annotations
 
