@@ -9,7 +9,7 @@ DEMO_RUN := runs/cifar10_quick-$(shell date +%Y%m%d-%H%M%S)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,tracking]'
+	$(PY) -m pip install -q -e '.[test,tracking,sweep]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,7 +18,7 @@ from typing import NoReturn
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from minitrain import __version__, compare, runs
+from minitrain import __version__, compare, runs, sweep
 from minitrain.errors import MinitrainError, TrainingInterrupted
 from minitrain.files import one_line
 from minitrain.plugins import DISABLE_AUTOLOAD_ENV
@@ -185,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
 
     runs.add_parser(sub, command)
     compare.add_parser(sub, command)
+    sweep.add_parser(sub, command)
     return parser
 
 

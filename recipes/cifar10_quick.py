@@ -7,6 +7,7 @@ smoothing, Nesterov SGD with a triangular learning-rate schedule, random crops a
 channels-last bf16 compute (the ``amp`` plugin) and flip test-time augmentation.
 
     minitrain run recipes/cifar10_quick.py --set epochs=4 --set widths=[32,64,128]
+    minitrain sweep recipes/cifar10_quick.py --trials 12 --workers 2 --set epochs=2   # searches SPACE
 """
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ class Config(minitrain.RecipeConfig):
 
 
 PLUGINS = ["amp:dtype=bf16", "tta"]
+
+# What `minitrain sweep recipes/cifar10_quick.py --trials N` searches unless --space says otherwise.
+SPACE = {"lr": "float:0.05:0.8:log", "weight_decay": "float:5e-5:5e-3:log"}
 
 
 def build_model(config: Config) -> ConvNet:
