@@ -139,8 +139,7 @@ class Trainer:
         if _length(self.train_loader) == 0:
             raise MinitrainError("the training loader has no batches (is the data set smaller than one batch "
                                  "with drop_last?)")
-        for name in ("limit_train_batches", "limit_val_batches"):
-            loader = self.train_loader if name == "limit_train_batches" else self.val_loader
+        for name, loader in (("limit_train_batches", self.train_loader), ("limit_val_batches", self.val_loader)):
             if isinstance(getattr(self, name), float) and loader is not None and _length(loader) is None:
                 raise MinitrainError(f"{name} is a fraction, but the loader has no length to take it of; give a "
                                      "number of batches")

@@ -45,14 +45,18 @@ class EMA:
     def setup(self, trainer) -> None:
         state = trainer.module.state_dict(keep_vars=True)
         self.names = [name for name, t in state.items() if t.is_floating_point()]
-        self.tracked = [state[name] for name in self.names]
-        self.trained = {id(p) for p in trainer.module.parameters()}
+        trained = {id(p) for p in trainer.module.parameters()}  # averaged; buffers are copied
+        is_trained = [id(state[name]) in trained for name in self.names]
+        self.tracked = [state[name].detach() for name in self.names]  # views: they follow the weights
         source = self._loaded or (dict(zip(self.names, self.average)) if self.average else None)
         if source is not None and sorted(source) != sorted(self.names):
             raise MinitrainError("ema: the saved average does not fit this model's tensors")
         self.average = [(source[name] if source is not None else t).detach().to(t.device, t.dtype, copy=True)
                         for name, t in zip(self.names, self.tracked)]
         self._loaded = None
+        pairs = list(zip(self.average, self.tracked, is_trained))
+        self._lerped = ([a for a, _, w in pairs if w], [t for _, t, w in pairs if w])  # (averages, weights)
+        self._copied = ([a for a, _, w in pairs if not w], [t for _, t, w in pairs if not w])
 
     @hookimpl(wrapper=True)
     def optimizer_step(self, trainer):
@@ -69,19 +73,17 @@ class EMA:
 
     @torch.no_grad()
     def _update(self, decay: float) -> None:
-        weights = [(a, t) for a, t in zip(self.average, self.tracked) if id(t) in self.trained]
-        buffers = [(a, t) for a, t in zip(self.average, self.tracked) if id(t) not in self.trained]
-        if weights:
-            torch._foreach_lerp_([a for a, _ in weights], [t.detach() for _, t in weights], 1 - decay)
-        if buffers:
-            torch._foreach_copy_([a for a, _ in buffers], [t for _, t in buffers])
+        if self._lerped[0]:
+            torch._foreach_lerp_(*self._lerped, 1 - decay)
+        if self._copied[0]:
+            torch._foreach_copy_(*self._copied)
 
     @hookimpl
     def on_validation_start(self) -> None:
         if self.config.evaluate and self.updates:
-            self._swapped = [t.detach().clone() for t in self.tracked]
+            self._swapped = [t.clone() for t in self.tracked]
             with torch.no_grad():
-                torch._foreach_copy_([t.detach() for t in self.tracked], self.average)
+                torch._foreach_copy_(self.tracked, self.average)
 
     @hookimpl
     def on_validation_end(self) -> None:
@@ -98,7 +100,7 @@ class EMA:
     def _put_back(self) -> None:
         if self._swapped is not None:
             with torch.no_grad():
-                torch._foreach_copy_([t.detach() for t in self.tracked], self._swapped)
+                torch._foreach_copy_(self.tracked, self._swapped)
             self._swapped = None
 
     def state_dict(self) -> dict:
@@ -107,5 +109,5 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self._loaded, self.updates = dict(state[STATE]), state["updates"]
         if self.names:  # set up already (a second fit): take it at once
-            self.average = [self._loaded[name].to(a.device, a.dtype) for name, a in zip(self.names, self.average)]
+            torch._foreach_copy_(self.average, [self._loaded[name] for name in self.names])  # in place: kept in _lerped
             self._loaded = None
