@@ -42,6 +42,7 @@ class Accumulate:
         self.config = config
         self.window = 0  # batches of the current window whose gradients are in .grad
         self.parameters: list[torch.nn.Parameter] = []
+        self.epoch_steps: int | None = None  # batches per epoch, fixed for a fit
         self._grads: list[torch.Tensor | None] | None = None  # from a checkpoint, for set-up
 
     @hookimpl
@@ -56,6 +57,7 @@ class Accumulate:
     @hookimpl(trylast=True)
     def setup(self, trainer) -> None:
         self.parameters = list(trainer.module.parameters())
+        self.epoch_steps = trainer.steps_per_epoch
         if self._grads is not None:  # resumed inside a window: its gradients so far
             for parameter, grad in zip(self.parameters, self._grads):
                 parameter.grad = None if grad is None else grad.to(parameter.device, parameter.dtype)
@@ -63,9 +65,8 @@ class Accumulate:
 
     @hookimpl(wrapper=True, tryfirst=True)
     def train_step(self, trainer):
-        steps = trainer.steps_per_epoch
         trainer.stepping = (self.window + 1 == self.config.steps
-                            or (steps is not None and trainer.batch_idx + 1 == steps))
+                            or (self.epoch_steps is not None and trainer.batch_idx + 1 == self.epoch_steps))
         if isinstance(trainer.model, DistributedDataParallel):
             trainer.model.require_backward_grad_sync = trainer.stepping
         return (yield)
@@ -75,7 +76,7 @@ class Accumulate:
         done = yield
         self.window += 1
         if trainer.stepping and self.window > 1:
-            grads = [p.grad for p in trainer.module.parameters() if p.grad is not None]
+            grads = [p.grad for p in self.parameters if p.grad is not None]
             torch._foreach_div_(grads, self.window)  # the mean over the window, on the device
         return done
 
