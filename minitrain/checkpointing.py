@@ -36,20 +36,13 @@ DEFAULT_DIR = "checkpoints"
 def header(trainer: Trainer, **extra: Any) -> dict[str, Any]:
     """What a file says about itself: format, versions, the exact position it resumes at
     (``epoch`` full epochs done plus ``batch_idx`` batches of the next), the recipe config the
-    run was using (a resume starts from it), its critical plugins and its number of processes,
-    plus ``extra``."""
+    run was using and its plugins with their options (a resume starts from both), and its
+    number of processes, plus ``extra``."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "minitrain_version": __version__,
             "torch_version": str(torch.__version__), "epoch": trainer.epoch, "batch_idx": trainer.batch_idx,
             "global_step": trainer.global_step, "config": trainer.config,
-            "critical_plugins": critical_plugins(trainer.pm.list_name_plugin()),
+            "plugins": trainer.recorded_plugins,
             "world_size": distributed.world_size(), **extra}
-
-
-def critical_plugins(named: list[tuple[str, Any]]) -> list[str]:
-    """The names of the plugins that change training, of ``(name, plugin)`` pairs."""
-    from minitrain.plugins import role_of
-
-    return sorted(name for name, plugin in named if plugin is not None and name != "core" and role_of(plugin) == "critical")
 
 
 def save(path: str | Path, header: dict[str, Any], state: dict[str, Any]) -> None:
@@ -144,18 +137,20 @@ def check_resume(spec: str | Path, run_dir: str | Path | None) -> None:
 
 def find(spec: str | Path, folders: list[Path]) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint ``spec`` names, loaded: a file, or ``"auto"`` for the newest readable one in
-    ``folders`` (None, with a warning, when there is none: the run starts fresh). Under torchrun
-    rank 0 picks the file and every rank loads that one."""
+    ``folders`` (None when there is none). Under torchrun rank 0 picks the file and every rank
+    loads that one."""
     if str(spec) != "auto":
         return Path(spec), load(spec)
     found = newest(folders) if distributed.is_main() else None
     chosen = distributed.from_main(found and str(found[0]))
     if chosen is None:
-        if distributed.is_main():
-            warnings.warn(f"--resume auto: no checkpoint in {', '.join(map(str, folders))}; starting fresh",
-                          stacklevel=2)
         return None
     return found or (Path(chosen), load(chosen))
+
+
+def any_files(folders: list[Path]) -> bool:
+    """Whether ``folders`` hold a checkpoint file at all, readable or not."""
+    return any(path.is_file() for folder in folders for path in folder.glob("*.pt"))
 
 
 def restore(trainer: Trainer, path: Path, checkpoint: dict[str, Any]) -> None:

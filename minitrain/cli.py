@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from minitrain import __version__, compare, runs, sweep
-from minitrain.errors import MinitrainError, TrainingInterrupted
+from minitrain.errors import MinitrainError, RunComplete, TrainingInterrupted
 from minitrain.files import one_line
 from minitrain.plugins import DISABLE_AUTOLOAD_ENV
 
@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DISABLE_AUTOLOAD_ENV] = "1"
     try:
         return args.func(args) or 0
+    except RunComplete as exc:  # a finished run resumed again (a requeue, a restart): nothing to do
+        from minitrain import distributed
+
+        if distributed.is_main():
+            print(f"minitrain: {exc}")
+        distributed.leave()
+        return 0
     except (MinitrainError, RunFailed) as exc:
         if args.debug:
             raise
@@ -307,7 +314,7 @@ def _resume_hint(args: argparse.Namespace, trainer) -> str:
 
     folders = checkpointing.checkpoint_dirs(trainer.run_dir, [p for _, p in trainer.pm.list_name_plugin()])
     if not any(any(folder.glob("*.pt")) for folder in folders):
-        return "no checkpoint was written (--plugin checkpoint makes a run resumable)"
+        return "no checkpoint was written (the run has --no-plugin checkpoint, or stopped before its first save)"
     return f"resume with: {shlex.join(_resume_command(args, trainer.run_dir))}"
 
 
@@ -335,7 +342,7 @@ def _launch(args: argparse.Namespace, plan) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from minitrain import distributed
+    from minitrain import distributed, lock
 
     if args.nproc < 1:
         raise MinitrainError(f"--nproc must be at least 1, not {args.nproc}")
@@ -345,6 +352,8 @@ def _launch(args: argparse.Namespace, plan) -> int:
         raise MinitrainError("--nproc: this process was already started by torchrun; drop --nproc")
     planned = plan(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume,
                    args.init_from, args.move_aside)
+    if lock.in_use(planned.run_dir):  # before N processes start, to be refused one by one
+        raise MinitrainError(lock.busy(planned.run_dir))
     rest = _without(args.argv, "--nproc", "--max-restarts")
     if args.run_dir is None:  # the name chosen here, so that the resume hint can name it
         rest += ["--run-dir", str(planned.run_dir)]
@@ -399,7 +408,7 @@ def _nproc_resume_hint(args: argparse.Namespace, planned, last: bool = False) ->
     folders = checkpointing.checkpoint_dirs(planned.run_dir, [p for _, p in planned.plugins])
     found = checkpointing.newest(folders)
     if found is None:
-        return "no checkpoint was written (--plugin checkpoint makes a run resumable)"
+        return "no checkpoint was written (the run has --no-plugin checkpoint, or stopped before its first save)"
     step = found[1]["header"]["global_step"]
     where = f"the last checkpoint is {found[0]} (step {step})" if last else f"the newest checkpoint is of step {step}"
     return f"{where}; resume with: {shlex.join(_resume_command(args, planned.run_dir))}"

@@ -38,7 +38,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { display: inline-block; width: 48%; min-width: 420px; margin: 0.5em 0.5%; vertical-align: top; }
 figure img { width: 100%; }
 td.run { white-space: nowrap; }
-.status-failed, .status-interrupted { color: #b00; } .status-running { color: #a60; }
+.status-failed, .status-interrupted, .status-killed { color: #b00; } .status-running { color: #a60; }
 .note { color: #666; font-size: 0.9em; }
 """
 

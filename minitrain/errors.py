@@ -29,3 +29,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 class NothingTrained(MinitrainError):
     """A run ended without a single step that updated the weights (an empty training loader,
     every step skipped for a non-finite loss)."""
+
+
+class RunComplete(Exception):
+    """A resume found its run complete: every epoch (or ``max_steps``) done. Not an error: a
+    restart, a requeue or a retry of a finished run succeeds without training; the message is
+    the one line that says so."""

@@ -11,6 +11,9 @@ registered as it is. Optional class attributes:
 * ``main_process_only``: under torchrun, registered on rank 0 only (plugins that write or print);
 * ``role``: ``"critical"`` or ``"observer"`` (see :func:`role_of`); the reserved option
   ``--plugin NAME:role=...`` overrides it for one run;
+* ``changes_training``: whether the plugin changes what training computes (see
+  :func:`changes_training`; default: it does when it is critical). A resume refuses to add, drop
+  or reconfigure such a plugin;
 * ``state_dict()`` / ``load_state_dict()``: state that checkpoints carry.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -50,6 +53,10 @@ class PluginConfig(BaseModel):
     """Base of plugin configuration models: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    changeable_on_resume: ClassVar[frozenset[str]] = frozenset()
+    """Options that a resume may change even where the plugin changes training (early stopping's
+    ``patience``: a stopped run goes on with a larger one); as ``RecipeConfig``'s own."""
 
 
 @dataclass
@@ -216,6 +223,90 @@ def role_of(plugin: Any) -> str:
         return role
     marker = f"{hookspecs.PROJECT}_impl"
     return "critical" if any(hasattr(getattr(plugin, hook, None), marker) for hook in STEP_HOOKS) else "observer"
+
+
+def changes_training(plugin: Any) -> bool:
+    """Whether ``plugin`` changes what a run computes (its weights, when it stops, what it
+    validates), so that a resume must keep it exactly as the run had it. A plugin's
+    ``changes_training`` attribute decides; without one, a critical plugin does (a checkpoint
+    writer is critical, as a run that cannot save must stop, but changes nothing it computes)."""
+    explicit = getattr(plugin, "changes_training", None)
+    return bool(explicit) if explicit is not None else role_of(plugin) == "critical"
+
+
+def recorded_options(plugin: Any) -> dict[str, Any]:
+    """A plugin's options as ``run.json`` and checkpoints record them (JSON values): its
+    ``config``, plus ``role`` where this run overrode the class's."""
+    config = getattr(plugin, "config", None)
+    options = config.model_dump(mode="json") if hasattr(config, "model_dump") else {}
+    if not inspect.ismodule(plugin) and "role" in vars(plugin):
+        options[ROLE_OPTION] = plugin.role
+    return options
+
+
+def resolve_resumed(recorded: dict[str, dict[str, Any]], requests: list[PluginRequest | object],
+                    disabled: set[str], available: dict[str, PluginInfo] | None = None,
+                    ) -> tuple[list[tuple[str, Any]], dict[str, list[Any]]]:
+    """The plugins a resumed run goes on with: those it ``recorded`` (name -> options), each
+    with its options, whatever is on by default now. ``requests`` (``--plugin``) may add an
+    observer or change an observer's options, and ``disabled`` (``--no-plugin``) drop one; the
+    same for a plugin that changes training (:func:`changes_training`) is refused, as a changed
+    config field is. A plugin object the recipe gives (not a name) is the recipe's again.
+    Returns the ``(name, plugin)`` pairs and the changes, name -> [options before, after] (None:
+    absent)."""
+    available = dict(discover() if available is None else available)
+    objects = {getattr(r, "name", None) or _default_name(r): r for r in requests if not isinstance(r, PluginRequest)}
+    asked = {r.name: r.options for r in requests if isinstance(r, PluginRequest)}
+    chosen: dict[str, Any] = {}
+    changes: dict[str, list[Any]] = {}
+    refused: list[str] = []
+
+    def info(name: str) -> PluginInfo:
+        if name not in available:
+            if "." not in name:
+                used = "the run used" if name in recorded else "unknown"
+                raise MinitrainError(f"--resume: {used} plugin {name!r}, which is not installed here "
+                                     f"(installed: {', '.join(sorted(available)) or 'none'})")
+            available[name] = import_plugin(name)
+        return available[name]
+
+    for name, options in recorded.items():
+        chosen[name] = objects[name] if name in objects else instantiate(info(name), options)
+    for name, plugin in objects.items():  # given by the recipe, which has changed since the run began
+        if name not in recorded:
+            if changes_training(plugin):
+                refused.append(f"add plugin {name} (the recipe now adds it)")
+            else:
+                chosen[name], changes[name] = plugin, [None, recorded_options(plugin)]
+    for name, options in asked.items():
+        before = recorded.get(name)
+        plugin = instantiate(info(name), {**(before or {}), **options})
+        after = recorded_options(plugin)
+        if before is not None and after == before:
+            continue
+        changed = {key for key in {*after, *(before or {})} if (before or {}).get(key) != after.get(key)}
+        changeable = getattr(getattr(plugin, "config", None), "changeable_on_resume", frozenset())
+        if changes_training(plugin) and not (before is not None and changed <= changeable):
+            refused.append(f"change the options of plugin {name}" if before is not None else f"add plugin {name}")
+            continue
+        chosen[name], changes[name] = plugin, [before, after]
+    for name in sorted(disabled):
+        if name not in chosen:  # absent already, as asked (a resume command repeats the first one's options)
+            if name not in available:
+                raise MinitrainError(f"--no-plugin: unknown plugin {name!r} (known: {', '.join(sorted(available))})")
+            continue
+        if changes_training(chosen[name]):
+            refused.append(f"leave out plugin {name}")
+            continue
+        changes[name] = [recorded.get(name), None]
+        del chosen[name]
+    if refused:
+        they = "it changes" if len(refused) == 1 else "they change"
+        raise MinitrainError(f"--resume: cannot {'; '.join(refused)}: {they} training, and the checkpoint holds "
+                             "what the run computed with its plugins as they were. Resume with the run's plugins "
+                             "(observers, such as loggers and plots, may be added, changed or left out), or start a "
+                             "new run (another --run-dir; --init-from CHECKPOINT starts from its weights)")
+    return list(chosen.items()), changes
 
 
 def guard_observers(pm: PluginManager, on_failure: Callable[[str, str, Exception], None]) -> None:

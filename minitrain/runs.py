@@ -9,8 +9,11 @@ log), from the event that ended it:
 * ``finished``: ``FitEnd`` without a stop reason; ``stopped``: ``FitEnd`` with one (early
   stopping, a plugin's stop request);
 * ``failed``: ``ExceptionRaised``; ``interrupted``: ``Interrupted`` (Ctrl-C, SIGTERM);
-* ``running``: none of these yet. A process killed outright (SIGKILL, a lost machine) leaves a
-  run that looks like this forever; the table says how long the log has been quiet.
+* ``running``: none of these yet, and a process holds the run directory's lock;
+* ``killed``: none of these, and no process holds the lock: the process ended without a word
+  (SIGKILL, the out-of-memory killer, a lost machine). A run from before minitrain locked its
+  run directories cannot tell the two apart and shows ``running``, with how long its log has
+  been quiet.
 
 What a resume redoes replaces what was recorded before it: a start at epoch E drops the earlier
 records of epoch E and later, and of the steps after its first. The duration is the wall time of
@@ -30,8 +33,9 @@ from typing import Any
 
 from minitrain.errors import MinitrainError
 from minitrain.files import read_json
+from minitrain.lock import in_use
 
-STATUSES = ("finished", "stopped", "failed", "interrupted", "running")
+STATUSES = ("finished", "stopped", "failed", "interrupted", "running", "killed")
 FINAL = {"FitEnd", "ExceptionRaised", "Interrupted"}
 QUIET = 15 * 60
 """Seconds without a line in the log after which a running run is shown as quiet."""
@@ -173,6 +177,8 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
             run.status, run.error = "failed", f"{final.get('error_type')}: {final.get('message')}"
         else:
             run.status, run.signal = "interrupted", final.get("signal")
+    elif in_use(path) is False:
+        run.status = "killed"
     run.duration = _duration(segment_times, starts[-1] if starts else None, run)
     return run
 

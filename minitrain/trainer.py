@@ -112,6 +112,9 @@ class Trainer:
         self.resumed_from: str | None = None  # the checkpoint a resume loaded (minitrain.checkpointing.resume)
         self.config_changes: dict[str, list[Any]] = {}  # what that resume changed (minitrain.run)
         self.restart = 0        # which restart of torchrun's worker group this is (minitrain.run)
+        self.recorded_plugins: dict[str, dict[str, Any]] | None = None  # the run's plugins and options, as
+        #                         run.json and checkpoints record them (minitrain.run), for a resume
+        self.run_lock: Any = None  # the run directory's lock (minitrain.lock), held until fit ends
         self.checked = False    # check() passed for the current settings
         self.metrics: dict[str, float] = {}
         self._loss_sum = torch.zeros((), device=self.device)
@@ -175,6 +178,11 @@ class Trainer:
             raise MinitrainError("nonfinite_loss=skip needs one process: under torchrun a rank that skips "
                                  "its backward would leave the others waiting for its gradients")
         guard_observers(self.pm, self._observer_failed)
+        with self._holding_run_dir():
+            self._fit(first_step)
+        return self.metrics
+
+    def _fit(self, first_step: int) -> None:
         with self._stop_on_signals(), self._stop_after(self.max_time):
             try:
                 self.calls.setup(self)
@@ -207,7 +215,6 @@ class Trainer:
                 raise
         self.emit(ev.FitEnd(epochs_completed=self.epoch, global_step=self.global_step,
                             metrics=self.metrics, stop_reason=self.stop_reason))
-        return self.metrics
 
     @property
     def epoch_number(self) -> int:
@@ -383,6 +390,20 @@ class Trainer:
                 "(--set nonfinite_loss=skip skips such steps instead)")
 
     # --- faults -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _holding_run_dir(self):
+        """Hold the run directory's lock while fitting, and let go of it when fit ends, however it
+        ends: another start may then use the directory (``--resume auto``). A later ``fit()``
+        takes it again."""
+        if self.run_lock is None:
+            yield
+            return
+        self.run_lock.acquire()
+        try:
+            yield
+        finally:
+            self.run_lock.release()
 
     @contextlib.contextmanager
     def _stop_on_signals(self):

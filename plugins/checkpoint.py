@@ -1,11 +1,13 @@
 """Checkpointing: ``last.pt`` to resume from, ``best.pt`` and the top-k by a metric, written
 atomically, restored exactly (weights, optimizer, schedule, position within the epoch, random
-generators and every stateful plugin) by ``minitrain run --resume PATH|auto``.
+generators and every stateful plugin) by ``minitrain run --resume PATH|auto``. On in every run
+(``--no-plugin checkpoint`` turns it off), so that every run can be resumed and exported.
 
     minitrain run recipe.py --plugin checkpoint:every_steps=500,monitor=val_acc,top_k=3
     minitrain run recipe.py --run-dir runs/that-run --resume auto
 
-Files go to ``<run dir>/checkpoints/`` (option ``dir``):
+Files go to ``<run dir>/checkpoints/`` (option ``dir``); a trainer without a run directory (built
+by hand in a notebook) is not checkpointed:
 
 * ``last.pt``, the newest state: at the end of every ``every``-th epoch, every ``every_steps``
   optimizer steps (mid-epoch too: a resume continues from the next batch, replaying none), at
@@ -105,8 +107,9 @@ class CheckpointHookspecs:
 
 
 class Checkpoint:
-    enabled_by_default = False
+    enabled_by_default = True  # every run can be resumed and exported; --no-plugin checkpoint turns it off
     role = "critical"  # a run that cannot save must not go on as if it could
+    changes_training = False  # so a resume may change its options, or leave it out
     hookspecs = CheckpointHookspecs
 
     class Config(PluginConfig):
@@ -129,7 +132,7 @@ class Checkpoint:
         self.config = config
         self.monitor, self.mode = config.monitor, config.mode
         self.top: list[dict] = []  # best first: {"metric", "epoch", "global_step", "file"}
-        self.folder = Path(config.dir)
+        self.folder: Path | None = None  # set at fit start; None: the trainer has no run directory to write to
         self.last_saved: tuple[int, int, int] | None = None  # (epoch, batch_idx, step) in last.pt
         if not config.every_steps:
             self.on_batch_end = None  # not a hook implementation then: no call at every step
@@ -152,13 +155,13 @@ class Checkpoint:
     def check(self, trainer) -> None:
         if self.config.top_k:
             self.monitor, self.mode = resolve_monitor("checkpoint", self.config.monitor, self.config.mode, trainer)
-        if distributed.is_main():  # the rank that writes
-            check_writable(self.checkpoint_dir(trainer.run_dir or "."), "checkpoint folder")
+        if distributed.is_main() and trainer.run_dir is not None:  # the rank that writes
+            check_writable(self.checkpoint_dir(trainer.run_dir), "checkpoint folder")
 
     @hookimpl
     def on_fit_start(self, event) -> None:
-        self.folder = self.checkpoint_dir(event.run_dir or ".")
-        if distributed.is_main():
+        self.folder = None if event.run_dir is None else self.checkpoint_dir(event.run_dir)
+        if self.folder is not None and distributed.is_main():
             checkpointing.remove_temporaries(self.folder)
             self._set_aside_later_than(event.global_step)
 
@@ -180,12 +183,14 @@ class Checkpoint:
 
     @hookimpl(trylast=True)  # after other plugins, so their state in the file is this step's
     def on_batch_end(self, event, trainer) -> None:
-        if self.config.every_steps and event.global_step % self.config.every_steps == 0 and self._finite(trainer):
+        if (self.folder is not None and self.config.every_steps and event.global_step % self.config.every_steps == 0
+                and self._finite(trainer)):
             self._save(trainer, {"last": "last.pt"})
 
     @hookimpl(trylast=True)  # after early stopping & co. have updated their state for this epoch
     def on_epoch_end(self, event, trainer) -> None:
-        if not self.config.every or trainer.epoch % self.config.every or not self._finite(trainer):
+        due = self.folder is not None and self.config.every and trainer.epoch % self.config.every == 0
+        if not due or not self._finite(trainer):
             return  # (a non-finite state enters no ranking either)
         files, dropped = {}, []
         metric = event.metrics.get(self.monitor) if self.config.top_k else None
@@ -199,7 +204,8 @@ class Checkpoint:
 
     @hookimpl(trylast=True)
     def on_fit_end(self, trainer) -> None:
-        if self.config.save_last and self.last_saved != _position(trainer) and self._finite(trainer):
+        if (self.folder is not None and self.config.save_last and self.last_saved != _position(trainer)
+                and self._finite(trainer)):
             self._save(trainer, {"last": "last.pt"})
 
     @hookimpl(trylast=True)
@@ -213,7 +219,7 @@ class Checkpoint:
     def _save_on_failure(self, trainer) -> None:
         """Keep the progress made since the last save, if the state is whole; never let a failed
         save here hide the error that is ending the run."""
-        if not self.config.save_last or self.last_saved == _position(trainer):
+        if self.folder is None or not self.config.save_last or self.last_saved == _position(trainer):
             return
         held = f"step {self.last_saved[2]}" if self.last_saved else "no state from this run"
         if distributed.world_size() > 1:

@@ -22,6 +22,8 @@ class EarlyStopping:
     role = "critical"  # it decides when training ends
 
     class Config(PluginConfig):
+        changeable_on_resume = frozenset({"patience"})  # a run it stopped goes on with a larger one
+
         monitor: str | None = Field(None, description="the epoch metric to watch (default: val_loss, or "
                                     "train_loss in a run without validation)")
         patience: int = Field(3, ge=1, description="epochs without improvement before stopping")

@@ -389,7 +389,8 @@ def write_report(run_dir: Path, config: dict, epochs: list[dict], stop_reason: s
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
 table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }}
 figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
-.status-failed, .status-interrupted {{ color: #b00; font-weight: bold; }} .status-running {{ color: #a60; }}
+.status-failed, .status-interrupted, .status-killed {{ color: #b00; font-weight: bold; }}
+.status-running {{ color: #a60; }}
 ul {{ margin: 0.2em 0; padding-left: 1.2em; }} .sub {{ color: #666; margin-top: -0.6em; }}
 </style></head><body>
 <h1>{esc(recipe or run_dir.name)}</h1>

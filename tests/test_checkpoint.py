@@ -15,7 +15,7 @@ from minitrain import checkpointing, hookimpl
 from minitrain.cli import main
 from minitrain.errors import MinitrainError
 from minitrain.events import Event
-from minitrain.plugins import check_hooks, make_plugin_manager, register_plugin
+from minitrain.plugins import check_hooks, register_plugin
 from minitrain.run import prepare
 from minitrain.testing import EpochLog
 from minitrain_plugins.checkpoint import CheckpointSaved
@@ -54,13 +54,13 @@ def build(config, device):
 
 @pytest.fixture
 def start(tmp_path, fake_cifar):
-    """``start(run_dir, plugins, epochs=3, resume=None, extra=())`` -> a prepared Trainer."""
+    """``start(run_dir, plugins, epochs=3, resume=None, extra=(), disabled=())`` -> a prepared Trainer."""
     recipe = tmp_path / "random_recipe.py"
     recipe.write_text(RANDOM_RECIPE)
 
-    def make(run_dir, plugins=(), epochs=3, resume=None, extra=()):
+    def make(run_dir, plugins=(), epochs=3, resume=None, extra=(), disabled=()):
         trainer = prepare(recipe, ["device=cpu", f"data_dir={fake_cifar}", f"epochs={epochs}"], list(plugins),
-                          ["console"], run_dir, resume=resume)
+                          ["console", *disabled], run_dir, resume=resume)
         for plugin in extra:
             register_plugin(trainer.pm, plugin)
         check_hooks(trainer.pm)
@@ -172,10 +172,11 @@ def test_a_run_stopped_inside_a_batch_keeps_the_last_whole_state(tmp_path, start
     assert checkpointing.load(tmp_path / "run" / "checkpoints" / "last.pt")["header"]["global_step"] == 2
 
 
-def test_resume_auto_without_checkpoints_says_so_and_starts_fresh(tmp_path, start):
-    with pytest.warns(UserWarning, match="no checkpoint in .*checkpoints; starting fresh"):
+def test_resume_auto_into_a_new_directory_says_so_and_starts_a_new_run(tmp_path, start):
+    with pytest.warns(UserWarning, match="new holds no run yet; starting a new one there"):
         trainer = start(tmp_path / "new", ["checkpoint"], resume="auto")
     assert (trainer.epoch, trainer.global_step) == (0, 0)
+    assert json.loads((tmp_path / "new" / "run.json").read_text())["history"][0]["resumed_from"] is None
 
 
 def test_resume_auto_skips_an_unreadable_newer_file(tmp_path, start):
@@ -211,7 +212,7 @@ def test_cli_resume(tmp_path, fake_cifar, capsys):
 # --- writing and reading files -------------------------------------------------------------------
 
 def _fake_trainer():
-    return SimpleNamespace(epoch=2, batch_idx=0, global_step=10, config={}, pm=make_plugin_manager())
+    return SimpleNamespace(epoch=2, batch_idx=0, global_step=10, config={}, recorded_plugins=None)
 
 
 def _write(path, trainer=None, **header):
@@ -281,7 +282,7 @@ def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeyp
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr("minitrain.files.tempfile.mkstemp", denied)
     with pytest.raises(MinitrainError, match=f"cannot write checkpoint {path}: Permission denied"):
-        _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15, config={}, pm=make_plugin_manager()))
+        _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15, config={}, recorded_plugins=None))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
@@ -384,18 +385,17 @@ class StopAtStart:
 
 
 @pytest.mark.filterwarnings("ignore:--resume auto. skipping checkpoint")  # the two cut-short files
-def test_a_resume_that_finds_no_readable_checkpoint_starts_afresh_in_the_same_directory(tmp_path, start):
+def test_a_resume_that_finds_no_readable_checkpoint_is_refused_and_changes_nothing(tmp_path, start):
     run = tmp_path / "run"
     start(run, ["checkpoint"], epochs=1).fit()
-    for name in ("best.pt", "last.pt"):  # a copy cut short: --resume auto skips them and starts afresh
+    for name in ("best.pt", "last.pt"):  # copies cut short: not a state to go on from, nor to throw away
         path = run / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:100])
-    with pytest.warns(UserWarning, match="starting fresh"):
-        trainer = start(run, ["checkpoint"], epochs=1, resume="auto")
-    trainer.fit()
-    folder = run / "checkpoints"
-    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "last.pt"]  # the new run's own, whole
-    assert all(checkpointing.load(p)["header"]["global_step"] == 5 for p in folder.glob("*.pt"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refused = r"no checkpoint in .*checkpoints can be read .*--resume PATH.*--move-aside"
+    with pytest.raises(MinitrainError, match=refused):
+        start(run, ["checkpoint"], epochs=2, resume="auto")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_defaults_keep_last_and_best_only(tmp_path, start):
@@ -438,4 +438,4 @@ def test_hooking_checkpoint_saved_optionally_works_without_the_plugin(tmp_path, 
         def on_checkpoint_saved(self, event):
             raise AssertionError("never called: nothing saves")
 
-    start(tmp_path / "run", epochs=1, extra=[Uploader()]).fit()
+    start(tmp_path / "run", epochs=1, extra=[Uploader()], disabled=["checkpoint"]).fit()

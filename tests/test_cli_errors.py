@@ -16,7 +16,7 @@ import torch
 import minitrain.plugins
 from minitrain import checkpointing, cli
 from minitrain.data import CIFAR10_FOLDER
-from minitrain.plugins import DISABLE_AUTOLOAD_ENV, make_plugin_manager
+from minitrain.plugins import DISABLE_AUTOLOAD_ENV
 
 
 def run_cli(capsys, *argv) -> str:
@@ -258,7 +258,7 @@ def test_read_only_run_dir(capsys, recipe, tmp_path):
 
 
 def _save_checkpoint(path, model_state):
-    trainer = SimpleNamespace(epoch=1, batch_idx=0, global_step=5, config={}, pm=make_plugin_manager())
+    trainer = SimpleNamespace(epoch=0, batch_idx=5, global_step=5, config={}, recorded_plugins=None)
     checkpointing.save(path, checkpointing.header(trainer), {"model": model_state})
 
 

@@ -4,6 +4,7 @@ summary, lr-find)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -179,8 +180,11 @@ def test_ema_averages_on_the_device_resumes_exactly_validates_and_exports(plain,
 
     averaged = train(plain, ["epochs=1"], ["ema:decay=0.5,evaluate=true"], tmp_path / "evaluated")
     model = averaged.module
-    trained = weights(averaged)  # validation put the trained weights back
-    assert torch.equal(trained["1.weight"], model[1].weight)
+    not_evaluated = weights(train(plain, ["epochs=1"], ["ema:decay=0.5"], tmp_path / "not-evaluated"))
+    ema_plugin = averaged.pm.get_plugin("ema")
+    assert not torch.equal(dict(zip(ema_plugin.names, ema_plugin.average))["1.weight"], not_evaluated["1.weight"])
+    for name, tensor in weights(averaged).items():  # validation put the trained weights back
+        assert torch.equal(tensor, not_evaluated[name]), name
     model.load_state_dict(dict(zip(averaged.pm.get_plugin("ema").names, averaged.pm.get_plugin("ema").average)))
     with torch.no_grad():
         loss = sum(nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in averaged.val_loader) / 16
@@ -327,8 +331,8 @@ def test_max_steps_stops_mid_epoch_resumably_and_exactly(plain, tmp_path, capsys
     assert "stopped at step 7: max_steps=7 reached; resume with: minitrain run" in err and "max_steps=N" in err
     head = checkpointing.load(run / "checkpoints" / "last.pt")["header"]
     assert (head["epoch"], head["batch_idx"], head["global_step"]) == (0, 7, 7)
-    assert cli.main(args + ["--resume", "auto"]) == 2
-    assert "nothing to train: max_steps=7 are done" in capsys.readouterr().err
+    assert cli.main(args + ["--resume", "auto"]) == 0  # done as asked: nothing to train, and that is no error
+    assert f"run already complete: max_steps=7 reached ({run}); raise max_steps" in capsys.readouterr().out
     assert cli.main(args + ["--resume", "auto", "--set", "max_steps=20"]) == 0
     straight = train(plain, ["max_steps=20"])
     resumed = checkpointing.load(run / "checkpoints" / "last.pt")["trainer"]["model"]
@@ -389,6 +393,39 @@ def test_lr_find_suggests_a_rate_and_touches_no_run(plain, tmp_path, capsys):
     suggested = float(printed.split("suggested lr: ")[1].split()[0])
     assert 1e-4 < suggested < 10 and f"--set=lr={suggested:.3g}" in printed
     assert out.stat().st_size > 10_000 and not Path("runs").exists()
+
+
+def test_lr_find_suggests_where_the_loss_falls_fastest():
+    """On a made curve (flat, falling fastest at 1e-2, bottoming out at 1e-1, then rising steeply)
+    the suggestion is 1e-2: not the steepest rise, not the bottom."""
+    from minitrain.lr_find import steepest
+
+    lrs = [10 ** (-4 + 4 * i / 80) for i in range(81)]  # 1e-4 .. 1
+    losses = [2.3 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 2))) if lr <= 0.1 else 0.9 + 8 * (math.log10(lr) + 1)
+              for lr in lrs]
+    assert steepest(lrs, losses) == pytest.approx(1e-2, rel=0.06)
+
+
+def test_lr_find_trains_each_step_at_the_rate_it_reports(plain):
+    """The sweep sets every parameter group's rate before each step, growing exponentially from
+    --min-lr to --max-lr (in units of the recipe's lr), and the rates it reports are those used."""
+    from minitrain.lr_find import _sweep
+
+    class Rates:
+        def __init__(self):
+            self.seen = []
+
+        @hookimpl(tryfirst=True)
+        def optimizer_step(self, trainer):
+            self.seen.append(trainer.optimizer.param_groups[0]["lr"])
+
+    trainer = prepare(plain, [], [], ["console"])
+    rates = Rates()
+    register_plugin(trainer.pm, rates)
+    lrs, losses = _sweep(trainer, 0.05, 1e-3, 1.0, 12)
+    assert len(lrs) == len(losses) == len(rates.seen) == 12
+    assert rates.seen == pytest.approx(lrs) and lrs[0] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1.0) and all(b / a == pytest.approx(lrs[1] / lrs[0]) for a, b in zip(lrs, lrs[1:]))
 
 
 def test_accumulate_refuses_to_skip_non_finite_batches(plain, tmp_path, capsys):

@@ -84,6 +84,7 @@ class Tally:
     resumed: int = 0  # launches that continued from a checkpoint
     fresh: int = 0  # launches that started at step 0: a run's first, or after a kill before any checkpoint
     unseen: int = 0  # launches killed before they logged FitStart, so before they chose a checkpoint
+    complete: int = 0  # launches that found the run complete (a kill came after its last checkpoint): exit 0
     epochs: int = 0  # epoch ends logged by the killed and resumed processes, each equal to the reference's
     resumed_epochs: int = 0  # of these, epochs a process completed after resuming in their middle
     runs: int = 0  # runs completed (each compared bit for bit with the reference)
@@ -119,7 +120,7 @@ class Harness:
         epoch metrics, which every crash run must reproduce."""
         run_dir = self.root / "reference"
         process = self.launch(run_dir)
-        process.join(120)
+        process.join(600)
         assert process.exitcode == 0, (run_dir.with_suffix(".log")).read_text()
         self.epoch_metrics = {e["epoch"]: e["metrics"] for e in logged(run_dir, "EpochEnd")}
         self.metrics_table = read_csv(run_dir / "metrics.csv")
@@ -133,6 +134,7 @@ class Harness:
         for kills in range(KILLS_PER_RUN + 1):
             on_disk = newest_step(folder)  # also proves every file there is complete
             events_before, temporaries = size(run_dir / "events.jsonl"), set(folder.glob(".*.tmp"))
+            said_before = size(run_dir.with_suffix(".log"))
             process = self.launch(run_dir, "--resume", "auto")
             if kills == KILLS_PER_RUN:
                 break  # this process may finish
@@ -150,10 +152,10 @@ class Harness:
             process.join()
             self.tally.kills[mode] += 1
             self.tally.killed_mid_save += bool(set(folder.glob(".*.tmp")) - temporaries)
-            self.check_resumed_from(run_dir, events_before, on_disk)
-        process.join(120)
+            self.check_resumed_from(run_dir, events_before, on_disk, said_before)
+        process.join(600)
         assert process.exitcode == 0, run_dir.with_suffix(".log").read_text()[-3000:]
-        self.check_resumed_from(run_dir, events_before, on_disk)
+        self.check_resumed_from(run_dir, events_before, on_disk, said_before)
         assert not list(folder.glob(".*.tmp"))  # the last process cleared what killed saves left
         self.check_epoch_metrics(run_dir)
         self.tally.runs += 1
@@ -176,18 +178,28 @@ class Harness:
                 self.tally.epochs += 1
                 self.tally.resumed_epochs += resumed_at is not None and resumed_at[0] == event["epoch"]
         # (events.jsonl may lack an epoch's end: the checkpoint that ends the epoch is written in
-        # its on_epoch_end, before the line is; metrics.csv writes its row before that save)
-        assert events[-1]["event"] == "FitEnd"
-        assert untimed(events[-1]["metrics"]) == untimed(self.epoch_metrics[max(self.epoch_metrics)])
+        # its on_epoch_end, before the line is; metrics.csv writes its row before that save. And
+        # it lacks the run's FitEnd where the last kill came after the last checkpoint: the
+        # process that followed found the run complete, and trained and logged nothing)
+        if events[-1]["event"] == "FitEnd":
+            assert untimed(events[-1]["metrics"]) == untimed(self.epoch_metrics[max(self.epoch_metrics)])
+        else:
+            assert "run already complete: 3 of 3 epochs" in run_dir.with_suffix(".log").read_text()
         assert [untimed(row) for row in read_csv(run_dir / "metrics.csv")] == list(map(untimed, self.metrics_table))
 
-    def check_resumed_from(self, run_dir: Path, offset: int, step: int | None) -> None:
+    def check_resumed_from(self, run_dir: Path, offset: int, step: int | None, said: int) -> None:
         """The process started after ``offset`` in the event log resumed from ``step``, the newest
         checkpoint on disk when it started (or started fresh if there was none), without skipping
-        an unreadable file."""
+        an unreadable file; or, where that checkpoint ends the run, said that the run is complete
+        (``said``: where its output begins in the log)."""
         lines = read_from(run_dir / "events.jsonl", offset)
         if not lines:
-            self.tally.unseen += 1  # killed before it got as far as FitStart
+            output = read_from(run_dir.with_suffix(".log"), said)
+            if any(line.startswith("minitrain: run already complete: 3 of 3 epochs") for line in output):
+                assert step == 30  # the checkpoint of the last step, 3 epochs of 10
+                self.tally.complete += 1
+            else:
+                self.tally.unseen += 1  # killed before it got as far as FitStart
             return
         first = json.loads(lines[0])
         assert first["event"] == "FitStart" and first["global_step"] == (step or 0), (first, step)
@@ -269,7 +281,7 @@ def equal(a, b) -> bool:
     return a == b
 
 
-def wait(condition, process, timeout: float = 60, poll: float = 0.002) -> bool:
+def wait(condition, process, timeout: float = 300, poll: float = 0.002) -> bool:
     """Until ``condition()`` holds (True) or ``process`` has ended (False)."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -309,7 +321,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert tally.killed() >= KILLS and all(tally.kills.values())
     assert tally.killed_mid_save >= tally.kills["saving"]  # every kill aimed at a save cut one short
     assert tally.killed_mid_save * 2 > tally.killed()  # so most kills land in the middle of a save
-    assert tally.resumed + tally.fresh + tally.unseen == tally.launches - 1  # all but the reference's
+    assert tally.resumed + tally.fresh + tally.unseen + tally.complete == tally.launches - 1  # all but the reference's
     assert tally.unseen <= tally.kills["starting"]  # the others were killed after FitStart, or finished
     # a save cut short leaves an older complete checkpoint: the next process resumed from it,
     # unless a kill aimed at start-up ended that process before it logged FitStart
@@ -318,13 +330,57 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert tally.lost == 0
 
 
+KILL_AT_END = '''
+import os
+import signal
+
+import minitrain
+
+
+class KillAtEnd:
+    """SIGKILL this process once its run has trained every epoch and saved the last checkpoint,
+    before it exits: a node lost at the worst moment for a scheduler that requeues the job."""
+
+    @minitrain.hookimpl
+    def on_fit_end(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_as_complete(tmp_path):
+    """A requeue of a run that finished training but died before it exited: exit 0, one line,
+    nothing trained or rewritten, the weights those of the run never killed."""
+    harness = Harness(tmp_path)
+    expected = harness.reference()
+    (tmp_path / "kill_at_end.py").write_text(KILL_AT_END)  # beside the recipe, where plugins are looked for
+    run_dir = tmp_path / "run"
+    process = harness.launch(run_dir, "--plugin", "kill_at_end.KillAtEnd")
+    process.join(600)
+    assert process.exitcode == -signal.SIGKILL
+    events = logged(run_dir, "FitStart") + logged(run_dir, "FitEnd")
+    assert len(events) == 1  # it started once and never logged its end
+    last = run_dir / "checkpoints" / "last.pt"
+    files = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()}
+
+    said = size(run_dir.with_suffix(".log"))
+    for _ in range(2):  # a requeue, and a retry of that
+        process = harness.launch(run_dir, "--resume", "auto")
+        process.join(600)
+        assert process.exitcode == 0
+        assert read_from(run_dir.with_suffix(".log"), said)[-1] == (
+            f"minitrain: run already complete: 3 of 3 epochs ({run_dir}); raise epochs to train more (--set epochs=N)")
+        assert {path: (path.read_bytes(), path.stat().st_mtime_ns)
+                for path in run_dir.rglob("*") if path.is_file()} == files  # no checkpoint or log rewritten
+    assert same_state(checkpointing.load(last)["trainer"], expected)
+
+
 def test_sigterm_through_the_cli_says_how_to_resume(tmp_path):
     harness = Harness(tmp_path)
     run_dir = tmp_path / "run"
     process = harness.launch(run_dir, "--set", "epochs=50")
     assert wait(lambda: (run_dir / "checkpoints" / "last.pt").exists(), process)
     os.kill(process.pid, signal.SIGTERM)
-    process.join(60)
+    process.join(300)
     log = run_dir.with_suffix(".log").read_text()
     assert process.exitcode == 143, log
     hint = next(line for line in log.splitlines() if line.startswith("minitrain: stopped by SIGTERM"))

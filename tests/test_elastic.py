@@ -46,6 +46,7 @@ PLUGINS = ["--plugin", "checkpoint:every_steps=1", "--plugin", "csv"]  # a save 
 # global generator is seeded by rank), augmentation drawn per rank, momentum, a per-step schedule.
 RECIPE = '''
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -80,7 +81,18 @@ class Fail:
             raise RuntimeError(f"planned failure on rank {{self.rank}} at step {{self.step}}")
 
 
-PLUGINS = [Fail()]
+class KillAtEnd:
+    """SIGKILLs rank R of attempt A (MINITRAIN_TEST_KILL_AT_END=R:A) once the run has trained every
+    epoch and saved its last checkpoint, before it exits."""
+
+    @minitrain.hookimpl
+    def on_fit_end(self):
+        rank, attempt = (os.environ.get("MINITRAIN_TEST_KILL_AT_END") or "-1:-1").split(":")
+        if distributed.rank() == int(rank) and distributed.restart_count() == int(attempt):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+PLUGINS = [Fail(), KillAtEnd()]
 
 
 def build(config, device):
@@ -130,7 +142,7 @@ def _start(argv: list[str], cwd: Path, log: Path, env: dict[str, str]) -> subpro
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(process: subprocess.Popen, timeout: float = 180) -> int:
+def _finish(process: subprocess.Popen, timeout: float = 600) -> int:
     try:
         return process.wait(timeout)
     finally:
@@ -247,7 +259,7 @@ def _newest_step(run: Path) -> int | None:
     return head["global_step"] if head else None
 
 
-def _wait(condition, process: subprocess.Popen, timeout: float = 120) -> bool:
+def _wait(condition, process: subprocess.Popen, timeout: float = 600) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -315,6 +327,24 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
     assert 1 in tally.inside  # resumed at step 4: its metrics.csv row (and EpochEnd, if logged) compared above
     print(f"exception on rank {FAILURE[0]} at step {FAILURE[1]}; kills (rank, step): {tally.kills}; "
           f"resumed at steps {tally.resumed_at}; epochs resumed in their middle: {tally.inside}")
+
+
+def test_a_rank_killed_after_the_last_checkpoint_restarts_into_a_complete_run(reference):
+    """Rank 1 dies after the run's last checkpoint, before it exits: torchrun restarts the group,
+    which finds the run complete, trains nothing, rewrites nothing, and the launch succeeds."""
+    ref = reference
+    run = ref.root / "killed-at-end"
+    process = _launch(ref.root, ref.recipe, "killed-at-end", "--max-restarts", "1",
+                      env=_env(MINITRAIN_TEST_KILL_AT_END="1:0"))
+    assert _finish(process) == 0, (ref.root / "killed-at-end.log").read_text()[-3000:]
+    log = (ref.root / "killed-at-end.log").read_text()
+    assert log.count(f"minitrain: run already complete: {EPOCHS} of {EPOCHS} epochs (killed-at-end)") == 1  # rank 0
+    assert [e["restart"] for e in _events(run) if e["event"] == "FitStart"] == [0]  # the restart trained nothing
+    history = json.loads((run / "run.json").read_text())["history"]
+    assert [h["restart"] for h in history] == [0]  # and wrote nothing
+    state = _state(run)
+    for key in ("model", "optimizer", "scheduler", "rng", "ranks"):
+        assert _equal(state[key], ref.state[key]), key
 
 
 def test_when_the_restarts_are_spent_one_line_says_so(reference):
@@ -427,7 +457,7 @@ def test_a_restart_before_any_checkpoint_starts_afresh_in_the_same_directory(rec
 
     prepare(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True)  # run files written, no checkpoint
     _restarted(monkeypatch, 1)
-    with pytest.warns(UserWarning, match="no checkpoint in .*; starting fresh"):
+    with pytest.warns(UserWarning, match="no checkpoint in .* starting it again from step 0"):
         trainer = prepare(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True)  # not moved aside again
     assert trainer.restart == 1 and trainer.resumed_from is None
     assert not list(tmp_path.glob("run.aside-*"))
@@ -443,9 +473,11 @@ def test_a_restart_of_a_run_resumed_from_a_file_prefers_its_own_newer_checkpoint
     prepare(recipe, ["epochs=2"], ["checkpoint"], [], tmp_path / "old").fit()
     given = tmp_path / "old" / "checkpoints" / "last.pt"
     fresh = prepare(recipe, ["epochs=3"], ["checkpoint"], [], tmp_path / "new", resume=given)
+    fresh.run_lock.release()  # (in one process: as if its process had died and torchrun restarted it)
     _restarted(monkeypatch, 1)
     before = prepare(recipe, ["epochs=3"], ["checkpoint"], [], tmp_path / "new", resume=given)
     assert before.resumed_from == str(given)  # no checkpoint of its own yet: the file it was given
+    before.run_lock.release()
     fresh.fit()
     after = prepare(recipe, ["epochs=4"], ["checkpoint"], [], tmp_path / "new", resume=given)
     assert after.resumed_from == str(tmp_path / "new" / "checkpoints" / "last.pt") and after.global_step == 15

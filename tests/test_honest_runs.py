@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitrain import Trainer, checkpointing, cli, hookimpl
+from minitrain import Trainer, checkpointing, cli, hookimpl, lock
 from minitrain.errors import MinitrainError
+from minitrain.lock import LOCK_FILE
 from minitrain.run import prepare
 
-FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "viz"}
+FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "viz", "early_stopping"}
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder`` with its bytes and modification time."""
+    """Every file of the run under ``folder`` with its bytes and modification time (the run
+    directory's lock file is not the run's: a start that moves the run aside holds it first)."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def error_line(capsys, *argv, code: int = 2) -> str:
@@ -60,7 +62,8 @@ def test_move_aside_keeps_the_earlier_run_whole_and_starts_afresh(recipe, traine
     assert snapshot(aside) == before  # moved, not deleted or changed
     history = json.loads((trained / "run.json").read_text())["history"]
     assert len(history) == 1 and history[0]["resumed_from"] is None
-    assert not (trained / "checkpoints").exists()  # the new run's files only
+    assert checkpointing.load(trained / "checkpoints" / "last.pt")["header"]["global_step"] == 5  # its own: the
+    # new run trained the recipe's 1 epoch of 5 steps, the earlier one 10 steps
 
 
 def test_move_aside_refuses_a_directory_that_holds_no_run(recipe, tmp_path, capsys):
@@ -139,7 +142,7 @@ def test_resume_refuses_a_change_the_checkpoint_cannot_take_and_changes_no_file(
 
 
 def test_resume_takes_the_checkpoint_config_and_applies_a_longer_run(recipe, trained, capsys):
-    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--plugin", "checkpoint", "--plugin", "csv",
+    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--plugin", "console",  # the run had none: added
                      "--run-dir", str(trained), "--resume", "auto"]) == 0
     out = capsys.readouterr().out
     last = trained / "checkpoints" / "last.pt"
@@ -156,11 +159,128 @@ def test_resume_takes_the_checkpoint_config_and_applies_a_longer_run(recipe, tra
     assert [row.split(",")[0] for row in (trained / "metrics.csv").read_text().splitlines()] == ["epoch", "1", "2", "3"]
 
 
-def test_resuming_a_finished_run_says_there_is_nothing_to_train(recipe, trained, capsys):
+def test_resuming_a_finished_run_succeeds_without_training_or_writing(recipe, trained, capsys):
+    """A requeue, a retry or a restart of a run that has finished: exit 0, one line, no file touched."""
     before = snapshot(trained)
-    line = error_line(capsys, "run", recipe, "--run-dir", trained, "--resume", "auto")
-    assert line.startswith("nothing to train: 2 of 2 epochs are done") and "--set epochs=N" in line
-    assert snapshot(trained) == before
+    for resume in ("auto", trained / "checkpoints" / "last.pt"):
+        assert cli.main(["run", str(recipe), "--run-dir", str(trained), "--resume", str(resume)]) == 0
+        out, err = capsys.readouterr()
+        where = trained if resume == "auto" else resume
+        assert out == (f"minitrain: run already complete: 2 of 2 epochs ({where}); raise epochs to train more "
+                       "(--set epochs=N)\n")
+        assert "error" not in err
+        assert snapshot(trained) == before
+
+
+def test_a_resume_goes_on_with_the_runs_plugins_and_their_options(recipe, tmp_path, capsys):
+    """Nothing repeated on the command line: the plugins the run had, with their options, come
+    back (here a checkpoint every 2 steps, a renamed metrics file, no console); console is not
+    brought back by being on by default."""
+    run = tmp_path / "run"
+    assert cli.main(["run", str(recipe), "--set", "epochs=1", "--plugin", "checkpoint:every_steps=2",
+                     "--plugin", "csv:filename=m.csv", "--no-plugin", "console", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(recipe), "--set", "epochs=2", "--run-dir", str(run), "--resume", "auto"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("done: 2 epochs") and len(out.splitlines()) == 1  # the command's last line; no console
+    record = json.loads((run / "run.json").read_text())
+    assert set(record["plugins"]) == {"checkpoint", "csv", "jsonl"}
+    assert record["plugins"]["checkpoint"]["every_steps"] == 2 and record["plugins"]["csv"]["filename"] == "m.csv"
+    assert "plugins_changed" not in record["history"][1]
+    assert [row.split(",")[0] for row in (run / "m.csv").read_text().splitlines()] == ["epoch", "1", "2"]
+    saves = [e["global_step"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+             if e["event"] == "CheckpointSaved" and e["kind"] == "last"]
+    assert saves == [2, 4, 5, 6, 8, 10, 10]  # every 2 steps and at each epoch end (a new position), in both starts
+
+
+def test_on_resume_observers_may_change_and_training_plugins_may_not(recipe, trained, capsys):
+    before = snapshot(trained)
+    for argv, refused in ((["--plugin", "early_stopping"], "cannot add plugin early_stopping"),
+                          (["--no-plugin", "checkpoint", "--plugin", "early_stopping:patience=1"],
+                           "cannot add plugin early_stopping")):
+        line = error_line(capsys, "run", recipe, "--set", "epochs=3", *argv, "--run-dir", trained, "--resume", "auto")
+        assert line.startswith(f"--resume: {refused}: it changes training") and "start a new run" in line
+        assert snapshot(trained) == before
+    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--no-plugin", "csv", "--plugin", "jsonl:flush_every=7",
+                     "--plugin", "viz", "--run-dir", str(trained), "--resume", "auto"]) == 0
+    record = json.loads((trained / "run.json").read_text())
+    assert set(record["plugins"]) == {"checkpoint", "jsonl", "viz"}
+    changed = record["history"][-1]["plugins_changed"]
+    assert changed["csv"] == [{"filename": "metrics.csv"}, None] and changed["viz"][0] is None
+    assert (changed["jsonl"][0]["flush_every"], changed["jsonl"][1]["flush_every"]) == (100, 7)
+    assert (trained / "report.html").is_file()
+    assert [row.split(",")[0] for row in (trained / "metrics.csv").read_text().splitlines()] == ["epoch", "1", "2"]
+
+
+def test_resume_auto_refuses_a_run_without_checkpoints_and_changes_nothing(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["run", str(recipe), "--no-plugin", "checkpoint", "--no-plugin", "console",
+                     "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    before = snapshot(run)
+    line = error_line(capsys, "run", recipe, "--set", "epochs=2", "--run-dir", run, "--resume", "auto")
+    assert line == (f"--resume auto: {run} holds a run with no checkpoint to resume from (it ran with --no-plugin "
+                    "checkpoint): nothing in it was changed. Start a new run with another --run-dir, or --move-aside "
+                    f"to move {run} aside and start afresh there")
+    assert snapshot(run) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    line = error_line(capsys, "run", recipe, "--run-dir", mine, "--resume", "auto")
+    assert line.startswith(f"--resume auto: {mine} holds files that are not a minitrain run (notes.txt)")
+
+
+def test_a_run_that_ended_before_its_first_checkpoint_starts_again_with_its_config(recipe, tmp_path, capsys):
+    """A requeue of a run whose first start died in its first epoch: the same run from step 0,
+    with the config and plugins it recorded (lr 0.1, not the recipe's 0.2), its history kept."""
+    run = tmp_path / "run"
+    prepare(recipe, ["lr=0.1"], ["csv"], ["console"], run)  # run files written, no step trained: as if killed
+    with pytest.warns(UserWarning, match="no checkpoint in .*ended before its first save.*again from step 0"):
+        again = prepare(recipe, [], [], [], run, resume="auto")
+    assert (again.global_step, again.resumed_from, again.config["lr"]) == (0, None, 0.1)
+    assert {name for name, _ in again.pm.list_name_plugin()} == {"core", "checkpoint", "csv", "jsonl"}
+    again.fit()
+    history = json.loads((run / "run.json").read_text())["history"]
+    assert [(h["resumed_from"], h.get("global_step")) for h in history] == [(None, None), (None, 0)]
+    assert checkpointing.load(run / "checkpoints" / "last.pt")["header"]["config"]["lr"] == 0.1
+
+
+def test_two_starts_into_one_run_directory_the_second_is_refused(recipe, tmp_path, capsys):
+    """The run directory's lock: a second start (fresh or resuming) is refused in one line naming
+    the process that holds it, and nothing of the first run changes; once the first run ends,
+    the lock is free (and a process killed holding it frees it too: the kernel's flock)."""
+    run = tmp_path / "run"
+    first = prepare(recipe, ["epochs=2"], [], ["console"], run)
+    for extra in ([], ["--resume", "auto"]):
+        line = error_line(capsys, "run", recipe, "--run-dir", run, *extra)
+        if not extra:  # a fresh start sees a used directory first; the lock decides only when both start at once
+            assert line.startswith(f"run directory {run} is not empty")
+            continue
+        assert line.startswith(f"run directory {run} is in use by process {os.getpid()} on ")
+        assert "a run directory holds one run at a time" in line
+    assert lock.in_use(run)
+    first.fit()
+    assert not lock.in_use(run)
+    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--no-plugin", "console", "--run-dir", str(run),
+                     "--resume", "auto"]) == 0
+
+
+def test_two_fresh_starts_at_once_one_wins_and_the_other_is_refused(recipe, tmp_path):
+    """Two processes told to start a new run in the same new directory at the same moment."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "minitrain", "run", str(recipe), "--set", "epochs=30", "--no-plugin", "console",
+            "--run-dir", str(run)]
+    starts = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(300), p.stderr.read()) for p in starts]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert f"minitrain: error: run directory {run} is " in refused  # in use by the other, or not empty any more
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "FitStart" for e in events) == 1  # one run's log, not two mixed
 
 
 def test_fit_again_on_a_finished_trainer_says_so(recipe):

@@ -8,6 +8,7 @@ import time
 
 from minitrain import events as ev
 from minitrain.cli import main
+from minitrain.lock import RunDirLock
 from minitrain.runs import differing, find_runs, read_run
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "early_stopping"}
@@ -137,8 +138,28 @@ def test_a_resume_from_an_older_checkpoint_replaces_what_it_redoes(tmp_path):
     assert redone.duration > 3 * 2.0
 
 
+def test_a_finished_run_resumed_and_then_killed_is_not_finished(tmp_path):
+    """The last start decides: a run that finished, was resumed from an older checkpoint and was
+    killed in the epoch it redid reads as killed (nobody holds its lock) or running (somebody
+    does), with the epochs of the first start that the resume redid dropped."""
+    run_dir = write_log(tmp_path / "run", [
+        start(3, 1, 0), *epoch(1, 5, 1.0), *epoch(2, 10, 0.9), *epoch(3, 15, 0.8),
+        ev.FitEnd(epochs_completed=3, global_step=15, metrics={"train_loss": 0.8}),
+        start(4, 2, 5), *epoch(2, 10, 0.5), *epoch(3, 15, 0.4)[:2],
+    ], history=2)
+    lock = RunDirLock(run_dir)
+    lock.acquire()
+    assert read_run(run_dir).status == "running"
+    lock.release()  # as the kernel does for a process killed outright
+    killed = read_run(run_dir, steps=True)
+    assert (killed.status, killed.starts, killed.epochs_done, killed.epochs, killed.global_step) == (
+        "killed", 2, 2, 4, 10)
+    assert killed.values("train_loss") == [(1, 1.0), (2, 0.5)] and killed.final_metrics["train_loss"] == 0.5
+    assert [s for s, _ in killed.steps] == list(range(1, 13))
+
+
 def test_differing_settings_leave_out_what_all_runs_share(recipe, tmp_path):
-    a = read_run(run(recipe, tmp_path / "a", "--set", "epochs=1"))
+    a = read_run(run(recipe, tmp_path / "a", "--set", "epochs=1", "--no-plugin", "checkpoint"))
     b = read_run(run(recipe, tmp_path / "b", "--set", "epochs=1", "--set", "lr=0.05", "--plugin", "checkpoint"))
     c = read_run(run(recipe, tmp_path / "c", "--set", "epochs=1", "--set", "lr=0.05", "--plugin", "checkpoint:every=2"))
     assert differing([a, b]) == {"lr": ["0.2", "0.05"], "plugins": ["jsonl", "checkpoint,jsonl"]}  # (tests hide csv, ddp)
