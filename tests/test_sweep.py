@@ -91,7 +91,29 @@ def test_show_and_best_options_and_missing_study(capsys):
 
 # --- sweeps ------------------------------------------------------------------------------------------
 
+RENDEZVOUS = '''
+
+import time
+
+
+class Rendezvous:
+    """Each trial waits at its start (at most 2 minutes) until two trials have begun, so that
+    two surely run at once however slowly the second worker starts."""
+
+    @minitrain.hookimpl
+    def on_fit_start(self, trainer):
+        folder, deadline = Path(trainer.run_dir).parent, time.monotonic() + 120
+        while len(list(folder.glob("trial-*/events.jsonl"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+PLUGINS = [Rendezvous()]
+'''
+
+
 def test_four_trials_on_two_workers(capsys, recipe):
+    recipe = recipe.with_name("rendezvous.py")
+    recipe.write_text(recipe.with_name("tiny_recipe.py").read_text() + RENDEZVOUS)
     args = [recipe, "--space", "lr=float:0.02:0.5:log", "--trials", 4, "--workers", 2, "--study", "four",
             "--set", "epochs=2", "--sampler", "random:seed=1"]
     code, out, err = sweep(capsys, *args)
@@ -326,6 +348,26 @@ def test_which_running_trials_are_lost():
     assert not studies.is_lost(trial(**elsewhere, alive=now - 60))
     assert studies.is_lost(trial(**elsewhere, alive=now - studies.STALE_AFTER_S - 1))
     assert not studies.is_lost(trial())  # just asked for; its owner not written yet
+    orphan = SimpleNamespace(user_attrs={}, datetime_start=datetime.datetime.now()
+                             - datetime.timedelta(seconds=studies.ORPHAN_AFTER_S + 1))
+    assert studies.is_lost(orphan)  # its sweep was killed between Optuna's ask and writing the owner
+
+
+def test_a_trial_orphaned_between_ask_and_its_owner_is_recovered_by_the_next_sweep(capsys, recipe):
+    """A sweep killed right after Optuna's ``ask()``: its trial is RUNNING with no owner. The same
+    command again does not count it as running for long: within seconds it is failed, its values
+    queued again, and the study gets all its trials."""
+    args = [recipe, "--space", "lr=float:0.02:0.5:log", "--study", "orphan", "--set", "epochs=1",
+            "--sampler", "random:seed=1"]
+    code, out, err = sweep(capsys, *args, "--trials", 1)
+    assert code == 0, (out, err)
+    orphan = study("orphan").ask()  # as the killed sweep left it
+    code, out, err = sweep(capsys, *args, "--trials", 2)  # without the orphan taken for lost: 1 trial short
+    assert code == 0, (out, err)
+    trials = study("orphan").get_trials(deepcopy=False)
+    assert trials[orphan.number].state.name == "FAIL" and "error" not in trials[orphan.number].user_attrs
+    assert f"trial {orphan.number} was running when its sweep stopped" in out
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2
 
 
 
@@ -337,7 +379,7 @@ def _launch(args: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, "the sweep ended before the moment the test waits for"
@@ -418,7 +460,7 @@ def test_import_minitrain_does_not_import_optuna():
     code = ("import sys, minitrain, minitrain.cli, minitrain_plugins.prune\n"
             "minitrain.cli._parser()\n"
             "assert 'optuna' not in sys.modules, 'optuna imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 # --- a study in PostgreSQL, shared by two "machines" ------------------------------------------------
@@ -459,7 +501,7 @@ def postgres():
         user = "postgres"
 
     def run(*command):
-        return subprocess.run([str(c) for c in command], user=user, capture_output=True, text=True, timeout=120)
+        return subprocess.run([str(c) for c in command], user=user, capture_output=True, text=True, timeout=300)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -37,7 +37,7 @@ from minitrain.files import one_line
 from minitrain.sweep import channel
 from minitrain.sweep.space import Dimension
 from minitrain.sweep.study import (
-    HEARTBEAT_S, counts, fail_lost_trials, optuna, owner, taken, trial_dir_name,
+    HEARTBEAT_S, counts, fail_lost_trials, optuna, orphan_wait, owner, taken, trial_dir_name,
 )
 
 INTERRUPTED_CODES = {130: "SIGINT", 143: "SIGTERM", -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM"}
@@ -248,13 +248,20 @@ class Sweep:
         from minitrain.recipe import make_config
 
         plan, study = self.plan, self.study
+        while True:
+            with self.lock:
+                if self.stopping or self.bad_input:
+                    return None
+                for number in fail_lost_trials(study):
+                    self._say(f"trial {number} was running when its sweep stopped: marked failed, its values "
+                              "queued again")
+                if taken(study) < plan.trials:
+                    break
+                wait = orphan_wait(study)  # a trial whose sweep was killed as it asked for it may yet be lost
+                if not wait:
+                    return None
+            time.sleep(wait)
         with self.lock:
-            if self.stopping or self.bad_input:
-                return None
-            for number in fail_lost_trials(study):
-                self._say(f"trial {number} was running when its sweep stopped: marked failed, its values queued again")
-            if taken(study) >= plan.trials:
-                return None
             trial = study.ask()
             if taken(study, before=trial.number) >= plan.trials:  # another process asked first
                 trial.set_user_attr("surplus", True)

@@ -35,6 +35,9 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 JOURNAL_LOCK_GRACE_S = 10  # a journal lock held this long while the journal does not grow is a dead one
 HEARTBEAT_S = 60.0  # a running trial's sweep says it is alive this often...
 STALE_AFTER_S = 600.0  # ...and one not heard of for this long, on another host, is taken for lost
+ORPHAN_AFTER_S = 5.0
+"""A RUNNING trial with no owner yet: Optuna's ``ask`` made it, and its sweep writes the owner at
+once (milliseconds later) unless it was killed in between. One this old is taken for lost."""
 
 
 def optuna():
@@ -210,10 +213,26 @@ def is_lost(trial, now: float | None = None) -> bool:
     not said it is alive for ``STALE_AFTER_S``."""
     now = time.time() if now is None else now
     attrs = trial.user_attrs
+    if "host" not in attrs:  # asked for, its owner never written (or being written now)
+        return now - _started(trial, now) > ORPHAN_AFTER_S
     if attrs.get("host") == socket.gethostname() and "pid" in attrs:
         return not _process_alive(attrs["pid"], attrs.get("pid_start"))
-    heard = attrs.get("alive") or (trial.datetime_start.timestamp() if trial.datetime_start else now)
-    return now - heard > STALE_AFTER_S
+    return now - (attrs.get("alive") or _started(trial, now)) > STALE_AFTER_S
+
+
+def _started(trial, now: float) -> float:
+    return trial.datetime_start.timestamp() if trial.datetime_start else now
+
+
+def orphan_wait(study, now: float | None = None) -> float:
+    """Seconds until every RUNNING trial without an owner is old enough to be taken for lost (0:
+    there is none). A sweep that finds its study full only because of such trials waits this long
+    and looks again, rather than stopping short of ``--trials``."""
+    op = optuna()
+    now = time.time() if now is None else now
+    ages = [now - _started(t, now) for t in study.get_trials(deepcopy=False, states=(op.trial.TrialState.RUNNING,))
+            if "host" not in t.user_attrs]
+    return max((ORPHAN_AFTER_S - age + 0.1 for age in ages), default=0.0)
 
 
 def fail_lost_trials(study) -> list[int]:
