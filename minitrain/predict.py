@@ -9,6 +9,8 @@ run directory. An image that cannot be read is reported on its own; the others a
 """
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +68,17 @@ def read(path: Path, metadata: dict[str, Any], resize: str = "stretch") -> np.nd
     if channels not in (1, 3):
         raise MinitrainError(f"cannot feed images to a model with {channels} input channels")
     try:
-        with Image.open(path) as image:
-            image = to_mode(ImageOps.exif_transpose(image), "L" if channels == 1 else "RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
+            with Image.open(path) as image:
+                image = to_mode(ImageOps.exif_transpose(image), "L" if channels == 1 else "RGB")
     except FileNotFoundError:
         raise MinitrainError(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels, " if found else ""
+        raise MinitrainError(f"cannot read image {path}: too large to decode safely ({size}over the limit of "
+                             f"{Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise MinitrainError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
     if resize == "crop":

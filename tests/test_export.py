@@ -212,6 +212,20 @@ def _top(path, exported, resize="stretch"):
     return [p for _, p in sorted((t["index"], t["probability"]) for t in result["top"])]
 
 
+def test_predict_names_an_image_too_large_to_decode_and_classifies_the_others(exported, images, tmp_path, capsys):
+    """A 20000×20000 PNG (a few kB: a decompression bomb) is named on its own line, the other
+    images are classified, and the exit code says that one failed; no traceback."""
+    paths, _ = images
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)
+    assert bomb.stat().st_size < 100_000
+    assert main(["predict", str(exported), str(paths[0]), str(bomb), str(paths[1])]) == 2
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(paths[0]), str(paths[1])]
+    assert err == (f"minitrain: error: cannot read image {bomb}: too large to decode safely (400,000,000 pixels, over "
+                   f"the limit of {Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)\n")
+
+
 def test_predict_turns_images_upright_by_their_exif_orientation(exported, tmp_path, fake_cifar):
     pictures, _ = load_cifar10(fake_cifar, train=False)
     upright = Image.fromarray(pictures[3].permute(1, 2, 0).numpy())
