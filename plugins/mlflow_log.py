@@ -331,7 +331,10 @@ class MlflowLog:
             log = run_dir / (read_json(run_dir / "run.json").get("event_log") or "events.jsonl")
             final = (type(event).__name__, event.global_step)
             self.worker.submit(lambda: self._upload_log(log, None if self.replaying else final))
-            _join_at_exit(self.worker)
+            if self.replaying:  # the log is whole already: `minitrain replay` returns with the run logged
+                self.wait()
+            else:
+                _join_at_exit(self.worker)
 
     def _end(self, files: list[tuple[Path, str]], tags: dict[str, str], status: str, end_time: int | None) -> None:
         client = self.worker.client

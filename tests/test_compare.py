@@ -53,7 +53,7 @@ def browse(page, tmp_path) -> dict:
         [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
          f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--log-level=0",
          "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=300)
     probed.unlink()
     found = re.search(r'<pre id="minitrain-probe">(.*?)</pre>', result.stdout, re.S)
     assert found, f"the page never finished loading; chromium said: {result.stderr[-2000:]}"
@@ -88,6 +88,40 @@ def test_compare_writes_one_page_from_the_event_logs(two_runs, tmp_path, capsys)
     assert re.search(r"<th>lr</th><td>0.3</td><td>0.05</td>", differ)
     assert re.search(r"<th>epochs</th><td>2</td><td>3</td>", differ) and "batch_size" not in differ
     assert page.count(">finished<") == 2
+
+
+def test_compare_gives_each_run_its_own_status_metrics_and_curves(two_runs, tmp_path):
+    """Three runs that differ in status and figures: each row, each final value and each curve's
+    label belong to their own run."""
+    from minitrain.compare import COLORS, _figures
+    from minitrain.runs import format_value, read_run
+
+    fast, slow = two_runs
+    killed = tmp_path / "runs" / "killed"  # slow's copy, its process killed before it logged its end
+    shutil.copytree(slow, killed)
+    log = killed / "events.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))
+    out = tmp_path / "three.html"
+    assert main(["compare", str(fast), str(slow), str(killed), "-o", str(out)]) == 0
+    page = out.read_text()
+    runs = [read_run(path, steps=True) for path in (fast, slow, killed)]
+    assert [run.status for run in runs] == ["finished", "finished", "killed"]
+    finals = page[page.index("Final metrics"):]
+    names = re.findall(r"<th>([a-z_]+)</th>", finals)[1:]  # after "run"
+    for run in runs:
+        status = re.search(rf">{run.name}</span></td><td>tiny_recipe</td><td class=\"status-(\w+)\">", page).group(1)
+        assert status == run.status
+        row = re.search(rf'<td class="run"><span[^>]*></span>{run.name}</td>(.*?)</tr>', finals).group(1)
+        values = re.findall(r'<td class="num">([^<]*)</td>', row)
+        assert values == [format_value(run.final_metrics.get(k)) for k in names]
+    assert runs[0].final_metrics["val_loss"] != runs[1].final_metrics["val_loss"]
+    for title, figure in _figures(runs, [run.name for run in runs]):
+        if title != "Validation loss":
+            continue
+        lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+        for i, run in enumerate(runs):
+            assert list(lines[run.name].get_ydata()) == [v for _, v in run.values("val_loss")]
+            assert lines[run.name].get_color() == COLORS[i]
 
 
 def test_compare_refuses_what_is_not_a_run(tmp_path, capsys):

@@ -84,7 +84,7 @@ def build(config, device):
 def _torchrun(args: list[str], cwd: Path, launcher: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_ENV}
     done = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)  # a guard against a hang, with room for a slow machine
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -204,6 +204,59 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_epoch_end(runs, tmp_pa
     assert end["event"] == "FitEnd" and end["stop_reason"] == "asked on rank 0 only"
     assert end["epochs_completed"] == 1 and end["global_step"] == STEPS  # the epoch ran to its end
     assert len(json.loads((tmp_path / "stopped" / "step_losses.json").read_text())) == STEPS
+
+
+SLOW_SAVES = '''
+
+import time
+from minitrain import checkpointing
+
+_save = checkpointing.save
+
+
+def _slow_save(*args, **kwargs):  # rank 0 writes slowly: a rank that does not wait for it runs ahead
+    time.sleep(0.5)
+    _save(*args, **kwargs)
+
+
+checkpointing.save = _slow_save
+
+
+class SeesTheLastSave:
+    """On rank 1, at the start of each step: the checkpoint of the step before is on disk."""
+
+    def __init__(self):
+        self.checked, self.behind = 0, []
+
+    @minitrain.hookimpl
+    def on_batch_start(self, event, trainer):
+        if distributed.rank() == 1 and event.global_step:
+            head = checkpointing.read_header(Path(trainer.run_dir) / "checkpoints" / "last.pt")
+            self.checked += 1
+            if head is None or head["global_step"] != event.global_step:
+                self.behind.append([event.global_step, head and head["global_step"]])
+
+    @minitrain.hookimpl
+    def on_fit_end(self, trainer):
+        if distributed.rank() == 1:
+            Path(trainer.run_dir, "rank1.json").write_text(json.dumps([self.checked, self.behind]))
+
+
+PLUGINS.append(SeesTheLastSave())
+'''
+
+
+def test_no_rank_runs_ahead_of_the_checkpoint_rank_0_writes(runs, tmp_path):
+    """The checkpoint plugin's barrier: with rank 0 half a second slow in every save, rank 1 still
+    starts no step before the file of the step before is complete on disk (what a restart by
+    torchrun would resume from). Without the barrier it would be a save behind, every step."""
+    root, _ = runs
+    recipe = tmp_path / "slow_saves.py"
+    recipe.write_text(RECIPE.format(epochs=1, data_dir=str(root / "data")) + SLOW_SAVES)
+    _torchrun(["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--plugin", "checkpoint:every_steps=1",
+               "--no-plugin", "console", "--run-dir", "slow"], tmp_path, ["-m", "minitrain"])
+    checked, behind = json.loads((tmp_path / "slow" / "rank1.json").read_text())
+    assert checked == STEPS - 1 and behind == []
 
 
 # --- the pieces, in one process ------------------------------------------------------------------

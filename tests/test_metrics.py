@@ -136,3 +136,36 @@ def test_a_trainer_built_by_hand_validates_a_classifier(fake_cifar):
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, test, epochs=1, plugins=[])
     metrics = trainer.fit()
     assert metrics["val_acc"] * 32 == round(metrics["val_acc"] * 32)  # a fraction of the 32 test images
+
+
+@pytest.mark.parametrize("which", ["classifier", "regression"])
+def test_under_torchrun_every_rank_reports_the_whole_validation_set(which, recipe, regression, tmp_path):
+    """Two processes validate a shard each; the figures every plugin sees are those of the whole
+    validation set, as one process computes them: accuracy and confusion counts exactly, the
+    recipe's own metrics (MAE, R2) and val_loss up to the order of the sums. The learning rate is
+    too small to move a float32 weight, so both runs validate the same model."""
+    import os
+    import subprocess
+    import sys
+
+    from minitrain import distributed
+
+    path = recipe if which == "classifier" else regression
+    args = ["run", str(path), "--set", "epochs=1", "--set", "lr=1e-30", "--no-plugin", "console"]
+    assert main([*args, "--run-dir", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_ENV} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "minitrain", *args, "--nproc", "2", "--run-dir",
+                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def validation(run):
+        return next(json.loads(line) for line in (tmp_path / run / "events.jsonl").read_text().splitlines()
+                    if '"ValidationEnd"' in line)
+
+    one, two = validation("one"), validation("two")
+    assert one["metrics"].keys() == two["metrics"].keys()
+    for name, value in one["metrics"].items():
+        assert two["metrics"][name] == (value if name == "val_acc" else pytest.approx(value, rel=1e-5)), name
+    assert two["confusion"] == one["confusion"]
+    if which == "classifier":
+        assert sum(map(sum, two["confusion"])) == 32  # every test image, counted once over the two ranks

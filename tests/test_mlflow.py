@@ -238,11 +238,8 @@ def test_replay_logs_a_run_recorded_without_it(recipe, tmp_path, store, capsys):
     fit(recipe, run_dir, plugins=[])
     assert store.search_runs(["0"]) == []
     assert main(["replay", str(run_dir), "--plugin", "mlflow:log_every=1"]) == 0
-    deadline = time.monotonic() + 30
-    while "events.jsonl" not in {a.path for a in store.list_artifacts(only_run(store).info.run_id)}:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    run = only_run(store)
+    run = only_run(store)  # logged whole by the time the replay returns, the event log included
+    assert "events.jsonl" in {a.path for a in store.list_artifacts(run.info.run_id)}
     events = log_lines(run_dir)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert history(store, run, "train_loss_step") == [(e["global_step"], e["loss"]) for e in events
@@ -290,10 +287,10 @@ def test_a_server_too_slow_to_answer_does_not_hold_training_back(recipe, tmp_pat
     uri = f"http://127.0.0.1:{server.getsockname()[1]}"
     started = time.monotonic()
     with pytest.warns(ObserverFailed, match="plugin 'mlflow' failed"):
-        trainer = prepare(recipe, ["epochs=2"], [f"mlflow:tracking_uri={uri},http_timeout=30,finish_timeout=1"],
+        trainer = prepare(recipe, ["epochs=2"], [f"mlflow:tracking_uri={uri},http_timeout=900,finish_timeout=1"],
                           ["console"], tmp_path / "run")
         trainer.fit()
-    assert time.monotonic() - started < 20  # not the 30 s a request may take
+    assert time.monotonic() - started < 300  # not the 900 s a request may take (2 s here; room for a slow machine)
     assert trainer.epoch == 2 and trainer.pm.get_plugin("mlflow") is None  # disabled
     server.close()
     for connection in held:

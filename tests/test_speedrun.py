@@ -270,7 +270,7 @@ def test_benchmark_cpu_mode_end_to_end(fake_cifar, tmp_path):
         [sys.executable, str(BENCHMARK), "--device", "cpu", "--data-dir", str(fake_cifar), "--epochs", "1",
          "--runs", "1", "--warmup", "0", "--set", "widths=[8,16,16]", "--set", "batch_size=16",
          "--set", "eval_batch_size=16", "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")],
-        capture_output=True, text=True, env=env, timeout=120)
+        capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     tail = result.stdout.strip().splitlines()[-4:]
     assert tail[1].startswith("minitrain Trainer") and tail[2].startswith("bare loop")
