@@ -41,6 +41,10 @@ from minitrain.sweep.study import (
 )
 
 INTERRUPTED_CODES = {130: "SIGINT", 143: "SIGTERM", -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM"}
+KILLED_GRACE_S = 1.0
+"""A trial killed outright (SIGKILL) is recorded as failed only this long after: where the kill
+was aimed at the whole sweep (its process group), it reaches this process meanwhile and nothing
+is recorded, so that the next sweep takes the trial for lost and runs its values again."""
 
 
 @dataclass
@@ -309,6 +313,8 @@ class Sweep:
         pruned, end = self._follow(run.trial, ours, process)
         process.join()
         ours.close()
+        if process.exitcode is not None and process.exitcode < 0 and process.exitcode not in INTERRUPTED_CODES:
+            time.sleep(KILLED_GRACE_S)
         with self.lock:
             self.processes.pop(number, None)
             self._record(run, process.exitcode, pruned, end, time.monotonic() - started)

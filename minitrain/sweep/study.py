@@ -36,8 +36,10 @@ JOURNAL_LOCK_GRACE_S = 10  # a journal lock held this long while the journal doe
 HEARTBEAT_S = 60.0  # a running trial's sweep says it is alive this often...
 STALE_AFTER_S = 600.0  # ...and one not heard of for this long, on another host, is taken for lost
 ORPHAN_AFTER_S = 5.0
-"""A RUNNING trial with no owner yet: Optuna's ``ask`` made it, and its sweep writes the owner at
-once (milliseconds later) unless it was killed in between. One this old is taken for lost."""
+"""A RUNNING trial with no owner yet, or half of one: Optuna's ``ask`` made it, and its sweep
+writes the owner at once, one attribute at a time (milliseconds), unless it was killed in
+between. One this old is taken for lost."""
+OWNER_KEYS = ("host", "pid", "pid_start", "alive")
 
 
 def optuna():
@@ -213,11 +215,15 @@ def is_lost(trial, now: float | None = None) -> bool:
     not said it is alive for ``STALE_AFTER_S``."""
     now = time.time() if now is None else now
     attrs = trial.user_attrs
-    if "host" not in attrs:  # asked for, its owner never written (or being written now)
+    if not _owned(trial):  # asked for, its owner never written whole (or being written now)
         return now - _started(trial, now) > ORPHAN_AFTER_S
     if attrs.get("host") == socket.gethostname() and "pid" in attrs:
         return not _process_alive(attrs["pid"], attrs.get("pid_start"))
     return now - (attrs.get("alive") or _started(trial, now)) > STALE_AFTER_S
+
+
+def _owned(trial) -> bool:
+    return all(key in trial.user_attrs for key in OWNER_KEYS)
 
 
 def _started(trial, now: float) -> float:
@@ -231,7 +237,7 @@ def orphan_wait(study, now: float | None = None) -> float:
     op = optuna()
     now = time.time() if now is None else now
     ages = [now - _started(t, now) for t in study.get_trials(deepcopy=False, states=(op.trial.TrialState.RUNNING,))
-            if "host" not in t.user_attrs]
+            if not _owned(t)]
     return max((ORPHAN_AFTER_S - age + 0.1 for age in ages), default=0.0)
 
 
