@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from minitrain import MinitrainError, Trainer, hookimpl
-from minitrain.plugins import discover, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
+from minitrain.engine.registry import discover, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
 
 STEPS, BATCH, BLOCK = 2000, 64, 50
 DEFAULTS = ["console", "jsonl", "csv", "checkpoint:monitor=train_loss"]
@@ -176,8 +176,8 @@ def framework_alone(specs: list[str], available, steps: int = 20000) -> float:
 def save_cost(recipe: str, saves: int = 20) -> None:
     """Milliseconds for one checkpoint of ``recipe``'s state (as the checkpoint plugin writes
     ``last.pt`` at each epoch end), median and range over ``saves``, and the file's size."""
-    from minitrain import checkpointing
-    from minitrain.run import prepare
+    from minitrain.engine import checkpointing
+    from minitrain.commands.start import prepare
 
     with tempfile.TemporaryDirectory() as folder:
         with contextlib.redirect_stdout(io.StringIO()):

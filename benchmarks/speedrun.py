@@ -33,10 +33,10 @@ from typing import NamedTuple
 import torch
 
 from minitrain import Trainer, hookimpl
-from minitrain.data import load_cifar10
-from minitrain.device import resolve_device, seed_everything
-from minitrain.plugins import PluginRequest, discover, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
-from minitrain.recipe import load_recipe, make_config
+from minitrain.kit.data import load_cifar10
+from minitrain.engine.device import resolve_device, seed_everything
+from minitrain.engine.registry import PluginRequest, discover, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
+from minitrain.kit.recipe import load_recipe, make_config
 from minitrain_plugins.amp import DTYPES, to_half, unsupported
 from minitrain_plugins.compile import compile_in_place
 from minitrain_plugins.tta import augmented_logits

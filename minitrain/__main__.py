@@ -1,5 +1,5 @@
 import sys
 
-from minitrain.cli import main
+from minitrain.commands.cli import main
 
 sys.exit(main())

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minitrain.data import CIFAR10_CLASSES, CIFAR10_FOLDER
-from minitrain.hookspecs import hookimpl
+from minitrain.kit.data import CIFAR10_CLASSES, CIFAR10_FOLDER
+from minitrain.engine.hookspecs import hookimpl
 
 
 def make_fake_cifar10(root: str | Path, train_per_batch: int = 20, test_size: int = 40, seed: int = 0) -> Path:
@@ -49,7 +49,7 @@ def cli_in_child(argv: list[str], log: str | Path) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    from minitrain.cli import main
+    from minitrain.commands.cli import main
 
     sys.exit(main(list(argv)))
 

@@ -6,7 +6,7 @@ import math
 import re
 from typing import Literal
 
-from minitrain.errors import MinitrainError
+from minitrain.engine.errors import MinitrainError
 
 Mode = Literal["auto", "min", "max"]
 

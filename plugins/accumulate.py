@@ -28,7 +28,7 @@ from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.errors import MinitrainError
+from minitrain.engine.errors import MinitrainError
 
 
 class Accumulate:

@@ -33,7 +33,7 @@ are moved out of the way, into ``set-aside-after-step-S/`` in the folder, with a
 left in place they would crowd the ranking, and ``--resume auto``, which takes the newest file,
 would go back to the abandoned ``last.pt`` if this run stopped before its first save.
 
-The file format, atomic writing and safe loading are :mod:`minitrain.checkpointing`.
+The file format, atomic writing and safe loading are :mod:`minitrain.engine.checkpointing`.
 
 **Under torchrun** the plugin runs on every rank, and every rank reaches the same save points
 (they depend only on the step, the epoch and the epoch metrics, which the ranks share). There the
@@ -57,7 +57,7 @@ trainer)``. Any plugin can implement it, e.g. to upload checkpoints as they appe
 
 Declaring your own event takes the same four steps as here:
 
-1. subclass :class:`minitrain.events.Event`; the class name gives the hook name
+1. subclass :class:`minitrain.engine.events.Event`; the class name gives the hook name
    (``CheckpointSaved`` -> ``on_checkpoint_saved``), and the fields are validated, serialise to
    one JSON line and have a JSON Schema like any core event's;
 2. write its ``@minitrain.hookspec`` in a class or module (:class:`CheckpointHookspecs`);
@@ -79,9 +79,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from minitrain import PluginConfig, checkpointing, distributed, hookimpl, hookspec
-from minitrain.files import check_writable
-from minitrain.events import Count, Event
+from minitrain import PluginConfig, hookimpl, hookspec
+from minitrain.engine import checkpointing, distributed
+from minitrain.engine.files import check_writable
+from minitrain.engine.events import Count, Event
 from minitrain_plugins._metric import Mode, improves, resolve_monitor
 
 

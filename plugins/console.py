@@ -15,9 +15,10 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from minitrain import PluginConfig, distributed, hookimpl
-from minitrain.device import HostCopy
-from minitrain.summary import describe_model
+from minitrain import PluginConfig, hookimpl
+from minitrain.engine import distributed
+from minitrain.engine.device import HostCopy
+from minitrain.kit.summary import describe_model
 
 
 class Console:

@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.files import write_atomic
+from minitrain.engine.files import write_atomic
 
 
 class CsvLog:

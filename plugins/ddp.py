@@ -17,7 +17,8 @@ from __future__ import annotations
 from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 
-from minitrain import PluginConfig, distributed, hookimpl
+from minitrain import PluginConfig, hookimpl
+from minitrain.engine import distributed
 
 
 class DataParallel:

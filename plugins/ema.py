@@ -19,8 +19,8 @@ import torch
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.errors import MinitrainError
-from minitrain.export import EMA_STATE as STATE  # where `minitrain export --ema` finds the average
+from minitrain.engine.errors import MinitrainError
+from minitrain.commands.export import EMA_STATE as STATE  # where `minitrain export --ema` finds the average
 
 
 class EMA:

@@ -23,9 +23,9 @@ import torch
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.device import HostCopy
-from minitrain.files import check_writable
-from minitrain.events import BatchEnd, BatchStart, Event, ExceptionRaised, FitEnd, Interrupted
+from minitrain.engine.device import HostCopy
+from minitrain.engine.files import check_writable
+from minitrain.engine.events import BatchEnd, BatchStart, Event, ExceptionRaised, FitEnd, Interrupted
 
 FINAL = (FitEnd, ExceptionRaised, Interrupted)
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.errors import MinitrainError
+from minitrain.engine.errors import MinitrainError
 
 
 class Lookahead:

@@ -63,12 +63,12 @@ import torch
 from pydantic import Field
 
 from minitrain import PluginConfig, __version__, hookimpl
-from minitrain.device import HostCopy
-from minitrain.errors import MinitrainError
-from minitrain.events import ExceptionRaised, FitEnd, Interrupted
-from minitrain.files import one_line
-from minitrain.runs import flatten, parse_time
-from minitrain.files import read_json
+from minitrain.engine.device import HostCopy
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.events import ExceptionRaised, FitEnd, Interrupted
+from minitrain.engine.files import one_line
+from minitrain.commands.runs import flatten, parse_time
+from minitrain.engine.files import read_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STEP_METRIC = "train_loss_step"
@@ -128,7 +128,7 @@ class MlflowLog:
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
-        from minitrain.replay import ReplayTrainer
+        from minitrain.commands.replay import ReplayTrainer
 
         self.replaying = isinstance(trainer, ReplayTrainer)
         self.segments += 1
@@ -146,9 +146,9 @@ class MlflowLog:
         if cut:
             warnings.warn(f"mlflow: parameter value(s) longer than MLflow takes were cut to {PARAM_VALUE_LIMIT} "
                           f"characters: {', '.join(cut)}", stacklevel=2)
-        tags = {"minitrain.recipe": recipe or "", "minitrain.run_dir": str(run_dir or ""),
+        tags = {"minitrain.kit.recipe": recipe or "", "minitrain.run_dir": str(run_dir or ""),
                 "minitrain.version": __version__, "torch.version": str(torch.__version__),
-                "minitrain.plugins": ", ".join(sorted(plugins)), "minitrain.device": event.device,
+                "minitrain.engine.registry": ", ".join(sorted(plugins)), "minitrain.engine.device": event.device,
                 RUN_KEY_TAG: self.resume.get("run_key") or self.run_key}
         if event.resumed_from:
             tags["minitrain.resumed_from"] = event.resumed_from

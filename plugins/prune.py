@@ -21,8 +21,8 @@ from typing import Literal
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.errors import MinitrainError
-from minitrain.sweep import channel
+from minitrain.engine.errors import MinitrainError
+from minitrain.commands.sweep import channel
 from minitrain_plugins._metric import resolve_monitor
 
 

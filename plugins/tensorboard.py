@@ -21,7 +21,7 @@ from pydantic import Field
 from torch.utils.tensorboard import SummaryWriter
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.files import check_writable
+from minitrain.engine.files import check_writable
 
 
 class TensorBoard:

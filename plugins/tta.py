@@ -1,5 +1,5 @@
 """Test-time augmentation: validation logits averaged over horizontal flips and, optionally,
-small translations of each image (:mod:`minitrain.augment`). Overrides the ``eval_step``
+small translations of each image (:mod:`minitrain.kit.augment`). Overrides the ``eval_step``
 pipeline hook, so it composes with anything that wraps it (mixed precision). ``minitrain export
 --tta`` builds the same views into an exported model.
 """
@@ -9,8 +9,8 @@ import torch
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.augment import augmented_logits
-from minitrain.device import to_device
+from minitrain.kit.augment import augmented_logits
+from minitrain.engine.device import to_device
 
 __all__ = ["TestTimeAugmentation", "augmented_logits"]
 

@@ -38,10 +38,10 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.compare import epoch_axis, smooth
-from minitrain.device import HostCopy
-from minitrain.runs import format_duration, read_run
-from minitrain.files import read_json
+from minitrain.commands.compare import epoch_axis, smooth
+from minitrain.engine.device import HostCopy
+from minitrain.commands.runs import format_duration, read_run
+from minitrain.engine.files import read_json
 
 PLOTS = "plots"
 HOLD = 256  # per-step losses held before they go to the host together
@@ -89,7 +89,7 @@ class Visualization:
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
-        from minitrain.replay import ReplayTrainer
+        from minitrain.commands.replay import ReplayTrainer
 
         self.run_dir = Path(event.run_dir) if event.run_dir else None
         self.run_config, self.class_names, self.total_epochs = event.config, event.class_names, event.epochs
@@ -245,7 +245,7 @@ class Visualization:
 
     def summary(self) -> dict:
         """What the report says about the run as a whole."""
-        if self.replaying:  # the run's own times, from its files (minitrain.runs), not the replay's
+        if self.replaying:  # the run's own times, from its files (minitrain.commands.runs), not the replay's
             duration = read_run(self.run_dir).duration
         else:  # this start's wall time, and the training time of the epochs of earlier starts
             duration = time.time() - self.started + sum(

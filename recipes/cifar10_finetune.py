@@ -1,7 +1,7 @@
 """Fine-tuning: pre-train on five CIFAR-10 classes, then fine-tune on all ten from little data,
 and compare with training from scratch for the same number of steps.
 
-The network is the quick recipe's (``minitrain.nets.ConvNet``: frozen patch whitening, three
+The network is the quick recipe's (``minitrain.kit.nets.ConvNet``: frozen patch whitening, three
 conv blocks, a linear ``head``); ``classes`` keeps the first N classes of the training and test
 sets, ``train_size`` the first N training images of those. The pre-trained head has five
 outputs and the new one ten, so ``--init-skip-mismatched`` starts the head afresh.
@@ -30,9 +30,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 import minitrain
-from minitrain.data import CIFAR10_CLASSES, ImageLoader, load_cifar10
-from minitrain.nets import ConvNet
-from minitrain.schedules import triangular
+from minitrain.kit.data import CIFAR10_CLASSES, ImageLoader, load_cifar10
+from minitrain.kit.nets import ConvNet
+from minitrain.kit.schedules import triangular
 
 
 class Config(minitrain.RecipeConfig):
@@ -88,7 +88,7 @@ def compare(root: str | Path | None = None, pretrain_epochs: int = 4, epochs: in
             overrides: list[str] = ()) -> dict[str, float]:
     """Pre-train, fine-tune and train from scratch (the commands in this file's docstring);
     print and return both final accuracies and the gain."""
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
 
     root = Path(root or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")  # new each time: run dirs hold one run
     recipe = Path(__file__)

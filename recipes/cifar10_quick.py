@@ -15,9 +15,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 import minitrain
-from minitrain.data import CIFAR10_CLASSES, cifar10_loaders
-from minitrain.nets import ConvNet
-from minitrain.schedules import triangular
+from minitrain.kit.data import CIFAR10_CLASSES, cifar10_loaders
+from minitrain.kit.nets import ConvNet
+from minitrain.kit.schedules import triangular
 
 
 class Config(minitrain.RecipeConfig):

@@ -4,7 +4,7 @@ plugins.
 
 The data set lives on the device, normalised once, in bf16 and channels-last, and the model
 computes in bf16 (the ``amp`` plugin, mode pure: BatchNorm stays fp32); each batch is translated by up to 2 pixels (reflect padding) and flipped, the flips alternating
-between epochs. The net (``minitrain.nets.ConvNet``, ~2M parameters) starts with a frozen 2×2
+between epochs. The net (``minitrain.kit.nets.ConvNet``, ~2M parameters) starts with a frozen 2×2
 patch-whitening conv built from the training images, whose bias trains for the first
 ``whiten_bias_epochs`` only. Nesterov SGD at batch 1024 on a summed, label-smoothed loss, with
 a 64× larger learning rate for BatchNorm biases (with the same decay per step), under a
@@ -14,8 +14,8 @@ with flips and 1-pixel translations, evaluated once, after the last epoch. ``lr`
 effective step count (see :func:`make_optimizer`). Epochs are whole: 10 (480 steps) where the
 reference scripts stop at 9.9.
 
-What is not model or optimizer is a reusable piece: the resident loader (``minitrain.data``),
-the whitening layer (``minitrain.nets``), bf16 (``amp``), ``lookahead``, ``tta`` and the
+What is not model or optimizer is a reusable piece: the resident loader (``minitrain.kit.data``),
+the whitening layer (``minitrain.kit.nets``), bf16 (``amp``), ``lookahead``, ``tta`` and the
 evaluation schedule (``validation``) are plugins; only the whitening-bias switch is this file's
 own plugin. ``torch.compile`` is the ``compile`` plugin.
 
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import minitrain
-from minitrain.data import CIFAR10_CLASSES, ImageLoader, load_cifar10
-from minitrain.muon import Muon
-from minitrain.nets import ConvNet
-from minitrain.schedules import triangular
+from minitrain.kit.data import CIFAR10_CLASSES, ImageLoader, load_cifar10
+from minitrain.kit.muon import Muon
+from minitrain.kit.nets import ConvNet
+from minitrain.kit.schedules import triangular
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain.data import CIFAR10_CLASSES, cifar10_loaders
+from minitrain.kit.data import CIFAR10_CLASSES, cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import minitrain.data
-import minitrain.plugins
+import minitrain.kit.data
+import minitrain.engine.registry
 from minitrain.testing import make_fake_cifar10
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core machine
@@ -21,7 +21,7 @@ torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 
 # module-level FIRST_PARTY_PLUGINS set. The rest are hidden, so one plugin's breakage stays in
 # its own tests.
 CORE_PLUGINS = {"console", "jsonl"}
-_real_discover = minitrain.plugins.discover
+_real_discover = minitrain.engine.registry.discover
 
 
 def _discover_only(wanted: set[str]):
@@ -32,7 +32,7 @@ def _discover_only(wanted: set[str]):
             warnings.simplefilter("ignore")
             found = _real_discover(autoload_third_party)
         return {name: info for name, info in found.items()
-                if info.distribution != minitrain.plugins.FIRST_PARTY or name in wanted}
+                if info.distribution != minitrain.engine.registry.FIRST_PARTY or name in wanted}
     return discover
 
 
@@ -41,7 +41,7 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:.*differ from the official release:UserWarning")
     # A test's own observer plugin that fails (an assert in a hook) would otherwise only be
     # disabled with a warning; tests that inject such failures expect it with pytest.warns.
-    config.addinivalue_line("filterwarnings", "error::minitrain.plugins.ObserverFailed")
+    config.addinivalue_line("filterwarnings", "error::minitrain.engine.registry.ObserverFailed")
 
 
 @pytest.fixture(autouse=True)
@@ -49,15 +49,15 @@ def _isolate(request, monkeypatch, tmp_path):
     """Every test: only the first-party plugins its module asks for, no network, no autoload
     switch from the environment, and a scratch working directory (run dirs land under ``runs/``)."""
     wanted = CORE_PLUGINS | set(getattr(request.module, "FIRST_PARTY_PLUGINS", ()))
-    monkeypatch.setattr(minitrain.plugins, "discover", _discover_only(wanted))
-    monkeypatch.setattr(minitrain.data, "_download", lambda root: None)
-    monkeypatch.delenv(minitrain.plugins.DISABLE_AUTOLOAD_ENV, raising=False)
+    monkeypatch.setattr(minitrain.engine.registry, "discover", _discover_only(wanted))
+    monkeypatch.setattr(minitrain.kit.data, "_download", lambda root: None)
+    monkeypatch.delenv(minitrain.engine.registry.DISABLE_AUTOLOAD_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
 def real_discover():
-    """``minitrain.plugins.discover`` as shipped, not filtered."""
+    """``minitrain.engine.registry.discover`` as shipped, not filtered."""
     return _real_discover
 
 
@@ -76,7 +76,7 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain.data import CIFAR10_CLASSES, cifar10_loaders
+from minitrain.kit.data import CIFAR10_CLASSES, cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):

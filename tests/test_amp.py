@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minitrain.testing import EpochLog
-from minitrain.run import prepare
+from minitrain.commands.start import prepare
 from minitrain_plugins import amp
 
 RECIPE = '''
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain.data import cifar10_loaders
+from minitrain.kit.data import cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):

@@ -11,12 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minitrain import checkpointing, hookimpl
-from minitrain.cli import main
-from minitrain.errors import MinitrainError
-from minitrain.events import Event
-from minitrain.plugins import check_hooks, register_plugin
-from minitrain.run import prepare
+from minitrain import hookimpl
+from minitrain.engine import checkpointing
+from minitrain.commands.cli import main
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.events import Event
+from minitrain.engine.registry import check_hooks, register_plugin
+from minitrain.commands.start import prepare
 from minitrain.testing import EpochLog
 from minitrain_plugins.checkpoint import CheckpointSaved
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain.data import cifar10_loaders
+from minitrain.kit.data import cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):
@@ -280,7 +281,7 @@ def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeyp
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr("minitrain.files.tempfile.mkstemp", denied)
+    monkeypatch.setattr("minitrain.engine.files.tempfile.mkstemp", denied)
     with pytest.raises(MinitrainError, match=f"cannot write checkpoint {path}: Permission denied"):
         _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15, config={}, recorded_plugins=None))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import minitrain.plugins
-from minitrain import checkpointing, cli
-from minitrain.data import CIFAR10_FOLDER
-from minitrain.plugins import DISABLE_AUTOLOAD_ENV
+import minitrain.engine.registry
+from minitrain.engine import checkpointing
+from minitrain.commands import cli
+from minitrain.kit.data import CIFAR10_FOLDER
+from minitrain.engine.registry import DISABLE_AUTOLOAD_ENV
 
 
 def run_cli(capsys, *argv) -> str:
@@ -196,7 +197,7 @@ def test_malformed_data_file(capsys, recipe, fake_cifar, tmp_path, content, hint
 
 
 def test_debug_shows_the_traceback(recipe):
-    from minitrain.errors import MinitrainError
+    from minitrain.engine.errors import MinitrainError
     with pytest.raises(MinitrainError, match="learning_rate"):
         cli.main(["--debug", "run", str(recipe), "--set", "learning_rate=1"])
 
@@ -221,7 +222,7 @@ def test_misspelled_hook_of_a_third_party_plugin(capsys, recipe, install_dist):
 
 def test_a_plugin_that_fails_to_import_is_skipped_and_the_run_goes_on(capsys, recipe, install_dist, real_discover,
                                                                      monkeypatch, tmp_path):
-    monkeypatch.setattr(minitrain.plugins, "discover", real_discover)  # as installed: third party included
+    monkeypatch.setattr(minitrain.engine.registry, "discover", real_discover)  # as installed: third party included
     install_dist("half_installed", "raise ImportError('libfoo.so: cannot open shared object file')\n",
                  {"half": "half_installed:Plugin"})
     assert cli.main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 0

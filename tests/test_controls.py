@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from minitrain import checkpointing, cli, hookimpl
-from minitrain.export import export, load
-from minitrain.plugins import register_plugin
-from minitrain.run import prepare
+from minitrain import hookimpl
+from minitrain.engine import checkpointing
+from minitrain.commands import cli
+from minitrain.commands.export import export, load
+from minitrain.engine.registry import register_plugin
+from minitrain.commands.start import prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "amp", "accumulate", "clip", "ema", "compile",
                        "profile"}
@@ -398,7 +400,7 @@ def test_lr_find_suggests_a_rate_and_touches_no_run(plain, tmp_path, capsys):
 def test_lr_find_suggests_where_the_loss_falls_fastest():
     """On a made curve (flat, falling fastest at 1e-2, bottoming out at 1e-1, then rising steeply)
     the suggestion is 1e-2: not the steepest rise, not the bottom."""
-    from minitrain.lr_find import steepest
+    from minitrain.commands.lr_find import steepest
 
     lrs = [10 ** (-4 + 4 * i / 80) for i in range(81)]  # 1e-4 .. 1
     losses = [2.3 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 2))) if lr <= 0.1 else 0.9 + 8 * (math.log10(lr) + 1)
@@ -409,7 +411,7 @@ def test_lr_find_suggests_where_the_loss_falls_fastest():
 def test_lr_find_trains_each_step_at_the_rate_it_reports(plain):
     """The sweep sets every parameter group's rate before each step, growing exponentially from
     --min-lr to --max-lr (in units of the recipe's lr), and the rates it reports are those used."""
-    from minitrain.lr_find import _sweep
+    from minitrain.commands.lr_find import _sweep
 
     class Rates:
         def __init__(self):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from minitrain import checkpointing
+from minitrain.engine import checkpointing
 from minitrain.testing import cli_in_child, make_fake_cifar10
 
 KILLS = 20  # the issue asks for at least 20 trials
@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain.data import cifar10_loaders
+from minitrain.kit.data import cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):
@@ -105,7 +105,7 @@ class Harness:
         self.ctx = multiprocessing.get_context("forkserver")
         plugins = {ep.module for ep in importlib.metadata.entry_points(group="minitrain")}
         # torch._dynamo: what the first optimizer built imports, for over a second
-        self.ctx.set_forkserver_preload(["torch", "torch._dynamo", "minitrain.run", "minitrain.cli", *sorted(plugins)])
+        self.ctx.set_forkserver_preload(["torch", "torch._dynamo", "minitrain.commands.start", "minitrain.commands.cli", *sorted(plugins)])
         self.tally = Tally()
 
     def launch(self, run_dir: Path, *extra: str) -> multiprocessing.Process:

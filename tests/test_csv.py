@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from minitrain.errors import MinitrainError
-from minitrain.events import EpochEnd, FitStart
-from minitrain.run import prepare
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.events import EpochEnd, FitStart
+from minitrain.commands.start import prepare
 from minitrain_plugins.csv_log import CsvLog
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
@@ -81,7 +81,7 @@ def test_a_rewrite_that_fails_leaves_the_old_table(tmp_path, monkeypatch):
 
     def disk_full(*args):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("minitrain.files.os.replace", disk_full)
+    monkeypatch.setattr("minitrain.engine.files.os.replace", disk_full)
     with pytest.raises(MinitrainError, match=r"could not write metrics table .*metrics\.csv \(OSError: .*No space"):
         log.on_epoch_end(EpochEnd(epoch=2, global_step=6, metrics={"train_loss": 1.25, "val_acc": 0.5}))
     assert (tmp_path / "metrics.csv").read_bytes() == before  # widening rewrites the file: it stays whole

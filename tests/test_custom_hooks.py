@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import minitrain
-from minitrain import events as ev
-from minitrain.errors import MinitrainError
-from minitrain.events import Scalar
+from minitrain.engine import events as ev
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.events import Scalar
 
 
 class WeightsChecked(ev.Event):
@@ -60,7 +60,7 @@ def _jsonl_plugin():
 
 
 def _trainer(fake_cifar, plugins, run_dir=None, epochs=2):
-    from minitrain.data import cifar10_loaders
+    from minitrain.kit.data import cifar10_loaders
     train, test = cifar10_loaders(fake_cifar, 16, crop=0, flip="none")
     model = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Flatten(), torch.nn.Linear(48, 10))
     return minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, test, epochs=epochs,
@@ -96,8 +96,8 @@ def test_custom_hook_declared_from_recipe(write_recipe, fake_cifar, tmp_path):
         from pathlib import Path
         import torch
         import minitrain
-        from minitrain.data import cifar10_loaders
-        from minitrain.events import Event
+        from minitrain.kit.data import cifar10_loaders
+        from minitrain.engine.events import Event
 
         class LrHalved(Event):
             epoch: int
@@ -135,7 +135,7 @@ def test_custom_hook_declared_from_recipe(write_recipe, fake_cifar, tmp_path):
             return minitrain.Components(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.8),
                                         train_loader=train, val_loader=test)
     ''', name="halving_recipe.py")
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
     trainer = prepare(path, disabled=["console"], run_dir=tmp_path / "run")
     watcher = trainer.pm.get_plugin("watcher")
     trainer.fit()

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import minitrain.data
-from minitrain.data import (
+import minitrain.kit.data
+from minitrain.kit.data import (
     CIFAR10_FOLDER, CIFAR10_MEAN, CIFAR10_STD, ImageLoader, cifar10_loaders, load_cifar10, random_crop,
 )
-from minitrain.errors import MinitrainError
+from minitrain.engine.errors import MinitrainError
 from minitrain.testing import make_fake_cifar10
 
-REAL_DOWNLOAD = minitrain.data._download  # conftest swaps it for a no-op in every test
+REAL_DOWNLOAD = minitrain.kit.data._download  # conftest swaps it for a no-op in every test
 
 
 def _pickled(folder, name):
@@ -51,7 +51,7 @@ def test_missing_files_are_downloaded_first(tmp_path, monkeypatch):
         calls.append(root)
         make_fake_cifar10(root, train_per_batch=2, test_size=3)
 
-    monkeypatch.setattr(minitrain.data, "_download", fake_download)
+    monkeypatch.setattr(minitrain.kit.data, "_download", fake_download)
     images, labels = load_cifar10(tmp_path / "fresh", train=False)
     assert calls == [tmp_path / "fresh"] and images.shape == (3, 3, 32, 32)
     load_cifar10(tmp_path / "fresh", train=False)
@@ -65,7 +65,7 @@ def test_missing_files_without_download(tmp_path):
 
 
 def test_failed_download_warns_then_says_where_files_belong(tmp_path, monkeypatch):
-    monkeypatch.setattr(minitrain.data, "_download", REAL_DOWNLOAD)  # the real one, made to fail offline
+    monkeypatch.setattr(minitrain.kit.data, "_download", REAL_DOWNLOAD)  # the real one, made to fail offline
     import torchvision.datasets.utils as tv_utils
 
     def offline(*args, **kwargs):

@@ -1,11 +1,11 @@
-"""minitrain.dispatch: the loop's resolved hook calls do what pluggy's own calls do."""
+"""minitrain.engine.dispatch: the loop's resolved hook calls do what pluggy's own calls do."""
 from __future__ import annotations
 
 import pytest
 
-from minitrain import events as ev
+from minitrain.engine import events as ev
 from minitrain import hookimpl
-from minitrain.plugins import guard_observers, make_plugin_manager
+from minitrain.engine.registry import guard_observers, make_plugin_manager
 
 EVENT = ev.ValidationStart(epoch=1, global_step=0)
 

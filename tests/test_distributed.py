@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import minitrain.plugins
-from minitrain import checkpointing, distributed, hookimpl, hookspec
-from minitrain.cli import main
-from minitrain.data import ImageLoader
-from minitrain.plugins import make_plugin_manager, register_plugin
-from minitrain.run import prepare
+import minitrain.engine.registry
+from minitrain import hookimpl, hookspec
+from minitrain.engine import checkpointing, distributed
+from minitrain.commands.cli import main
+from minitrain.kit.data import ImageLoader
+from minitrain.engine.registry import make_plugin_manager, register_plugin
+from minitrain.commands.start import prepare
 
 WRITERS = {"console", "jsonl", "csv", "tensorboard", "viz", "checkpoint"}
 FIRST_PARTY_PLUGINS = WRITERS | {"ddp"}
@@ -38,8 +39,8 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain import distributed
-from minitrain.data import CIFAR10_CLASSES, cifar10_loaders
+from minitrain.engine import distributed
+from minitrain.kit.data import CIFAR10_CLASSES, cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):
@@ -209,7 +210,7 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_epoch_end(runs, tmp_pa
 SLOW_SAVES = '''
 
 import time
-from minitrain import checkpointing
+from minitrain.engine import checkpointing
 
 _save = checkpointing.save
 
@@ -323,7 +324,7 @@ def test_main_process_only_plugins_are_left_out_on_other_ranks(monkeypatch):
     register_plugin(pm, Writer(), "writer")
     assert pm.get_plugin("writer") is None
     assert pm.hook.on_thing.spec is not None  # others may still implement its hook
-    info = minitrain.plugins.discover()
+    info = minitrain.engine.registry.discover()
     assert all(getattr(info[name].target, "main_process_only", False) for name in WRITERS - {"checkpoint"})
     for name in ("ddp", "checkpoint"):  # checkpoint: every rank hands over its part, rank 0 writes
         assert not getattr(info[name].target, "main_process_only", False), name

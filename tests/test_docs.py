@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from minitrain.events import EVENT_TYPES
-from minitrain.hookspecs import PIPELINE_HOOKS
-from minitrain.plugins import FIRST_PARTY, discover, make_plugin_manager, role_of
+from minitrain.engine.events import EVENT_TYPES
+from minitrain.engine.hookspecs import PIPELINE_HOOKS
+from minitrain.engine.registry import FIRST_PARTY, discover, make_plugin_manager, role_of
 
 PAGE = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
 

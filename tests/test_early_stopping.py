@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from minitrain.errors import MinitrainError
-from minitrain.run import prepare
+from minitrain.engine.errors import MinitrainError
+from minitrain.commands.start import prepare
 from minitrain_plugins._metric import improves, resolve_monitor
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}

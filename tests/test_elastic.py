@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitrain import checkpointing, distributed
+from minitrain.engine import checkpointing, distributed
 from minitrain.testing import make_fake_cifar10
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds worker processes in /proc")
@@ -53,8 +53,8 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain import distributed
-from minitrain.data import CIFAR10_CLASSES, cifar10_loaders
+from minitrain.engine import distributed
+from minitrain.kit.data import CIFAR10_CLASSES, cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):
@@ -426,7 +426,7 @@ def _restarted(monkeypatch, count: int, budget: int = 3) -> None:
 
 
 def test_a_restart_goes_on_from_the_newest_checkpoint_in_its_run_directory(recipe, tmp_path, monkeypatch, capsys):
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
 
     plugins = ["checkpoint:every_steps=3", "tensorboard", "viz:max_images=0"]
     first = prepare(recipe, ["epochs=2"], plugins, [], tmp_path / "run")
@@ -453,7 +453,7 @@ def test_a_restart_goes_on_from_the_newest_checkpoint_in_its_run_directory(recip
 
 
 def test_a_restart_before_any_checkpoint_starts_afresh_in_the_same_directory(recipe, tmp_path, monkeypatch, capsys):
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
 
     prepare(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True)  # run files written, no checkpoint
     _restarted(monkeypatch, 1)
@@ -468,7 +468,7 @@ def test_a_restart_before_any_checkpoint_starts_afresh_in_the_same_directory(rec
 
 
 def test_a_restart_of_a_run_resumed_from_a_file_prefers_its_own_newer_checkpoints(recipe, tmp_path, monkeypatch):
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
 
     prepare(recipe, ["epochs=2"], ["checkpoint"], [], tmp_path / "old").fit()
     given = tmp_path / "old" / "checkpoints" / "last.pt"
@@ -486,8 +486,8 @@ def test_a_restart_of_a_run_resumed_from_a_file_prefers_its_own_newer_checkpoint
 def test_a_checkpoint_restores_each_rank_its_own_loss_sum_and_generators(recipe, monkeypatch):
     """``state_dict(gather=True)`` under 2 ranks (the collective faked): rank 1 gets back its own
     partial loss sum and random state, not rank 0's; with another number of ranks, rank 0's."""
-    from minitrain.device import get_rng_state
-    from minitrain.run import prepare
+    from minitrain.engine.device import get_rng_state
+    from minitrain.commands.start import prepare
 
     trainer = prepare(recipe, [], [], ["console"])
     torch.manual_seed(1)
@@ -508,7 +508,7 @@ def test_a_checkpoint_restores_each_rank_its_own_loss_sum_and_generators(recipe,
 
 
 def test_a_checkpoint_of_another_number_of_processes_resumes_with_a_warning(recipe, tmp_path, monkeypatch):
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
 
     prepare(recipe, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
     path = tmp_path / "run" / "checkpoints" / "last.pt"
@@ -521,7 +521,7 @@ def test_a_checkpoint_of_another_number_of_processes_resumes_with_a_warning(reci
 
 
 def test_max_restarts_is_checked_before_anything_starts(recipe, tmp_path, monkeypatch, capsys):
-    from minitrain.cli import main
+    from minitrain.commands.cli import main
 
     assert main(["run", str(recipe), "--max-restarts", "2"]) == 2
     assert "--max-restarts goes with --nproc" in capsys.readouterr().err

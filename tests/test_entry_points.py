@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from minitrain import cli, plugins
+from minitrain.commands import cli
+from minitrain.engine import registry
 
 
 class ForeignEntryPoint:
@@ -26,9 +27,9 @@ def test_a_plugin_named_under_disabled_autoload_loads_from_any_entry_point_class
         install_dist, recipe, tmp_path, monkeypatch, real_discover, capsys):
     install_dist("deferred_plugin", "import minitrain\nLOADED = True\n", {"deferred": "deferred_plugin"})
     real = importlib.metadata.entry_points
-    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda **kw: (
-        [ForeignEntryPoint(ep) for ep in real(**kw)] if kw.get("group") == plugins.ENTRY_POINT_GROUP else real(**kw)))
-    monkeypatch.setattr(plugins, "discover", real_discover)
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", lambda **kw: (
+        [ForeignEntryPoint(ep) for ep in real(**kw)] if kw.get("group") == registry.ENTRY_POINT_GROUP else real(**kw)))
+    monkeypatch.setattr(registry, "discover", real_discover)
     assert cli.main(["--disable-plugin-autoload", "run", str(recipe), "--plugin", "deferred",
                      "--no-plugin", "console", "--run-dir", str(tmp_path / "run")]) == 0
     assert "done: 1 epochs" in capsys.readouterr().out

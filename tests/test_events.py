@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from minitrain import events as ev
+from minitrain.engine import events as ev
 
 # One valid instance of every core event (ExceptionRaised's traceback has newlines on purpose).
 SAMPLES: dict[type[ev.Event], dict] = {
@@ -152,7 +152,7 @@ def test_hook_name_derivation(cls, hook):
 
 
 def test_every_core_event_has_a_hookspec():
-    from minitrain import hookspecs
+    from minitrain.engine import hookspecs
     for cls in ev.CORE_EVENTS:
         assert callable(getattr(hookspecs, cls.hook)), cls.hook
 
@@ -183,7 +183,7 @@ def test_from_json_validates():
 
 
 def test_cli_events_lists_catalogue_and_schemas(capsys):
-    from minitrain import cli
+    from minitrain.commands import cli
     assert cli.main(["events"]) == 0
     out = capsys.readouterr().out
     assert "BatchEnd -> on_batch_end(" in out and "ExceptionRaised -> on_exception_raised(" in out

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from minitrain.cli import main
-from minitrain.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
-from minitrain.export import export, load
-from minitrain.predict import normalize, predict, read
-from minitrain.run import prepare
+from minitrain.commands.cli import main
+from minitrain.kit.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from minitrain.commands.export import export, load
+from minitrain.commands.predict import normalize, predict, read
+from minitrain.commands.start import prepare
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "tta"}
 
@@ -169,10 +169,10 @@ def test_export_of_a_recipe_with_its_own_loader_from_another_directory(write_rec
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "build", module.build_for_training)
-    from minitrain import recipe as recipes
+    from minitrain.kit import recipe as recipes
 
     real_load = recipes.load_recipe
-    monkeypatch.setattr("minitrain.run.load_recipe", lambda p: module if p == path else real_load(p))
+    monkeypatch.setattr("minitrain.commands.start.load_recipe", lambda p: module if p == path else real_load(p))
     prepare(path, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
     monkeypatch.undo()  # export loads the recipe file as it is: its build() would fail
 

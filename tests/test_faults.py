@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import minitrain
-import minitrain.plugins
-from minitrain import checkpointing, cli
-from minitrain import events as ev
-from minitrain.data import cifar10_loaders
-from minitrain.errors import MinitrainError, NonFiniteError, TrainingInterrupted
-from minitrain.plugins import ObserverFailed, PluginInfo, instantiate, role_of
+import minitrain.engine.registry
+from minitrain.engine import checkpointing
+from minitrain.commands import cli
+from minitrain.engine import events as ev
+from minitrain.kit.data import cifar10_loaders
+from minitrain.engine.errors import MinitrainError, NonFiniteError, TrainingInterrupted
+from minitrain.engine.registry import ObserverFailed, PluginInfo, instantiate, role_of
 from minitrain_plugins.checkpoint import Checkpoint
 from minitrain_plugins.jsonl import JsonlLog
 
@@ -146,7 +147,7 @@ def test_a_failing_observer_is_disabled_and_training_goes_on(fake_cifar, tmp_pat
     assert sum('"BatchEnd"' in line for line in logged) == 2 * STEPS and '"FitEnd"' in logged[-1]
 
 
-@pytest.mark.filterwarnings("always::minitrain.plugins.ObserverFailed")  # printed by the CLI, not raised
+@pytest.mark.filterwarnings("always::minitrain.engine.registry.ObserverFailed")  # printed by the CLI, not raised
 def test_observer_failing_through_the_cli(install_dist, recipe, tmp_path, capsys):
     install_dist("flaky_logger", '''
         import minitrain
@@ -394,7 +395,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minitrain
-from minitrain.data import cifar10_loaders
+from minitrain.kit.data import cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):

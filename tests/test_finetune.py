@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitrain import checkpointing
-from minitrain.cli import main
-from minitrain.errors import MinitrainError
-from minitrain.recipe import load_recipe
-from minitrain.run import prepare
+from minitrain.engine import checkpointing
+from minitrain.commands.cli import main
+from minitrain.engine.errors import MinitrainError
+from minitrain.kit.recipe import load_recipe
+from minitrain.commands.start import prepare
 
 FINETUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_finetune.py"
 TINY = ["data_dir={data}", "device=cpu", "widths=4,8,8", "batch_size=16", "epochs=1"]

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitrain import Trainer, checkpointing, cli, hookimpl, lock
-from minitrain.errors import MinitrainError
-from minitrain.lock import LOCK_FILE
-from minitrain.run import prepare
+from minitrain import Trainer, hookimpl
+from minitrain.engine import checkpointing, lock
+from minitrain.commands import cli
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.lock import LOCK_FILE
+from minitrain.commands.start import prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "viz", "early_stopping"}
 
@@ -393,7 +395,7 @@ def test_plugins_json_gives_options_as_json_values(capsys):
 def test_a_trainer_built_by_hand_shows_progress(fake_cifar, capsys):
     from torch import nn
 
-    from minitrain.data import cifar10_loaders
+    from minitrain.kit.data import cifar10_loaders
 
     train, _ = cifar10_loaders(fake_cifar, 16, crop=0, flip="none")
     model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10))
@@ -418,15 +420,15 @@ class FailsAtEpochEnd:
 
 
 def test_a_failure_in_an_epoch_end_hook_names_that_epoch(recipe, tmp_path, capsys, monkeypatch):
-    import minitrain.run
+    import minitrain.commands.start
 
-    real = minitrain.run.build_trainer
+    real = minitrain.commands.start.build_trainer
 
     def with_failing_plugin(*args, **kwargs):
         trainer, parts = real(*args, **kwargs)
         trainer.pm.register(FailsAtEpochEnd(), "fails")
         return trainer, parts
-    monkeypatch.setattr(minitrain.run, "build_trainer", with_failing_plugin)
+    monkeypatch.setattr(minitrain.commands.start, "build_trainer", with_failing_plugin)
     line = error_line(capsys, "run", recipe, "--set", "epochs=3", "--no-plugin", "console",
                       "--run-dir", tmp_path / "run", code=1)
     assert line.startswith("training failed in epoch 2, step 10: RuntimeError: disk full")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minitrain import events as ev
+from minitrain.engine import events as ev
 from minitrain_plugins.jsonl import JsonlLog
 
 CPU = SimpleNamespace(device=torch.device("cpu"))

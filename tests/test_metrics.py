@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minitrain import Trainer, checkpointing
-from minitrain.cli import main
-from minitrain.errors import MinitrainError
-from minitrain.metrics import Validation, collection
-from minitrain.run import prepare
+from minitrain import Trainer
+from minitrain.engine import checkpointing
+from minitrain.commands.cli import main
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.metrics import Validation, collection
+from minitrain.commands.start import prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping", "viz", "tensorboard"}
 
@@ -129,7 +130,7 @@ def test_a_monitor_the_regression_never_reports_is_refused_naming_what_it_does(r
 
 
 def test_a_trainer_built_by_hand_validates_a_classifier(fake_cifar):
-    from minitrain.data import cifar10_loaders
+    from minitrain.kit.data import cifar10_loaders
 
     train, test = cifar10_loaders(fake_cifar, 16, crop=0, flip="none")
     model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10))
@@ -148,7 +149,7 @@ def test_under_torchrun_every_rank_reports_the_whole_validation_set(which, recip
     import subprocess
     import sys
 
-    from minitrain import distributed
+    from minitrain.engine import distributed
 
     path = recipe if which == "classifier" else regression
     args = ["run", str(path), "--set", "epochs=1", "--set", "lr=1e-30", "--no-plugin", "console"]

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minitrain.cli import main
-from minitrain.plugins import ObserverFailed
-from minitrain.run import prepare
+from minitrain.commands.cli import main
+from minitrain.engine.registry import ObserverFailed
+from minitrain.commands.start import prepare
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip install -e '.[tracking]')")
 from mlflow import MlflowClient  # noqa: E402
@@ -114,9 +114,9 @@ def test_a_run_reads_back_through_mlflow(recipe, tmp_path, store):
     assert params["plugin.checkpoint.every"] == "1" and params["plugin.mlflow.log_every"] == "2"
     assert params["plugin.viz.max_images"] == "32"
     tags = run.data.tags
-    assert tags["minitrain.recipe"] == str(recipe.resolve()) and tags["minitrain.run_dir"] == str(run_dir.absolute())
+    assert tags["minitrain.kit.recipe"] == str(recipe.resolve()) and tags["minitrain.run_dir"] == str(run_dir.absolute())
     assert tags["minitrain.version"] == "0.1.0" and tags["torch.version"] == torch.__version__
-    assert tags["minitrain.plugins"] == "checkpoint, csv, jsonl, mlflow, viz"
+    assert tags["minitrain.engine.registry"] == "checkpoint, csv, jsonl, mlflow, viz"
 
     events = log_lines(run_dir)
     losses = [(e["global_step"], e["loss"]) for e in events if e["event"] == "BatchEnd"]
@@ -245,7 +245,7 @@ def test_replay_logs_a_run_recorded_without_it(recipe, tmp_path, store, capsys):
     assert history(store, run, "train_loss_step") == [(e["global_step"], e["loss"]) for e in events
                                                       if e["event"] == "BatchEnd"]
     started = json.loads((run_dir / "run.json").read_text())["history"][0]["started"]
-    from minitrain.runs import parse_time
+    from minitrain.commands.runs import parse_time
     assert run.info.start_time == int(parse_time(started) * 1000)  # the run's time, not the replay's
 
     logged = tmp_path / "logged"  # a run that had the plugin on: a replay says it logs it again
@@ -260,7 +260,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.filterwarnings("always::minitrain.plugins.ObserverFailed")  # printed by the CLI, not raised
+@pytest.mark.filterwarnings("always::minitrain.engine.registry.ObserverFailed")  # printed by the CLI, not raised
 def test_an_unreachable_server_disables_the_plugin_and_training_goes_on(recipe, tmp_path, capsys):
     uri = f"http://127.0.0.1:{closed_port()}"
     code = main(["run", str(recipe), "--set", "epochs=2", "--run-dir", str(tmp_path / "run"),
@@ -300,7 +300,7 @@ def test_a_server_too_slow_to_answer_does_not_hold_training_back(recipe, tmp_pat
 def test_holding_the_losses_reads_no_tensor(monkeypatch):
     """On the steps it logs, on_batch_end keeps the loss tensor; nothing is read from it until
     the group goes to the host (every 100 logged losses, or at the epoch's end)."""
-    from minitrain.events import BatchEnd
+    from minitrain.engine.events import BatchEnd
     from minitrain_plugins.mlflow_log import HOLD, MlflowLog
 
     plugin = MlflowLog(MlflowLog.Config(log_every=10))
@@ -316,7 +316,7 @@ def test_holding_the_losses_reads_no_tensor(monkeypatch):
 
 
 def test_held_losses_go_in_groups_or_after_flush_secs():
-    from minitrain.events import BatchEnd
+    from minitrain.engine.events import BatchEnd
     from minitrain_plugins.mlflow_log import HOLD, MlflowLog
 
     def steps(plugin, first, last):

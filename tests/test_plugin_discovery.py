@@ -9,9 +9,9 @@ import warnings
 import pytest
 
 import minitrain
-from minitrain import cli
-from minitrain.errors import MinitrainError
-from minitrain.plugins import (
+from minitrain.commands import cli
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.registry import (
     DISABLE_AUTOLOAD_ENV, PluginRequest, check_hooks, hook_order, make_plugin_manager, parse_plugin_spec,
     register_plugin, resolve,
 )
@@ -103,7 +103,7 @@ def test_no_plugin_disables_a_default_plugin():
 
 
 def test_resolved_plugin_runs_in_a_trainer(thirdparty, recipe, tmp_path):
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
     trainer = prepare(recipe, plugin_specs=["thirdparty:greeting=hey,times=2"], disabled=["console"],
                       run_dir=tmp_path / "run")
     plugin = trainer.pm.get_plugin("thirdparty")
@@ -138,7 +138,7 @@ def test_cli_plugins_text_lists_it(thirdparty, capsys):
 
 def test_disable_autoload_keeps_it_unimported_until_named(thirdparty, monkeypatch):
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
-    found = minitrain.plugins.discover()
+    found = minitrain.engine.registry.discover()
     assert "thirdparty_plugin" not in sys.modules
     assert found[thirdparty].error and DISABLE_AUTOLOAD_ENV in found[thirdparty].error
     # first-party plugins still load
@@ -153,7 +153,7 @@ def test_disable_autoload_keeps_it_unimported_until_named(thirdparty, monkeypatc
 
 
 def test_disable_autoload_argument(thirdparty):
-    found = minitrain.plugins.discover(autoload_third_party=False)
+    found = minitrain.engine.registry.discover(autoload_third_party=False)
     assert "thirdparty_plugin" not in sys.modules
     assert found[thirdparty].version == "1.0"
 
@@ -198,10 +198,10 @@ def test_bad_option_names_plugin_and_key(thirdparty, spec, key):
 def test_option_given_to_plugin_without_config():
     class NoConfig:
         pass
-    info = minitrain.plugins.PluginInfo("bare", target=NoConfig)
+    info = minitrain.engine.registry.PluginInfo("bare", target=NoConfig)
     with pytest.raises(MinitrainError, match=r"plugin 'bare' takes no options \(got x\)"):
-        minitrain.plugins.instantiate(info, {"x": "1"})
-    assert isinstance(minitrain.plugins.instantiate(info, {}), NoConfig)
+        minitrain.engine.registry.instantiate(info, {"x": "1"})
+    assert isinstance(minitrain.engine.registry.instantiate(info, {}), NoConfig)
 
 
 @pytest.mark.parametrize("spec", [":a=1", "jsonl:flush_every", "jsonl:=3"])
@@ -280,7 +280,7 @@ def test_bad_third_party_plugin_through_run(install_dist, recipe, tmp_path):
             def on_fit_strat(self, event):
                 pass
     ''', {"typo": "typo_plugin:Typo"})
-    from minitrain.run import prepare
+    from minitrain.commands.start import prepare
     with pytest.raises(MinitrainError, match=r"'typo'.*on_fit_strat"):
         prepare(recipe, plugin_specs=["typo"], run_dir=tmp_path / "run")
 
@@ -351,7 +351,7 @@ def _forget_local_modules():
 
 
 def test_a_plugin_in_a_local_file_is_named_by_its_import_path(recipe, tmp_path, capsys):
-    from minitrain import cli
+    from minitrain.commands import cli
 
     (tmp_path / "my_plugins.py").write_text(LOCAL_PLUGIN)  # in the working directory
     run = tmp_path / "run"
@@ -369,7 +369,7 @@ def test_a_plugin_in_a_local_file_is_named_by_its_import_path(recipe, tmp_path, 
 
 
 def test_a_recipe_imports_the_modules_beside_it_and_names_their_plugins(recipe, tmp_path, capsys):
-    from minitrain import cli
+    from minitrain.commands import cli
 
     folder = tmp_path / "project"
     folder.mkdir()
@@ -390,7 +390,7 @@ def test_a_recipe_imports_the_modules_beside_it_and_names_their_plugins(recipe, 
     ("lossalarm", "unknown plugin 'lossalarm' (known: "),
 ])
 def test_a_local_plugin_that_cannot_be_found_is_one_line(recipe, tmp_path, capsys, spec, message):
-    from minitrain import cli
+    from minitrain.commands import cli
 
     assert cli.main(["run", str(recipe), "--plugin", spec, "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Reading run directories (minitrain.runs) and ``minitrain runs``: each status from the event log,
+"""Reading run directories (minitrain.commands.runs) and ``minitrain runs``: each status from the event log,
 resumed runs read as their last start, the settings that differ, sorting and --json."""
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 import os
 import time
 
-from minitrain import events as ev
-from minitrain.cli import main
-from minitrain.lock import RunDirLock
-from minitrain.runs import differing, find_runs, read_run
+from minitrain.engine import events as ev
+from minitrain.commands.cli import main
+from minitrain.engine.lock import RunDirLock
+from minitrain.commands.runs import differing, find_runs, read_run
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "early_stopping"}
 

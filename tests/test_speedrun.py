@@ -15,14 +15,14 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-import minitrain.plugins
-from minitrain import events as ev
+import minitrain.engine.registry
+from minitrain.engine import events as ev
 from minitrain import hookimpl
 from minitrain.testing import EpochLog
-from minitrain.data import ImageLoader, load_cifar10
-from minitrain.muon import Muon, orthogonalize
-from minitrain.recipe import load_recipe, make_config
-from minitrain.run import prepare
+from minitrain.kit.data import ImageLoader, load_cifar10
+from minitrain.kit.muon import Muon, orthogonalize
+from minitrain.kit.recipe import load_recipe, make_config
+from minitrain.commands.start import prepare
 from minitrain_plugins import console
 from minitrain_plugins.jsonl import JsonlLog
 from minitrain_plugins.lookahead import Lookahead
@@ -230,7 +230,7 @@ def test_bare_loop_trains_exactly_like_the_framework(fake_cifar, tmp_path):
     bench = _load_benchmark()
     recipe = load_recipe(RECIPE)
     config = make_config(recipe, [f"data_dir={fake_cifar}", "epochs=2", *TINY])
-    framework_plugins, bare_plugins = bench.plugin_factories(recipe, [], minitrain.plugins.discover())
+    framework_plugins, bare_plugins = bench.plugin_factories(recipe, [], minitrain.engine.registry.discover())
     assert {name for name, _ in framework_plugins()} >= {"console", "jsonl", "amp", "lookahead", "tta"}
     data = [load_cifar10(fake_cifar, train=t) for t in (True, False)]
     timer = bench.Timer(torch.device("cpu"))

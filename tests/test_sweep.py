@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from minitrain import cli
+from minitrain.commands import cli
 
 optuna = pytest.importorskip("optuna", reason="minitrain sweep needs Optuna: pip install -e '.[sweep]'")
 
@@ -197,7 +197,7 @@ import torch
 from torch import nn
 
 import minitrain
-from minitrain.data import CIFAR10_CLASSES, cifar10_loaders
+from minitrain.kit.data import CIFAR10_CLASSES, cifar10_loaders
 
 
 class Config(minitrain.RecipeConfig):
@@ -297,8 +297,8 @@ def test_early_stopping_and_checkpoints_work_inside_trials(capsys, recipe):
 def test_workers_share_the_cores_and_take_gpus_in_turn(monkeypatch):
     import torch
 
-    from minitrain.sweep import _gpus, _threads
-    from minitrain.sweep.runner import Sweep
+    from minitrain.commands.sweep import _gpus, _threads
+    from minitrain.commands.sweep.runner import Sweep
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
@@ -332,7 +332,7 @@ def test_which_running_trials_are_lost():
     import socket
     from types import SimpleNamespace
 
-    from minitrain.sweep import study as studies
+    from minitrain.commands.sweep import study as studies
 
     def trial(**attrs):
         return SimpleNamespace(user_attrs=attrs, datetime_start=datetime.datetime.now())
@@ -460,8 +460,8 @@ def test_ctrl_c_stops_cleanly_and_prints_the_command_that_continues(capsys, reci
 
 
 def test_import_minitrain_does_not_import_optuna():
-    code = ("import sys, minitrain, minitrain.cli, minitrain_plugins.prune\n"
-            "minitrain.cli._parser()\n"
+    code = ("import sys, minitrain, minitrain.commands.cli, minitrain_plugins.prune\n"
+            "minitrain.commands.cli._parser()\n"
             "assert 'optuna' not in sys.modules, 'optuna imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 

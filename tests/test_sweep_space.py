@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from minitrain.errors import MinitrainError
-from minitrain.recipe import load_recipe
-from minitrain.sweep import space as spaces
+from minitrain.engine.errors import MinitrainError
+from minitrain.kit.recipe import load_recipe
+from minitrain.commands.sweep import space as spaces
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -7,8 +7,8 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from minitrain.events import FitStart
-from minitrain.run import prepare
+from minitrain.engine.events import FitStart
+from minitrain.commands.start import prepare
 from minitrain_plugins.tensorboard import TensorBoard
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import minitrain
-from minitrain import cli
-from minitrain import events as ev
-from minitrain.data import cifar10_loaders
-from minitrain.run import prepare
+from minitrain.commands import cli
+from minitrain.engine import events as ev
+from minitrain.kit.data import cifar10_loaders
+from minitrain.commands.start import prepare
 
 STEPS = 5  # 80 fake training images in batches of 16
 

@@ -13,8 +13,8 @@ import torch
 from matplotlib.image import imread
 
 from minitrain import hookimpl
-from minitrain.cli import main
-from minitrain.run import prepare
+from minitrain.commands.cli import main
+from minitrain.commands.start import prepare
 
 CURVES = ["loss.png", "accuracy.png", "lr.png", "confusion.png"]
 
@@ -213,7 +213,7 @@ def test_the_loss_plot_has_every_step_live_and_from_the_log(recipe, tmp_path, mo
 
 def test_holding_the_step_losses_reads_no_tensor(monkeypatch):
     """Between groups, on_batch_end only appends the loss tensor: no .item(), no copy, no sync."""
-    from minitrain.events import BatchEnd
+    from minitrain.engine.events import BatchEnd
     from minitrain_plugins.viz import HOLD, Visualization
 
     plugin = Visualization(Visualization.Config())

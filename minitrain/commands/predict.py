@@ -1,0 +1,103 @@
+"""``minitrain predict``: classify image files with a model that ``minitrain export`` wrote.
+
+Each image (PNG, JPEG or anything else Pillow reads, of any size and mode) is turned upright as
+its EXIF orientation says, converted to the model's channels (transparency is laid on white,
+16-bit and float pixels are scaled to 8 bits), fitted to the model's input size, stretched or
+scaled and cut at the centre, and normalised with the mean and std stored in the file; the
+model's softmax gives the probabilities. Everything needed is in the model file: no recipe, no
+run directory. An image that cannot be read is reported on its own; the others are classified.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from minitrain.commands import export
+from minitrain.engine.errors import MinitrainError
+
+RESIZE = ("stretch", "crop")
+
+
+def predict(model_path: str | Path, images: list[str | Path], top_k: int = 5,
+            resize: str = "stretch") -> list[dict[str, Any]]:
+    """For each image, ``{"image": path, "top": [{"class", "index", "probability"}, ...]}``, the
+    ``top_k`` most probable classes first, or ``{"image": path, "error": reason}``."""
+    if top_k < 1:
+        raise MinitrainError(f"--top-k must be at least 1, not {top_k}")
+    if resize not in RESIZE:
+        raise MinitrainError(f"--resize must be one of {', '.join(RESIZE)}, not {resize!r}")
+    model, metadata = export.load(model_path)
+    pixels, results = [], []
+    for path in images:
+        try:
+            pixels.append(read(Path(path), metadata, resize))
+            results.append({"image": str(path)})
+        except MinitrainError as exc:
+            results.append({"image": str(path), "error": str(exc)})
+    readable = [r for r in results if "error" not in r]
+    if not readable:
+        return results
+    with torch.no_grad():
+        probabilities = torch.softmax(model(normalize(pixels, metadata)).float(), dim=1)
+    values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+    names = metadata["class_names"]
+    for result, idx, val in zip(readable, indices, values):
+        result["top"] = [{"class": names[i], "index": i, "probability": p} for i, p in zip(idx.tolist(), val.tolist())]
+    return results
+
+
+def normalize(pixels: list[np.ndarray], metadata: dict[str, Any]) -> torch.Tensor:
+    """uint8 H×W(×C) arrays -> one normalised float batch, N×C×H×W, as the exported model expects."""
+    mean = torch.tensor(metadata["mean"]).view(-1, 1, 1)
+    std = torch.tensor(metadata["std"]).view(-1, 1, 1)
+    batch = torch.from_numpy(np.stack(pixels)).float().div_(255)
+    batch = batch.unsqueeze(1) if batch.dim() == 3 else batch.permute(0, 3, 1, 2)
+    return (batch - mean) / std
+
+
+def read(path: Path, metadata: dict[str, Any], resize: str = "stretch") -> np.ndarray:
+    """One image file as uint8 pixels of the model's size and channels."""
+    height, width = metadata["input_size"]
+    channels = len(metadata["mean"])
+    if channels not in (1, 3):
+        raise MinitrainError(f"cannot feed images to a model with {channels} input channels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
+            with Image.open(path) as image:
+                image = to_mode(ImageOps.exif_transpose(image), "L" if channels == 1 else "RGB")
+    except FileNotFoundError:
+        raise MinitrainError(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels, " if found else ""
+        raise MinitrainError(f"cannot read image {path}: too large to decode safely ({size}over the limit of "
+                             f"{Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MinitrainError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
+    if resize == "crop":
+        image = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
+    else:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` (``L`` or ``RGB``), whatever mode it came in."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float grey: scale, don't clip
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") else max(values.max(initial=0), 1.0)  # float: 0..1 or 0..max
+        image = Image.fromarray(np.clip(values / top * 255, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):  # transparent pixels are laid on white
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert(mode)

@@ -1,0 +1,72 @@
+"""``minitrain run RECIPE --smoke``: the run to make before a long one. One epoch of two training
+and two validation batches, with every plugin the run would have, in a run directory that is
+removed afterwards unless ``--run-dir`` names one; then a report of what was checked: the recipe
+built, the steps trained and their losses, validation, which hooks of which plugin ran, the files
+written and that every checkpoint loads back into the model.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from minitrain.engine import checkpointing
+from minitrain.engine.errors import MinitrainError
+from minitrain.engine.hookspecs import hookimpl
+from minitrain.kit.summary import describe_model
+from minitrain.engine.trainer import Trainer, _length
+
+OVERRIDES = ["epochs=1", "limit_train_batches=2", "limit_val_batches=2"]
+"""Appended to the run's own ``--set``s, so they win."""
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="minitrain-smoke-"))
+
+
+class Smoke:
+    """Records the losses and, through pluggy's call monitoring, which plugin's implementation of
+    which hook ran (every call then goes through pluggy: slower, which two steps do not mind)."""
+
+    name = "smoke"
+
+    def __init__(self, trainer: Trainer):
+        self.losses: list[float] = []
+        self.ran: dict[str, set[str]] = {}
+        self.stop_monitoring = trainer.pm.add_hookcall_monitoring(self._called, lambda *args: None)
+
+    def _called(self, hook: str, implementations, kwargs) -> None:
+        for impl in implementations:
+            self.ran.setdefault(impl.plugin_name, set()).add(hook)
+
+    @hookimpl
+    def on_batch_end(self, event) -> None:
+        self.losses.append(float(event.loss))
+
+    def report(self, recipe: str, trainer: Trainer, seconds: float, keep: bool) -> str:
+        """What the run checked, as lines; MinitrainError for a plugin that never ran."""
+        self.stop_monitoring()
+        run_dir = Path(trainer.run_dir)
+        validated = {k: v for k, v in trainer.metrics.items() if k.startswith("val_")}
+        lines = [f"smoke test of {recipe} passed in {seconds:.1f}s:",
+                 f"  built the recipe: {describe_model(trainer.module)}",
+                 f"  trained {len(self.losses)} batches of the {_length(trainer.train_loader) or '?'} an epoch has: "
+                 f"loss {', '.join(f'{v:.4g}' for v in self.losses)}",
+                 "  validated 2 batches: " + (", ".join(f"{k} {v:.4g}" for k, v in validated.items()) or "no val_loader")]
+        plugins = [(name, plugin) for name, plugin in trainer.pm.list_name_plugin() if plugin is not self]
+        idle = [name for name, _ in plugins if not self.ran.get(name)]
+        lines += [f"  plugin {name}: {', '.join(sorted(self.ran.get(name, ()))) or 'no hook ran'}" for name, _ in plugins]
+        for folder in checkpointing.checkpoint_dirs(run_dir, [plugin for _, plugin in plugins]):
+            for path in sorted(folder.glob("*.pt")):
+                checkpointing.restore(trainer, path, checkpointing.load(path))
+                lines.append(f"  checkpoint {path.name}: loads and fits the model")
+        files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+        lines.append(f"  wrote {len(files)} files: {', '.join(files[:12])}{', ...' if len(files) > 12 else ''}")
+        if idle:
+            raise MinitrainError(f"smoke test: plugin(s) {', '.join(idle)} ran no hook in a whole epoch")
+        if keep:
+            lines.append(f"  kept the run directory {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            lines.append(f"  removed its run directory {run_dir} (--run-dir keeps one)")
+        return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Where a run is: one object that the loop advances, checkpoints save, events report and plugins
+read (``trainer.state``), and why it stopped, as a typed value rather than text to parse."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class StopKind(str, enum.Enum):
+    """Why a run ended before its last epoch."""
+
+    REQUESTED = "requested"  # a plugin asked (early stopping, a pruned sweep trial)
+    SIGNAL = "signal"  # SIGINT or SIGTERM
+    MAX_TIME = "max_time"  # a run limit: the run can go on from where it stopped
+    MAX_STEPS = "max_steps"
+    NONFINITE = "nonfinite"  # a NaN or infinite loss or weight
+
+
+LIMITS = (StopKind.MAX_TIME, StopKind.MAX_STEPS)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A stop request: its kind, and one line for a person."""
+
+    kind: StopKind
+    reason: str
+
+    @property
+    def at_limit(self) -> bool:
+        """The run stopped at a limit it was given (``max_time``, ``max_steps``), not at its end."""
+        return self.kind in LIMITS
+
+
+@dataclass
+class RunState:
+    """Progress, counted so that a checkpoint can stop and resume the loop between any two
+    batches. ``epoch`` counts epochs completed (events number the one running from 1)."""
+
+    epoch: int = 0
+    batch_idx: int = 0  # the next batch to run within `epoch`
+    global_step: int = 0  # batches trained
+    in_step: bool = False  # inside a batch, from its train_step until its progress is counted: a state
+    #                        saved in between (random generators used, weights half updated) cannot resume exactly
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # this epoch's, on the device
+    skipped: int = 0  # steps of this epoch skipped for a non-finite loss (nonfinite_loss=skip)
+    metrics: dict[str, float] = field(default_factory=dict)  # the last completed epoch's
+    stop: Stop | None = None  # the stop asked for in this fit, if any
+
+    @property
+    def stop_reason(self) -> str | None:
+        return None if self.stop is None else self.stop.reason

@@ -1,0 +1,63 @@
+"""Fine-tuning: a new run that starts from another run's weights, with some layers frozen.
+
+``minitrain run RECIPE --init-from CHECKPOINT`` copies the checkpoint's model weights into the
+recipe's freshly built model, and nothing else: optimizer, schedule, progress, random state and
+plugin state start anew, as the new task needs (``--resume`` is the way to continue a run). A
+tensor that the new model lacks or shapes differently (a classifier head for another number of
+classes) is an error listing each by name and shape, unless the run asks to skip those
+(``--init-skip-mismatched``): they then keep the recipe's initialisation.
+
+Freezing is a recipe config field every recipe has, ``freeze``: glob patterns matched against
+parameter names and their enclosing modules (``--set freeze=whiten,blocks.0``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+
+from minitrain.engine import checkpointing
+from minitrain.engine.errors import MinitrainError
+
+
+def init_from(model: torch.nn.Module, path: str | Path, skip_mismatched: bool = False) -> list[str]:
+    """Load the weights of checkpoint ``path`` into ``model``. Returns what was skipped (empty
+    when everything fitted); raises naming each misfit unless ``skip_mismatched``."""
+    saved = checkpointing.load(path)["trainer"]["model"]
+    own = model.state_dict()
+    misfits = checkpointing.misfits(own, saved)
+    if misfits and not skip_mismatched:
+        raise MinitrainError(f"--init-from {path}: {len(misfits)} tensor(s) do not fit the model: "
+                             f"{'; '.join(misfits)} (--init-skip-mismatched starts them from the recipe's "
+                             "initialisation instead)")
+    model.load_state_dict({name: tensor for name, tensor in saved.items()
+                           if name in own and tensor.shape == own[name].shape}, strict=False)
+    return misfits
+
+
+def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Turn off gradients for every parameter whose name, or the name of a module enclosing it,
+    matches one of the glob ``patterns``; returns the frozen names. A pattern that matches
+    nothing is an error (a typo would otherwise train everything). The optimizer, built before,
+    simply finds no gradient for them; BatchNorm statistics of frozen layers still update."""
+    patterns = list(patterns)
+    names = [name for name, _ in model.named_parameters()]
+    matches = {pattern: [n for n in names if _matches(n, pattern)] for pattern in patterns}
+    unmatched = [pattern for pattern, found in matches.items() if not found]
+    if unmatched:
+        raise MinitrainError(f"freeze: {', '.join(map(repr, unmatched))} match(es) no parameter "
+                             f"(names look like {', '.join(names[:4])}, ...)")
+    frozen = {name for found in matches.values() for name in found}
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+    return sorted(frozen)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``blocks.0`` matches ``blocks.0.conv.weight``: the name or one of its dotted prefixes."""
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
