@@ -177,11 +177,11 @@ def save_cost(recipe: str, saves: int = 20) -> None:
     """Milliseconds for one checkpoint of ``recipe``'s state (as the checkpoint plugin writes
     ``last.pt`` at each epoch end), median and range over ``saves``, and the file's size."""
     from minitrain.engine import checkpointing
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
 
     with tempfile.TemporaryDirectory() as folder:
         with contextlib.redirect_stdout(io.StringIO()):
-            trainer = prepare(recipe, [], [], ["console", "jsonl", "csv"], os.path.join(folder, "run"))
+            trainer = prepare(RunRequest(recipe, [], [], ["console", "jsonl", "csv"], os.path.join(folder, "run")))
         trainer.model.to(trainer.device)
         path = os.path.join(folder, "last.pt")
         times = []

@@ -7,7 +7,7 @@ Each batch still runs ``train_step`` and ``backward``; the gradients add up in `
 batch that ends a window (every K-th, and the last of an epoch) divides them by the window's
 length, as if its losses had been averaged, and steps: ``optimizer_step`` (and with it a per-step
 scheduler, gradient clipping, EMA and the grad scaler's update) runs only there. The other
-batches' ``optimizer_step`` returns at once. ``trainer.stepping`` says, from ``train_step`` on,
+batches' ``optimizer_step`` returns at once. ``trainer.shared.stepping`` says, from ``train_step`` on,
 whether the current batch steps, for plugins that must act only then.
 
 ``global_step`` and ``BatchEnd`` still count batches: every batch is a ``BatchEnd``, and
@@ -65,17 +65,17 @@ class Accumulate:
 
     @hookimpl(wrapper=True, tryfirst=True)
     def train_step(self, trainer):
-        trainer.stepping = (self.window + 1 == self.config.steps
-                            or (self.epoch_steps is not None and trainer.batch_idx + 1 == self.epoch_steps))
+        trainer.shared.stepping = (self.window + 1 == self.config.steps
+                            or (self.epoch_steps is not None and trainer.state.batch_idx + 1 == self.epoch_steps))
         if isinstance(trainer.model, DistributedDataParallel):
-            trainer.model.require_backward_grad_sync = trainer.stepping
+            trainer.model.require_backward_grad_sync = trainer.shared.stepping
         return (yield)
 
     @hookimpl(wrapper=True, tryfirst=True)
     def backward(self, trainer):
         done = yield
         self.window += 1
-        if trainer.stepping and self.window > 1:
+        if trainer.shared.stepping and self.window > 1:
             grads = [p.grad for p in self.parameters if p.grad is not None]
             torch._foreach_div_(grads, self.window)  # the mean over the window, on the device
         return done
@@ -84,14 +84,14 @@ class Accumulate:
     def optimizer_step(self, trainer) -> bool | None:
         """Between steps, nothing: no step, no zero_grad, no scheduler. On a stepping batch the
         other implementations run."""
-        if not trainer.stepping:
+        if not trainer.shared.stepping:
             return True
         self.window = 0
         return None
 
     @hookimpl
     def on_fit_end(self, trainer) -> None:
-        trainer.stepping = True  # a later fit, or a plugin reading it, sees the default
+        trainer.shared.stepping = True  # a later fit, or a plugin reading it, sees the default
 
     def state_dict(self) -> dict:
         if not self.window:

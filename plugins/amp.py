@@ -69,7 +69,7 @@ class MixedPrecision:
         """Decide once per run what the device can do. Runs before other set-up (compile, DDP) so
         that they see the converted model."""
         if self.ready:
-            trainer.grad_scaler = self.scaler
+            trainer.shared.grad_scaler = self.scaler
             return
         self.ready = True
         dtype, mode = DTYPES[self.config.dtype], self.config.mode
@@ -85,7 +85,7 @@ class MixedPrecision:
             self.scaler = torch.amp.GradScaler(trainer.device.type)
             if self._scaler_state:
                 self.scaler.load_state_dict(self._scaler_state)
-            trainer.grad_scaler = self.scaler  # for plugins that read gradients (clip unscales them first)
+            trainer.shared.grad_scaler = self.scaler  # for plugins that read gradients (clip unscales them first)
 
     @hookimpl(wrapper=True)
     def train_step(self, trainer):

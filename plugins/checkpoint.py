@@ -12,7 +12,7 @@ by hand in a notebook) is not checkpointed:
 * ``last.pt``, the newest state: at the end of every ``every``-th epoch, every ``every_steps``
   optimizer steps (mid-epoch too: a resume continues from the next batch, replaying none), at
   the end of fit, and, in one process, when the run fails or is interrupted *between* two
-  batches. A failure inside a batch (``trainer.in_step``: from its ``train_step`` until its
+  batches. A failure inside a batch (``trainer.state.in_step``: from its ``train_step`` until its
   progress is counted) leaves the previous ``last.pt``, as a half-applied step cannot be resumed
   exactly.
 
@@ -190,7 +190,7 @@ class Checkpoint:
 
     @hookimpl(trylast=True)  # after early stopping & co. have updated their state for this epoch
     def on_epoch_end(self, event, trainer) -> None:
-        due = self.folder is not None and self.config.every and trainer.epoch % self.config.every == 0
+        due = self.folder is not None and self.config.every and trainer.state.epoch % self.config.every == 0
         if not due or not self._finite(trainer):
             return  # (a non-finite state enters no ranking either)
         files, dropped = {}, []
@@ -228,7 +228,7 @@ class Checkpoint:
                 warnings.warn(f"checkpoint: under torchrun a stopping run saves nothing between save points (the "
                               f"ranks cannot meet to save together); last.pt holds {held}", stacklevel=2)
             return
-        if trainer.in_step:
+        if trainer.state.in_step:
             warnings.warn(f"checkpoint: the run stopped inside a batch, whose half-applied state is not "
                           f"saved; last.pt holds {held}", stacklevel=2)
             return
@@ -250,8 +250,8 @@ class Checkpoint:
         if not improves(metric, worst, self.mode):
             return {}, []
         name = re.sub(r"[^\w.-]", "_", self.monitor)
-        entry = {"metric": metric, "epoch": trainer.epoch, "global_step": trainer.global_step,
-                 "file": f"epoch={trainer.epoch}-step={trainer.global_step}-{name}={metric:.4f}.pt"}
+        entry = {"metric": metric, "epoch": trainer.state.epoch, "global_step": trainer.state.global_step,
+                 "file": f"epoch={trainer.state.epoch}-step={trainer.state.global_step}-{name}={metric:.4f}.pt"}
         ranked = sorted([*self.top, entry], key=lambda e: e["metric"], reverse=self.mode == "max")
         self.top, dropped = ranked[:self.config.top_k], ranked[self.config.top_k:]
         files = {"topk": entry["file"]} if self.config.top_k > 1 else {}
@@ -281,11 +281,11 @@ class Checkpoint:
             if kind == "last":
                 self.last_saved = _position(trainer)
             if distributed.is_main():
-                trainer.emit(CheckpointSaved(path=str(path), kind=kind, epoch=trainer.epoch,
-                                             batch_idx=trainer.batch_idx, global_step=trainer.global_step,
+                trainer.emit(CheckpointSaved(path=str(path), kind=kind, epoch=trainer.state.epoch,
+                                             batch_idx=trainer.state.batch_idx, global_step=trainer.state.global_step,
                                              monitor=monitor, metric=metric))
         distributed.barrier()  # no rank runs ahead of the file it would restart from
 
 
 def _position(trainer) -> tuple[int, int, int]:
-    return trainer.epoch, trainer.batch_idx, trainer.global_step
+    return trainer.state.epoch, trainer.state.batch_idx, trainer.state.global_step

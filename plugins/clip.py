@@ -4,10 +4,10 @@ norm is at most ``max_norm``, or clamp each to ``[-value, value]``.
     minitrain run recipe.py --plugin clip:max_norm=1.0
     minitrain run recipe.py --plugin clip:value=0.5
 
-It wraps ``optimizer_step`` and acts only on batches that step (``trainer.stepping``, see the
-``accumulate`` plugin). With fp16 loss scaling (the ``amp`` plugin's ``trainer.grad_scaler``) the
+It wraps ``optimizer_step`` and acts only on batches that step (``trainer.shared.stepping``, see the
+``accumulate`` plugin). With fp16 loss scaling (the ``amp`` plugin's ``trainer.shared.grad_scaler``) the
 gradients are unscaled first, so the limit applies to the true gradients. The pre-clip norm is
-published as ``trainer.step_metrics["grad_norm"]``, a device tensor: no host sync here; ``console``
+published as ``trainer.shared.step_metrics["grad_norm"]``, a device tensor: no host sync here; ``console``
 and ``tensorboard`` read it when they read the loss, every N steps.
 """
 from __future__ import annotations
@@ -43,14 +43,14 @@ class Clip:
 
     @hookimpl(wrapper=True)
     def optimizer_step(self, trainer):
-        if trainer.stepping:
-            if trainer.grad_scaler is not None:
-                trainer.grad_scaler.unscale_(trainer.optimizer)
+        if trainer.shared.stepping:
+            if trainer.shared.grad_scaler is not None:
+                trainer.shared.grad_scaler.unscale_(trainer.optimizer)
             grads = [p.grad for p in self.parameters if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads, self.config.norm_type)
             if self.config.max_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(self.parameters, self.config.max_norm, norm)
             else:
                 torch.nn.utils.clip_grad_value_(self.parameters, self.config.value)
-            trainer.step_metrics["grad_norm"] = norm
+            trainer.shared.step_metrics["grad_norm"] = norm
         return (yield)

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.engine.files import one_line
+from minitrain.engine.errors import one_line
 
 
 def compile_failure(exc: BaseException) -> bool:

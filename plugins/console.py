@@ -76,7 +76,7 @@ class Console:
             return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = done * event.batch_size / elapsed  # as if every batch were this one's size
-        values = {name: self._read(name, value) for name, value in {"loss": event.loss, **trainer.step_metrics}.items()}
+        values = {name: self._read(name, value) for name, value in {"loss": event.loss, **trainer.shared.step_metrics}.items()}
         if self.bar is not None:
             self.bar.set_postfix(**values, rate=f"{rate:.0f}/s", refresh=False)
             self.bar.update(event.batch_idx + 1 - self.bar.n)

@@ -20,8 +20,10 @@ from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
 from minitrain.engine.errors import MinitrainError
-from minitrain.commands.export import EMA_STATE as STATE  # where `minitrain export --ema` finds the average
 
+
+STATE = "ema_weights"
+"""Where the plugin's checkpointed state keeps the averaged weights (`minitrain export --ema` reads them)."""
 
 class EMA:
     enabled_by_default = False
@@ -61,7 +63,7 @@ class EMA:
     @hookimpl(wrapper=True)
     def optimizer_step(self, trainer):
         result = yield
-        if trainer.stepping:
+        if trainer.shared.stepping:
             self.updates += 1
             if self.updates % self.config.every == 0:
                 self._update(self._decay(self.updates // self.config.every - 1))

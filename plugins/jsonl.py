@@ -84,7 +84,7 @@ class JsonlLog:
     def _group(self) -> None:
         """Close the held events into a group, and start bringing its losses to the host: in one
         copy (on the CPU, one read) for the group, not one per line."""
-        losses = [e.loss for e in self.held if type(e) is BatchEnd and isinstance(e.loss, torch.Tensor)]
+        losses = [e.loss for e in self.held if type(e) is BatchEnd]
         self.groups.append((self.held, HostCopy(torch.stack(losses)) if losses else None))
         self.held = []
         self.deadline = time.monotonic() + self.config.flush_secs
@@ -102,7 +102,7 @@ class JsonlLog:
                     lines.append(f'{{"event":"BatchStart","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
                                  f'"global_step":{e.global_step},"batch_size":{e.batch_size}}}\n')
                 elif kind is BatchEnd:
-                    loss = next(losses) if isinstance(e.loss, torch.Tensor) else e.loss  # a replayed log's number
+                    loss = next(losses)
                     lines.append(f'{{"event":"BatchEnd","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
                                  f'"global_step":{e.global_step},"batch_size":{e.batch_size},"loss":{_number(loss)}}}\n')
                 else:

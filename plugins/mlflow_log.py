@@ -13,7 +13,7 @@ directory. Logged:
 * tags: recipe, run directory, minitrain and torch versions, plugins, the recipe's git commit
   (``mlflow.source.git.commit``) when it is in a git checkout;
 * metrics: the training loss every ``log_every`` steps (``train_loss_step``) with the per-step
-  values plugins publish in ``trainer.step_metrics`` (``grad_norm`` with ``clip``), and each
+  values plugins publish in ``trainer.shared.step_metrics`` (``grad_norm`` with ``clip``), and each
   epoch's metrics (``train_loss``, ``val_loss``, ``val_acc``, ``lr``, ...), all against the global
   step;
 * at the end: ``plots/``, ``report.html``, ``metrics.csv``, the event log, ``config.json``,
@@ -66,8 +66,8 @@ from minitrain import PluginConfig, __version__, hookimpl
 from minitrain.engine.device import HostCopy
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.events import ExceptionRaised, FitEnd, Interrupted
-from minitrain.engine.files import one_line
-from minitrain.commands.runs import flatten, parse_time
+from minitrain.engine.errors import one_line
+from minitrain.records.rundir import flatten, parse_time
 from minitrain.engine.files import read_json
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -128,9 +128,7 @@ class MlflowLog:
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
-        from minitrain.commands.replay import ReplayTrainer
-
-        self.replaying = isinstance(trainer, ReplayTrainer)
+        self.replaying = trainer.replaying
         self.segments += 1
         self.held = []
         run_dir = Path(event.run_dir).absolute() if event.run_dir else None
@@ -138,7 +136,7 @@ class MlflowLog:
         info = read_json(run_dir / "run.json") if run_dir else {}
         recipe = info.get("recipe")
         name = Path(recipe).stem if recipe else "minitrain"
-        plugins = info.get("plugins") or _plugin_options(trainer)
+        plugins = trainer.plugin_options()
         params = flatten(event.config)
         for plugin, options in sorted(plugins.items()):
             params.update(flatten(options, f"plugin.{plugin}"))
@@ -146,9 +144,9 @@ class MlflowLog:
         if cut:
             warnings.warn(f"mlflow: parameter value(s) longer than MLflow takes were cut to {PARAM_VALUE_LIMIT} "
                           f"characters: {', '.join(cut)}", stacklevel=2)
-        tags = {"minitrain.kit.recipe": recipe or "", "minitrain.run_dir": str(run_dir or ""),
+        tags = {"minitrain.recipe": recipe or "", "minitrain.run_dir": str(run_dir or ""),
                 "minitrain.version": __version__, "torch.version": str(torch.__version__),
-                "minitrain.engine.registry": ", ".join(sorted(plugins)), "minitrain.engine.device": event.device,
+                "minitrain.plugins": ", ".join(sorted(plugins)), "minitrain.device": event.device,
                 RUN_KEY_TAG: self.resume.get("run_key") or self.run_key}
         if event.resumed_from:
             tags["minitrain.resumed_from"] = event.resumed_from
@@ -233,7 +231,7 @@ class MlflowLog:
         held, now = self.held, time.time()
         if not held:
             self.send_by = now + self.config.flush_secs
-        published = getattr(trainer, "step_metrics", None)  # grad_norm with `clip`, ...: device scalars
+        published = trainer.shared.step_metrics  # grad_norm with `clip`, ...: device scalars
         held.append((event.global_step, event.loss, int(now * 1000), dict(published) if published else None))
         if len(held) >= HOLD or now >= self.send_by:
             self._hand_over()
@@ -251,15 +249,11 @@ class MlflowLog:
             for name, value in (published or {}).items():
                 names.append((name, step, stamp))
                 values.append(value)
-        if all(isinstance(value, torch.Tensor) for value in values):
-            if len(values) > len(held):  # scalars of any dtype and shape (1,) or ()
-                values = [value.detach().reshape(()).float() for value in values]
-            copy = HostCopy(torch.stack(values).reshape(-1).float())
-            read = lambda: copy.get().tolist()  # noqa: E731
-        else:  # a replayed log holds numbers
-            read = lambda: [float(value) for value in values]  # noqa: E731
+        if len(values) > len(held):  # scalars of any dtype and shape (1,) or ()
+            values = [value.detach().reshape(()).float() for value in values]
+        copy = HostCopy(torch.stack(values).reshape(-1).float())
         self.worker.submit(lambda: self._log_metrics(
-            [(name, value, step, stamp) for (name, step, stamp), value in zip(names, read())]))
+            [(name, value, step, stamp) for (name, step, stamp), value in zip(names, copy.get().tolist())]))
 
     def _log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
@@ -451,19 +445,6 @@ def _fit(values: dict[str, str], limit: int) -> tuple[dict[str, str], list[str]]
             cut.append(key)
         fitted[key] = value
     return fitted, cut
-
-
-def _plugin_options(trainer) -> dict[str, dict]:
-    """Each registered plugin's options, for a trainer built without ``minitrain run``."""
-    pm = getattr(trainer, "pm", None)
-    if pm is None:
-        return {}
-    out = {}
-    for name, plugin in pm.list_name_plugin():
-        config = getattr(plugin, "config", None)
-        if name != "core" and plugin is not None:
-            out[name] = config.model_dump(mode="json") if hasattr(config, "model_dump") else {}
-    return out
 
 
 def _git_commit(folder: Path) -> str | None:

@@ -88,7 +88,7 @@ class Profile:
     def _finish(self, trainer) -> None:
         self.profiler.stop()
         self.profiler = None
-        trainer.pm.unregister(self)  # the window is over: no more calls at every step
+        trainer.remove_plugin(self)  # the window is over: no more calls at every step
 
     @hookimpl
     def on_fit_end(self, trainer) -> None:

@@ -13,17 +13,49 @@ is stopped through ``trainer.request_stop``, so it ends between two steps like a
 run, with ``FitEnd.stop_reason`` saying it was pruned; the sweep records it as pruned. When the
 fit ends it sends the final value. Outside a sweep there is no study to report to, and the
 plugin refuses to start.
+
+**The channel** between the sweep and the trial is defined here, at the trial's end: the sweep
+gives the trial one end of a socket pair and puts its file descriptor in ``CHANNEL_ENV``; the
+plugin sends a ``report`` after every validation and waits for the answer (prune or go on), and
+an ``end`` when the fit ends. Messages are JSON objects. Only the sweep talks to Optuna, so a
+trial needs neither Optuna nor the study's storage (nor its password).
 """
 from __future__ import annotations
 
-from typing import Literal
+import json
+import os
+from multiprocessing.connection import Connection
+from typing import Any, Literal
 
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
 from minitrain.engine.errors import MinitrainError
-from minitrain.commands.sweep import channel
 from minitrain_plugins._metric import resolve_monitor
+
+NAME = "prune"
+"""Its entry point's name (pyproject.toml), by which `minitrain sweep` enables it in each trial."""
+CHANNEL_ENV = "MINITRAIN_SWEEP_CHANNEL"
+
+
+def connect() -> Connection | None:
+    """This trial's end of the channel, or None in a run that no sweep started."""
+    fd = os.environ.get(CHANNEL_ENV)
+    if not fd:
+        return None
+    try:
+        return Connection(os.dup(int(fd)))
+    except (OSError, ValueError):
+        return None
+
+
+def send(conn: Connection, message: dict[str, Any]) -> None:
+    conn.send_bytes(json.dumps(message).encode())
+
+
+def receive(conn: Connection) -> dict[str, Any]:
+    """The next message; EOFError when the other side is gone."""
+    return json.loads(conn.recv_bytes())
 
 
 class Prune:
@@ -50,7 +82,7 @@ class Prune:
             better = "higher" if declared == "max" else "lower"
             raise MinitrainError(f"prune: the study {'maximises' if self.config.direction == 'max' else 'minimises'} "
                                  f"{monitor}, but for this recipe {better} is better; use --direction {declared}")
-        self.conn = channel.connect()
+        self.conn = connect()
         if self.conn is None:
             raise MinitrainError("prune: this plugin reports to the study of a `minitrain sweep`, which enables it in "
                                  "the trials it starts; a run of its own has no study (leave --plugin prune out)")
@@ -63,8 +95,8 @@ class Prune:
         self.last = value
         final = event.epoch >= trainer.epochs  # reported, but not judged: stopping now would save nothing
         try:
-            channel.send(self.conn, {"kind": "report", "epoch": event.epoch, "value": value, "final": final})
-            answer = channel.receive(self.conn)
+            send(self.conn, {"kind": "report", "epoch": event.epoch, "value": value, "final": final})
+            answer = receive(self.conn)
         except (EOFError, OSError):
             trainer.request_stop("the sweep that started this trial is gone")
             return
@@ -76,7 +108,7 @@ class Prune:
     def on_fit_end(self, event) -> None:
         value = event.metrics.get(self.config.monitor, self.last)
         try:
-            channel.send(self.conn, {"kind": "end", "epochs": event.epochs_completed, "value": value,
+            send(self.conn, {"kind": "end", "epochs": event.epochs_completed, "value": value,
                                      "stop_reason": event.stop_reason})
         except OSError:
             pass  # the sweep is gone; it records nothing either way

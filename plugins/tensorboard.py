@@ -3,7 +3,7 @@
 ``tensorboard --logdir runs/`` then shows every run side by side. Written:
 
 * ``train/loss``: the batch loss every ``log_every`` steps, and beside it every per-step value
-  plugins publish in ``trainer.step_metrics`` (``train/grad_norm`` with ``clip``). Reading them is a
+  plugins publish in ``trainer.shared.step_metrics`` (``train/grad_norm`` with ``clip``). Reading them is a
   host-device sync, so it happens at most once per ``log_every`` steps, never every step;
 * ``epoch/<name>`` for each epoch metric (train_loss, val_loss, val_acc, lr, samples_per_s, ...);
 * the run's config, as text, and where each resume or restart went on from (``resumes``): the
@@ -57,7 +57,7 @@ class TensorBoard:
     def on_batch_end(self, event, trainer) -> None:
         if self.writer is not None and event.global_step % self.config.log_every == 0:
             self.writer.add_scalar("train/loss", float(event.loss), event.global_step)
-            for name, value in trainer.step_metrics.items():  # grad_norm, ... (empty in a replay)
+            for name, value in trainer.shared.step_metrics.items():  # grad_norm, ... (empty in a replay)
                 self.writer.add_scalar(f"train/{name}", float(value), event.global_step)
 
     @hookimpl

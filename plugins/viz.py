@@ -38,9 +38,10 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.commands.compare import epoch_axis, smooth
+from minitrain.records.curves import epoch_axis, smooth
 from minitrain.engine.device import HostCopy
-from minitrain.commands.runs import format_duration, read_run
+from minitrain.records.formats import format_duration
+from minitrain.records.rundir import read_run
 from minitrain.engine.files import read_json
 
 PLOTS = "plots"
@@ -89,18 +90,13 @@ class Visualization:
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
-        from minitrain.commands.replay import ReplayTrainer
-
         self.run_dir = Path(event.run_dir) if event.run_dir else None
         self.run_config, self.class_names, self.total_epochs = event.config, event.class_names, event.epochs
         self.status, self.error, self.stop_reason, self.device = "running", None, None, event.device
         self.started, self.start_epoch = time.time(), event.start_epoch
-        self.replaying = isinstance(trainer, ReplayTrainer)
+        self.replaying = trainer.replaying
         self.steps_per_epoch = event.steps_per_epoch
-        self.plugins = sorted(read_json(self.run_dir / "run.json").get("plugins") or {}) if self.run_dir else []
-        if not self.plugins and hasattr(trainer, "pm"):  # a trainer built without `minitrain run`
-            self.plugins = sorted(name for name, plugin in trainer.pm.list_name_plugin()
-                                  if plugin is not None and name != "core")
+        self.plugins = sorted(trainer.plugin_options())
         if event.resumed_from or event.restart:  # (after load_state_dict: the run's earlier starts are in)
             self.starts.append({"restart": event.restart, "resumed_from": event.resumed_from,
                                 "epoch": event.start_epoch, "global_step": event.global_step})
@@ -121,10 +117,7 @@ class Visualization:
         held, self.held = self.held, []
         if not held:
             return
-        if isinstance(held[0], torch.Tensor):
-            self.step_losses.append((self.held_from, HostCopy(torch.stack(held).reshape(-1).float())))
-        else:  # a replayed log holds numbers
-            self.step_losses.append((self.held_from, torch.tensor(held, dtype=torch.float32)))
+        self.step_losses.append((self.held_from, HostCopy(torch.stack(held).reshape(-1).float())))
 
     def steps(self) -> list[tuple[int, float]]:
         """Every step's loss so far, as ``(global step, loss)``."""

@@ -88,16 +88,16 @@ def compare(root: str | Path | None = None, pretrain_epochs: int = 4, epochs: in
             overrides: list[str] = ()) -> dict[str, float]:
     """Pre-train, fine-tune and train from scratch (the commands in this file's docstring);
     print and return both final accuracies and the gain."""
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
 
     root = Path(root or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")  # new each time: run dirs hold one run
     recipe = Path(__file__)
-    prepare(recipe, [*overrides, "classes=5", f"epochs={pretrain_epochs}"], ["checkpoint"],
-            run_dir=root / "pretrain").fit()
+    prepare(RunRequest(recipe, [*overrides, "classes=5", f"epochs={pretrain_epochs}"], ["checkpoint"],
+            run_dir=root / "pretrain")).fit()
     task = [*overrides, f"train_size={train_size}", f"epochs={epochs}"]
-    tuned = prepare(recipe, task, run_dir=root / "finetune", init_from=root / "pretrain" / "checkpoints" / "last.pt",
-                    init_skip_mismatched=True).fit()
-    scratch = prepare(recipe, task, run_dir=root / "scratch").fit()
+    tuned = prepare(RunRequest(recipe, task, run_dir=root / "finetune", init_from=root / "pretrain" / "checkpoints" / "last.pt",
+                    init_skip_mismatched=True)).fit()
+    scratch = prepare(RunRequest(recipe, task, run_dir=root / "scratch")).fit()
     result = {"finetune": tuned["val_acc"], "scratch": scratch["val_acc"]}
     result["gain"] = result["finetune"] - result["scratch"]
     print(f"10-class test accuracy after {epochs} epochs on {train_size} images: fine-tuned {result['finetune']:.4f}, "

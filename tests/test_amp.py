@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minitrain.testing import EpochLog
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 from minitrain_plugins import amp
 
 RECIPE = '''
@@ -52,7 +52,7 @@ def bn_recipe(write_recipe, fake_cifar):
 def train(recipe, *plugins: str, epochs: int = 3):
     """Fit ``recipe`` with ``plugins``; returns the trainer, each epoch's metrics and the amp
     warnings raised."""
-    trainer = prepare(recipe, [f"epochs={epochs}"], list(plugins), ["console", "jsonl"])
+    trainer = prepare(RunRequest(recipe, [f"epochs={epochs}"], list(plugins), ["console", "jsonl"]))
     log = EpochLog()
     trainer.pm.register(log)
     with warnings.catch_warnings(record=True) as caught:
@@ -135,7 +135,7 @@ def test_scaler_state_round_trips_through_a_checkpoint(bn_recipe):
 
     assert state["plugins"]["amp"]["scaler"]["_growth_tracker"] == 5  # one epoch's steps, none overflowed
 
-    resumed = prepare(bn_recipe, ["epochs=2"], ["amp:dtype=fp16"], ["console", "jsonl"], "run2")
+    resumed = prepare(RunRequest(bn_recipe, ["epochs=2"], ["amp:dtype=fp16"], ["console", "jsonl"], "run2"))
     resumed.load_state_dict(state)  # before set-up, as on resume: the plugin holds it until then
     resumed.hook.setup(trainer=resumed)
     assert plugin(resumed).scaler.state_dict() == state["plugins"]["amp"]["scaler"]

@@ -15,9 +15,10 @@ from minitrain import hookimpl
 from minitrain.engine import checkpointing
 from minitrain.commands.cli import main
 from minitrain.engine.errors import MinitrainError
+from minitrain.engine.state import RunState
 from minitrain.engine.events import Event
 from minitrain.engine.registry import check_hooks, register_plugin
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 from minitrain.testing import EpochLog
 from minitrain_plugins.checkpoint import CheckpointSaved
 
@@ -60,8 +61,8 @@ def start(tmp_path, fake_cifar):
     recipe.write_text(RANDOM_RECIPE)
 
     def make(run_dir, plugins=(), epochs=3, resume=None, extra=(), disabled=()):
-        trainer = prepare(recipe, ["device=cpu", f"data_dir={fake_cifar}", f"epochs={epochs}"], list(plugins),
-                          ["console", *disabled], run_dir, resume=resume)
+        trainer = prepare(RunRequest(recipe, ["device=cpu", f"data_dir={fake_cifar}", f"epochs={epochs}"], list(plugins),
+                          ["console", *disabled], run_dir, resume=resume))
         for plugin in extra:
             register_plugin(trainer.pm, plugin)
         check_hooks(trainer.pm)
@@ -84,7 +85,7 @@ class Interrupt:
     @hookimpl(wrapper=True)
     def train_step(self, trainer):
         loss = yield
-        if trainer.global_step == self.step and self.inside_batch:
+        if trainer.state.global_step == self.step and self.inside_batch:
             raise KeyboardInterrupt
         return loss
 
@@ -141,7 +142,7 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, sta
     straight = start(tmp_path / "straight", extra=[straight_log])
     straight.fit()
     expected = weights(straight)
-    assert straight.global_step == 15  # 3 epochs x 5 batches
+    assert straight.state.global_step == 15  # 3 epochs x 5 batches
 
     run = tmp_path / "run"
     mid = tmp_path / "mid.pt"
@@ -156,9 +157,9 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, sta
     for resume, steps_done in (("auto", 8), (mid, 6)):  # as a new process would: a fresh prepare()
         steps, log = Steps(), EpochLog()
         resumed = start(run, ["checkpoint:every_steps=3"], resume=resume, extra=[steps, log])
-        assert resumed.global_step == steps_done
+        assert resumed.state.global_step == steps_done
         resumed.fit()
-        assert resumed.global_step == 15
+        assert resumed.state.global_step == 15
         epoch, batch = divmod(steps_done, 5)
         assert len(steps.run) == 15 - steps_done and steps.run[0] == (epoch + 1, batch)  # no batch replayed
         assert_bitwise_equal(weights(resumed), expected)
@@ -176,7 +177,7 @@ def test_a_run_stopped_inside_a_batch_keeps_the_last_whole_state(tmp_path, start
 def test_resume_auto_into_a_new_directory_says_so_and_starts_a_new_run(tmp_path, start):
     with pytest.warns(UserWarning, match="new holds no run yet; starting a new one there"):
         trainer = start(tmp_path / "new", ["checkpoint"], resume="auto")
-    assert (trainer.epoch, trainer.global_step) == (0, 0)
+    assert (trainer.state.epoch, trainer.state.global_step) == (0, 0)
     assert json.loads((tmp_path / "new" / "run.json").read_text())["history"][0]["resumed_from"] is None
 
 
@@ -186,7 +187,7 @@ def test_resume_auto_skips_an_unreadable_newer_file(tmp_path, start):
     (run / "checkpoints" / "zz-copy.pt").write_bytes(b"cut short")
     with pytest.warns(UserWarning, match="skipping checkpoint .*zz-copy.pt is unreadable"):
         trainer = start(run, ["checkpoint"], resume="auto")
-    assert trainer.global_step == 5
+    assert trainer.state.global_step == 5
 
 
 def test_resume_arguments_are_checked_before_building(tmp_path, start):
@@ -213,7 +214,7 @@ def test_cli_resume(tmp_path, fake_cifar, capsys):
 # --- writing and reading files -------------------------------------------------------------------
 
 def _fake_trainer():
-    return SimpleNamespace(epoch=2, batch_idx=0, global_step=10, config={}, recorded_plugins=None)
+    return SimpleNamespace(state=RunState(epoch=2, global_step=10), config={}, recorded_plugins=None)
 
 
 def _write(path, trainer=None, **header):
@@ -283,7 +284,7 @@ def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeyp
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr("minitrain.engine.files.tempfile.mkstemp", denied)
     with pytest.raises(MinitrainError, match=f"cannot write checkpoint {path}: Permission denied"):
-        _write(path, SimpleNamespace(epoch=3, batch_idx=0, global_step=15, config={}, recorded_plugins=None))
+        _write(path, SimpleNamespace(state=RunState(epoch=3, global_step=15), config={}, recorded_plugins=None))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 

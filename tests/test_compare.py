@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from minitrain.commands.cli import main
-from minitrain.commands.compare import smooth
+from minitrain.records.curves import smooth
 
 FIRST_PARTY_PLUGINS = {"viz"}
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
@@ -93,8 +93,10 @@ def test_compare_writes_one_page_from_the_event_logs(two_runs, tmp_path, capsys)
 def test_compare_gives_each_run_its_own_status_metrics_and_curves(two_runs, tmp_path):
     """Three runs that differ in status and figures: each row, each final value and each curve's
     label belong to their own run."""
-    from minitrain.commands.compare import COLORS, _figures
-    from minitrain.commands.runs import format_value, read_run
+    from minitrain.commands.compare import _figures
+    from minitrain.records.curves import COLORS
+    from minitrain.records.formats import format_value
+    from minitrain.records.rundir import read_run
 
     fast, slow = two_runs
     killed = tmp_path / "runs" / "killed"  # slow's copy, its process killed before it logged its end

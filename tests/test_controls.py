@@ -18,7 +18,7 @@ from minitrain.engine import checkpointing
 from minitrain.commands import cli
 from minitrain.commands.export import export, load
 from minitrain.engine.registry import register_plugin
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "amp", "accumulate", "clip", "ema", "compile",
                        "profile"}
@@ -62,7 +62,7 @@ def plain(write_recipe):
 
 
 def train(recipe, overrides=(), plugins=(), run_dir=None, resume=None, extra=()):
-    trainer = prepare(recipe, list(overrides), list(plugins), ["console"], run_dir, resume=resume)
+    trainer = prepare(RunRequest(recipe, list(overrides), list(plugins), ["console"], run_dir, resume=resume))
     for plugin in extra:
         register_plugin(trainer.pm, plugin)
     trainer.fit()
@@ -80,7 +80,7 @@ def test_k_accumulated_batches_train_like_one_batch_k_times_larger(plain, extra)
     with pytest.warns(UserWarning, match="advances once per optimizer step") if extra else warnings.catch_warnings():
         small = train(plain, ["batch_size=4", *extra], ["accumulate:steps=3"])
     large = train(plain, ["batch_size=12", *extra])
-    assert small.global_step == 24 and large.global_step == 8  # batches; both took 8 optimizer steps
+    assert small.state.global_step == 24 and large.state.global_step == 8  # batches; both took 8 optimizer steps
     for name, tensor in weights(small).items():
         torch.testing.assert_close(tensor, weights(large)[name], rtol=1e-5, atol=1e-6)
     assert small.optimizer.param_groups[0]["lr"] == pytest.approx(large.optimizer.param_groups[0]["lr"])
@@ -89,7 +89,7 @@ def test_k_accumulated_batches_train_like_one_batch_k_times_larger(plain, extra)
 def test_accumulation_with_the_fp16_grad_scaler(plain):
     small = train(plain, ["batch_size=4"], ["accumulate:steps=3", "amp:dtype=fp16"])
     large = train(plain, ["batch_size=12"], ["amp:dtype=fp16"])
-    assert small.grad_scaler is not None and small.grad_scaler.get_scale() == large.grad_scaler.get_scale()
+    assert small.shared.grad_scaler is not None and small.shared.grad_scaler.get_scale() == large.shared.grad_scaler.get_scale()
     for name, tensor in weights(small).items():
         torch.testing.assert_close(tensor, weights(large)[name], rtol=1e-3, atol=1e-4)  # fp16 forward
 
@@ -138,9 +138,9 @@ class Grads:
 
     @hookimpl(wrapper=True, trylast=True)
     def optimizer_step(self, trainer):
-        if trainer.stepping:
+        if trainer.shared.stepping:
             grads = [p.grad.detach().clone() for p in trainer.module.parameters()]
-            self.seen.append((grads, trainer.step_metrics.get("grad_norm")))
+            self.seen.append((grads, trainer.shared.step_metrics.get("grad_norm")))
         return (yield)
 
 
@@ -190,7 +190,7 @@ def test_ema_averages_on_the_device_resumes_exactly_validates_and_exports(plain,
     model.load_state_dict(dict(zip(averaged.pm.get_plugin("ema").names, averaged.pm.get_plugin("ema").average)))
     with torch.no_grad():
         loss = sum(nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in averaged.val_loader) / 16
-    assert averaged.metrics["val_loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert averaged.state.metrics["val_loss"] == pytest.approx(float(loss), rel=1e-6)
 
     assert cli.main(["run", str(plain), "--plugin", "ema:decay=0.5", "--plugin", "checkpoint", "--no-plugin", "console",
                      "--run-dir", str(run), "--resume", "auto", "--set", "epochs=2"]) == 0
@@ -208,7 +208,7 @@ def test_ema_averages_on_the_device_resumes_exactly_validates_and_exports(plain,
 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_warms_up_so_that_a_short_run_averages_trained_weights(plain, warmup):
-    trainer = prepare(plain, ["max_steps=2"], [f"ema:decay=0.999,warmup={str(warmup).lower()}"], ["console"])
+    trainer = prepare(RunRequest(plain, ["max_steps=2"], [f"ema:decay=0.999,warmup={str(warmup).lower()}"], ["console"]))
     seen = [weights(trainer)]
 
     class After:
@@ -243,8 +243,8 @@ def test_compile_changes_no_tensor_name_and_trains_like_eager(plain, tmp_path):
     assert list(saved) == list(eager.module.state_dict())  # no _orig_mod. anywhere
     for name, tensor in weights(compiled).items():
         torch.testing.assert_close(tensor, weights(eager)[name], rtol=1e-5, atol=1e-6)
-    resumed = prepare(plain, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "compiled", resume="auto")
-    assert resumed.global_step == 12  # a compiled run's checkpoint resumes without the plugin
+    resumed = prepare(RunRequest(plain, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "compiled", resume="auto"))
+    assert resumed.state.global_step == 12  # a compiled run's checkpoint resumes without the plugin
     assert load(export(tmp_path / "compiled"))[1]["num_classes"] == 10
 
 
@@ -258,7 +258,7 @@ def test_a_compiler_that_fails_warns_once_and_the_run_goes_on_eager(plain):
     with pytest.warns(UserWarning, match="compile: torch.compile failed .*training goes on eager") as caught:
         trainer = train(plain, ["epochs=1"], ["compile:backend=always_fails"])
     assert len([w for w in caught if "compile:" in str(w.message)]) == 1
-    assert trainer.global_step == 12 and trainer.module._compiled_call_impl is None
+    assert trainer.state.global_step == 12 and trainer.module._compiled_call_impl is None
 
 
 @pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "clang"))), reason="inductor needs a C compiler on the CPU")
@@ -320,7 +320,7 @@ class Batches:
 def test_limit_train_and_val_batches(plain, limit, steps):
     seen = Batches()
     trainer = train(plain, [f"limit_train_batches={limit}", "limit_val_batches=1"], extra=[seen])
-    assert trainer.global_step == 2 * steps and seen.train == [steps, steps]
+    assert trainer.state.global_step == 2 * steps and seen.train == [steps, steps]
     assert seen.val == [8, 8]  # one validation batch each epoch
 
 
@@ -351,15 +351,15 @@ class Slow:
 
 def test_max_time_stops_at_a_step_boundary_with_a_checkpoint(plain, tmp_path):
     trainer = train(plain, ["max_time=0.3", "epochs=50"], ["checkpoint"], tmp_path / "run", extra=[Slow()])
-    assert trainer.stop_reason == "max_time=0:00:00 reached" and 1 <= trainer.global_step < 50 * 12
+    assert trainer.state.stop_reason == "max_time=0:00:00 reached" and 1 <= trainer.state.global_step < 50 * 12
     head = checkpointing.load(tmp_path / "run" / "checkpoints" / "last.pt")["header"]
-    assert head["global_step"] == trainer.global_step  # saved where it stopped
+    assert head["global_step"] == trainer.state.global_step  # saved where it stopped
 
 
 def test_max_time_reads_clock_times(plain):
-    assert prepare(plain, ["max_time=1:02:03"], [], ["console"]).max_time == 3723
+    assert prepare(RunRequest(plain, ["max_time=1:02:03"], [], ["console"])).limits.max_time == 3723
     with pytest.raises(Exception, match="max_time"):
-        prepare(plain, ["max_time=soon"], [], ["console"])
+        prepare(RunRequest(plain, ["max_time=soon"], [], ["console"]))
 
 
 # --- commands around a run -----------------------------------------------------------------------
@@ -421,7 +421,7 @@ def test_lr_find_trains_each_step_at_the_rate_it_reports(plain):
         def optimizer_step(self, trainer):
             self.seen.append(trainer.optimizer.param_groups[0]["lr"])
 
-    trainer = prepare(plain, [], [], ["console"])
+    trainer = prepare(RunRequest(plain, [], [], ["console"]))
     rates = Rates()
     register_plugin(trainer.pm, rates)
     lrs, losses = _sweep(trainer, 0.05, 1e-3, 1.0, 12)

@@ -9,7 +9,7 @@ import pytest
 
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.events import EpochEnd, FitStart
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 from minitrain_plugins.csv_log import CsvLog
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
@@ -21,7 +21,7 @@ FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"
 def run(recipe, tmp_path):
     """``run(epochs, resume=None)``: train the tiny recipe in one run dir with checkpoints on."""
     def train(epochs, resume=None):
-        prepare(recipe, [f"epochs={epochs}"], ["checkpoint"], ["console"], tmp_path / "run", resume=resume).fit()
+        prepare(RunRequest(recipe, [f"epochs={epochs}"], ["checkpoint"], ["console"], tmp_path / "run", resume=resume)).fit()
     return train
 
 

@@ -135,8 +135,8 @@ def test_custom_hook_declared_from_recipe(write_recipe, fake_cifar, tmp_path):
             return minitrain.Components(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.8),
                                         train_loader=train, val_loader=test)
     ''', name="halving_recipe.py")
-    from minitrain.commands.start import prepare
-    trainer = prepare(path, disabled=["console"], run_dir=tmp_path / "run")
+    from minitrain.commands.start import RunRequest, prepare
+    trainer = prepare(RunRequest(path, disabled=["console"], run_dir=tmp_path / "run"))
     watcher = trainer.pm.get_plugin("watcher")
     trainer.fit()
     assert type(watcher).seen == [0.4, 0.2, 0.1]

@@ -21,7 +21,7 @@ from minitrain.engine import checkpointing, distributed
 from minitrain.commands.cli import main
 from minitrain.kit.data import ImageLoader
 from minitrain.engine.registry import make_plugin_manager, register_plugin
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 WRITERS = {"console", "jsonl", "csv", "tensorboard", "viz", "checkpoint"}
 FIRST_PARTY_PLUGINS = WRITERS | {"ddp"}
@@ -103,7 +103,7 @@ def runs(tmp_path_factory):
     recipe.write_text(RECIPE.format(epochs=EPOCHS, data_dir=str(data)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = prepare(recipe, [], ["checkpoint"], ["console"], root / "one")
+        single = prepare(RunRequest(recipe, [], ["checkpoint"], ["console"], root / "one"))
     single.fit()
 
     plugins = ["--plugin", "csv", "--plugin", "tensorboard", "--plugin", "viz", "--plugin", "checkpoint:top_k=3"]
@@ -331,7 +331,7 @@ def test_main_process_only_plugins_are_left_out_on_other_ranks(monkeypatch):
 
 
 def test_ddp_plugin_leaves_a_single_process_alone(recipe):
-    trainer = prepare(recipe, [], [], ["console"], "run")
+    trainer = prepare(RunRequest(recipe, [], [], ["console"], "run"))
     trainer.fit()
     assert trainer.model is trainer.module
 
@@ -406,7 +406,7 @@ def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(runs, tmp_pa
     assert json.loads((tmp_path / "accumulated" / "allreduces.json").read_text()) == 3  # 5 batches: 2 + 2 + 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = prepare(recipe, ["batch_size=32"], [], ["console"], tmp_path / "single")  # 32 + 32 + 16 images
+        single = prepare(RunRequest(recipe, ["batch_size=32"], [], ["console"], tmp_path / "single"))  # 32 + 32 + 16 images
     single.fit()
     for name, tensor in _weights(tmp_path / "accumulated").items():
         torch.testing.assert_close(tensor, single.module.state_dict()[name], rtol=0, atol=3e-7)

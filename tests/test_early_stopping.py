@@ -7,7 +7,7 @@ import math
 import pytest
 
 from minitrain.engine.errors import MinitrainError
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 from minitrain_plugins._metric import improves, resolve_monitor
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
@@ -19,21 +19,21 @@ NEVER_BETTER = "min_delta=1e9"  # after the first epoch nothing counts as an imp
 @pytest.fixture
 def start(recipe, tmp_path):
     def make(plugins, epochs, resume=None):
-        return prepare(recipe, [f"epochs={epochs}"], plugins, ["console"], tmp_path / "run", resume=resume)
+        return prepare(RunRequest(recipe, [f"epochs={epochs}"], plugins, ["console"], tmp_path / "run", resume=resume))
     return make
 
 
 def test_stops_after_patience_epochs_without_improvement(start):
     trainer = start([f"early_stopping:monitor=train_loss,patience=2,{NEVER_BETTER}"], epochs=10)
     trainer.fit()
-    assert trainer.epoch == 3  # epoch 1 sets the best; 2 and 3 do not beat it
-    assert trainer.stop_reason.startswith("train_loss did not improve for 2 epochs (best ")
+    assert trainer.state.epoch == 3  # epoch 1 sets the best; 2 and 3 do not beat it
+    assert trainer.state.stop_reason.startswith("train_loss did not improve for 2 epochs (best ")
 
 
 def test_a_run_shorter_than_its_patience_finishes(start):
     trainer = start([f"early_stopping:monitor=train_loss,patience=3,{NEVER_BETTER}"], epochs=3)
     trainer.fit()
-    assert trainer.epoch == 3 and trainer.stop_reason is None
+    assert trainer.state.epoch == 3 and trainer.state.stop_reason is None
 
 
 def test_the_count_survives_a_resume(start):
@@ -41,17 +41,17 @@ def test_the_count_survives_a_resume(start):
     start([spec, "checkpoint"], epochs=2).fit()  # best at epoch 1, one bad epoch so far
     trainer = start([spec, "checkpoint"], epochs=10, resume="auto")
     trainer.fit()
-    assert trainer.epoch == 4  # a fresh count would have run to epoch 6
+    assert trainer.state.epoch == 4  # a fresh count would have run to epoch 6
 
 
 def test_a_run_it_stopped_stays_stopped_when_resumed(start):
     spec = f"early_stopping:monitor=train_loss,patience=2,{NEVER_BETTER}"
     stopped = start([spec, "checkpoint"], epochs=10)
     stopped.fit()
-    assert stopped.epoch == 3
+    assert stopped.state.epoch == 3
     resumed = start([spec, "checkpoint"], epochs=10, resume="auto")
     resumed.fit()
-    assert resumed.epoch == 3 and resumed.stop_reason == stopped.stop_reason  # no epoch more
+    assert resumed.state.epoch == 3 and resumed.state.stop_reason == stopped.state.stop_reason  # no epoch more
 
 
 def test_a_larger_patience_lets_a_stopped_run_go_on(start):
@@ -59,7 +59,7 @@ def test_a_larger_patience_lets_a_stopped_run_go_on(start):
     resumed = start([f"early_stopping:monitor=train_loss,patience=3,{NEVER_BETTER}", "checkpoint"], epochs=10,
                     resume="auto")
     resumed.fit()
-    assert resumed.epoch == 4  # two bad epochs counted before, one more now
+    assert resumed.state.epoch == 4  # two bad epochs counted before, one more now
 
 
 def test_a_missing_monitor_is_refused_before_the_run_starts(start, tmp_path):

@@ -426,16 +426,16 @@ def _restarted(monkeypatch, count: int, budget: int = 3) -> None:
 
 
 def test_a_restart_goes_on_from_the_newest_checkpoint_in_its_run_directory(recipe, tmp_path, monkeypatch, capsys):
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
 
     plugins = ["checkpoint:every_steps=3", "tensorboard", "viz:max_images=0"]
-    first = prepare(recipe, ["epochs=2"], plugins, [], tmp_path / "run")
+    first = prepare(RunRequest(recipe, ["epochs=2"], plugins, [], tmp_path / "run"))
     first.epochs = 1  # as if it had failed after epoch 1 (5 steps)
     first.fit()
     _restarted(monkeypatch, 2)
-    again = prepare(recipe, ["epochs=2"], plugins, [], tmp_path / "run")  # no --resume
+    again = prepare(RunRequest(recipe, ["epochs=2"], plugins, [], tmp_path / "run"))  # no --resume
     assert again.restart == 2 and again.resumed_from == str(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert again.global_step == 5 and again.config_changes == {}
+    assert again.state.global_step == 5 and again.config_changes == {}
     again.fit()
     out = capsys.readouterr().out
     assert f"restart 2 of 3: resuming from {again.resumed_from}: epoch 2, step 5" in out
@@ -453,12 +453,12 @@ def test_a_restart_goes_on_from_the_newest_checkpoint_in_its_run_directory(recip
 
 
 def test_a_restart_before_any_checkpoint_starts_afresh_in_the_same_directory(recipe, tmp_path, monkeypatch, capsys):
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
 
-    prepare(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True)  # run files written, no checkpoint
+    prepare(RunRequest(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True))  # run files written, no checkpoint
     _restarted(monkeypatch, 1)
     with pytest.warns(UserWarning, match="no checkpoint in .* starting it again from step 0"):
-        trainer = prepare(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True)  # not moved aside again
+        trainer = prepare(RunRequest(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True))  # not moved aside again
     assert trainer.restart == 1 and trainer.resumed_from is None
     assert not list(tmp_path.glob("run.aside-*"))
     trainer.fit()
@@ -468,32 +468,32 @@ def test_a_restart_before_any_checkpoint_starts_afresh_in_the_same_directory(rec
 
 
 def test_a_restart_of_a_run_resumed_from_a_file_prefers_its_own_newer_checkpoints(recipe, tmp_path, monkeypatch):
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
 
-    prepare(recipe, ["epochs=2"], ["checkpoint"], [], tmp_path / "old").fit()
+    prepare(RunRequest(recipe, ["epochs=2"], ["checkpoint"], [], tmp_path / "old")).fit()
     given = tmp_path / "old" / "checkpoints" / "last.pt"
-    fresh = prepare(recipe, ["epochs=3"], ["checkpoint"], [], tmp_path / "new", resume=given)
+    fresh = prepare(RunRequest(recipe, ["epochs=3"], ["checkpoint"], [], tmp_path / "new", resume=given))
     fresh.run_lock.release()  # (in one process: as if its process had died and torchrun restarted it)
     _restarted(monkeypatch, 1)
-    before = prepare(recipe, ["epochs=3"], ["checkpoint"], [], tmp_path / "new", resume=given)
+    before = prepare(RunRequest(recipe, ["epochs=3"], ["checkpoint"], [], tmp_path / "new", resume=given))
     assert before.resumed_from == str(given)  # no checkpoint of its own yet: the file it was given
     before.run_lock.release()
     fresh.fit()
-    after = prepare(recipe, ["epochs=4"], ["checkpoint"], [], tmp_path / "new", resume=given)
-    assert after.resumed_from == str(tmp_path / "new" / "checkpoints" / "last.pt") and after.global_step == 15
+    after = prepare(RunRequest(recipe, ["epochs=4"], ["checkpoint"], [], tmp_path / "new", resume=given))
+    assert after.resumed_from == str(tmp_path / "new" / "checkpoints" / "last.pt") and after.state.global_step == 15
 
 
 def test_a_checkpoint_restores_each_rank_its_own_loss_sum_and_generators(recipe, monkeypatch):
     """``state_dict(gather=True)`` under 2 ranks (the collective faked): rank 1 gets back its own
     partial loss sum and random state, not rank 0's; with another number of ranks, rank 0's."""
     from minitrain.engine.device import get_rng_state
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
 
-    trainer = prepare(recipe, [], [], ["console"])
+    trainer = prepare(RunRequest(recipe, [], [], ["console"]))
     torch.manual_seed(1)
     rank1 = {"loss_sum": torch.tensor(7.5), "rng": get_rng_state()}
     torch.manual_seed(0)
-    trainer._loss_sum = torch.tensor(2.25)
+    trainer.state.loss_sum = torch.tensor(2.25)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "gather", lambda value: [value, rank1])
     state = trainer.state_dict(gather=True)
@@ -501,20 +501,20 @@ def test_a_checkpoint_restores_each_rank_its_own_loss_sum_and_generators(recipe,
     assert "ranks" not in trainer.state_dict()  # no collective unless asked for
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     trainer.load_state_dict(state)
-    assert trainer._loss_sum.item() == 7.5 and torch.equal(torch.get_rng_state(), rank1["rng"]["torch"])
+    assert trainer.state.loss_sum.item() == 7.5 and torch.equal(torch.get_rng_state(), rank1["rng"]["torch"])
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     trainer.load_state_dict(state)
-    assert trainer._loss_sum.item() == 2.25 and not torch.equal(torch.get_rng_state(), rank1["rng"]["torch"])
+    assert trainer.state.loss_sum.item() == 2.25 and not torch.equal(torch.get_rng_state(), rank1["rng"]["torch"])
 
 
 def test_a_checkpoint_of_another_number_of_processes_resumes_with_a_warning(recipe, tmp_path, monkeypatch):
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
 
-    prepare(recipe, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
+    prepare(RunRequest(recipe, [], ["checkpoint"], ["console"], tmp_path / "run")).fit()
     path = tmp_path / "run" / "checkpoints" / "last.pt"
     checkpoint = checkpointing.load(path)
     assert checkpoint["header"]["world_size"] == 1
-    trainer = prepare(recipe, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "two")
+    trainer = prepare(RunRequest(recipe, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "two"))
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.warns(UserWarning, match=r"written by 1 process and this run has 2 processes: .* not those the run"):
         checkpointing.restore(trainer, path, checkpoint)

@@ -14,13 +14,13 @@ from minitrain.commands.cli import main
 from minitrain.kit.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from minitrain.commands.export import export, load
 from minitrain.commands.predict import normalize, predict, read
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "tta"}
 
 @pytest.fixture
 def trained(recipe, tmp_path):
-    trainer = prepare(recipe, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "run")
+    trainer = prepare(RunRequest(recipe, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "run"))
     trainer.fit()
     return trainer, tmp_path / "run"
 
@@ -51,7 +51,7 @@ def test_exported_model_predicts_like_the_trained_one(trained, images, fmt, caps
     model, metadata = load(out)
     assert metadata["class_names"] == CIFAR10_CLASSES and metadata["input_size"] == [32, 32]
     assert metadata["mean"] == list(CIFAR10_MEAN) and metadata["std"] == list(CIFAR10_STD)
-    assert metadata["format"] == fmt and metadata["global_step"] == trainer.global_step
+    assert metadata["format"] == fmt and metadata["global_step"] == trainer.state.global_step
 
     batch = normalize([read(path, metadata) for path in paths], metadata)
     torch.testing.assert_close(batch[:1], trainer.val_loader.normalize(first))  # same pixels as in training
@@ -108,7 +108,7 @@ def test_clear_errors_for_bad_files(trained, images, tmp_path, capsys):
 
 def test_export_with_tta_scores_what_the_run_reported(recipe, tmp_path, fake_cifar, capsys):
     run = tmp_path / "run"
-    trainer = prepare(recipe, ["epochs=2"], ["checkpoint", "tta:translate=1"], ["console"], run)
+    trainer = prepare(RunRequest(recipe, ["epochs=2"], ["checkpoint", "tta:translate=1"], ["console"], run))
     metrics = trainer.fit()
     assert main(["export", str(run)]) == 0
     assert "this file does not, so it scores below the run's val_acc (--tta includes it)" in capsys.readouterr().err
@@ -173,7 +173,7 @@ def test_export_of_a_recipe_with_its_own_loader_from_another_directory(write_rec
 
     real_load = recipes.load_recipe
     monkeypatch.setattr("minitrain.commands.start.load_recipe", lambda p: module if p == path else real_load(p))
-    prepare(path, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
+    prepare(RunRequest(path, [], ["checkpoint"], ["console"], tmp_path / "run")).fit()
     monkeypatch.undo()  # export loads the recipe file as it is: its build() would fail
 
     elsewhere = tmp_path / "elsewhere"
@@ -193,7 +193,7 @@ def test_export_does_not_need_the_data_set_when_the_recipe_builds_its_model_alon
 def build(config''')
     path = tmp_path / "with_model.py"
     path.write_text(source)
-    prepare(path, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
+    prepare(RunRequest(path, [], ["checkpoint"], ["console"], tmp_path / "run")).fit()
     import shutil
 
     shutil.rmtree(fake_cifar)

@@ -142,7 +142,7 @@ def test_a_failing_observer_is_disabled_and_training_goes_on(fake_cifar, tmp_pat
     assert failing.calls == 3 and "failing" not in dict(trainer.pm.list_name_plugin())
     steps = [e.global_step for e in recorder.events if isinstance(e, ev.BatchEnd)]
     assert steps == list(range(1, 2 * STEPS + 1))  # step 3 included: the event it failed on
-    assert recorder.names()[-1] == "FitEnd" and trainer.global_step == 2 * STEPS
+    assert recorder.names()[-1] == "FitEnd" and trainer.state.global_step == 2 * STEPS
     logged = (tmp_path / "events.jsonl").read_text().splitlines()
     assert sum('"BatchEnd"' in line for line in logged) == 2 * STEPS and '"FitEnd"' in logged[-1]
 
@@ -249,7 +249,7 @@ class SendSignal:
     def train_step(self, trainer):
         loss = yield
         if self.inside_step:
-            self._send(trainer.global_step)
+            self._send(trainer.state.global_step)
         return loss
 
 
@@ -265,12 +265,12 @@ def test_a_signal_stops_at_the_step_boundary_saves_and_resumes_exactly(fake_cifa
         trainer.fit()
     assert (info.value.signal, info.value.graceful, info.value.exit_code) == (name, True, code)
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are given back
-    assert trainer.global_step == 3 and recorder.names()[-1] == "Interrupted"
+    assert trainer.state.global_step == 3 and recorder.names()[-1] == "Interrupted"
     assert recorder.events[-1].signal == name and recorder.events[-1].global_step == 3
     assert checkpointing.load(tmp_path / "checkpoints" / "last.pt")["header"]["global_step"] == 3
 
     resumed = make_trainer(fake_cifar, [checkpoint(every=0)], run_dir=tmp_path)
-    assert checkpointing.resume(resumed, "auto") is not None and resumed.global_step == 3
+    assert checkpointing.resume(resumed, "auto") is not None and resumed.state.global_step == 3
     resumed.fit()
     for key, value in weights(straight).items():
         assert torch.equal(value, resumed.module.state_dict()[key]), key
@@ -283,7 +283,7 @@ def test_a_second_signal_aborts_at_once(fake_cifar, tmp_path):
     with pytest.warns(UserWarning, match="inside a batch"), pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
     assert info.value.graceful is False and isinstance(info.value, KeyboardInterrupt)
-    assert trainer.global_step == 2 and recorder.names()[-1] == "Interrupted"
+    assert trainer.state.global_step == 2 and recorder.names()[-1] == "Interrupted"
     assert not (tmp_path / "checkpoints" / "last.pt").exists()  # never a half-applied step
 
 
@@ -315,14 +315,14 @@ class PoisonLoss:
     @minitrain.hookimpl(wrapper=True)
     def train_step(self, trainer):
         loss = yield
-        return loss * math.nan if trainer.global_step + 1 in self.steps else loss
+        return loss * math.nan if trainer.state.global_step + 1 in self.steps else loss
 
 
 def test_a_nan_loss_stops_the_run_at_the_epoch_end_read(fake_cifar, tmp_path):
     trainer = make_trainer(fake_cifar, [PoisonLoss(7)], epochs=3, run_dir=tmp_path)
     with pytest.raises(NonFiniteError, match=r"non-finite training loss \(nan\) in epoch 2, steps 6-10; stopped"):
         trainer.fit()
-    assert trainer.epoch == 1  # epoch 2 never ended: no EpochEnd, nothing saved from it
+    assert trainer.state.epoch == 1  # epoch 2 never ended: no EpochEnd, nothing saved from it
 
 
 def test_a_checkpoint_never_holds_a_nan_state(fake_cifar, tmp_path):
@@ -332,7 +332,7 @@ def test_a_checkpoint_never_holds_a_nan_state(fake_cifar, tmp_path):
     with pytest.warns(UserWarning, match="not saving a state with non-finite values; last.pt holds step 6"), \
             pytest.raises(NonFiniteError, match=r"epoch 2, steps 7-8"):
         trainer.fit()
-    assert trainer.global_step == 8  # found at the save after step 8, stopped right there
+    assert trainer.state.global_step == 8  # found at the save after step 8, stopped right there
     assert isinstance(recorder.events[-1], ev.ExceptionRaised) and recorder.events[-1].error_type == "NonFiniteError"
     saved = checkpointing.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["header"]["global_step"] == 6 and all_finite(saved["trainer"]["model"])
@@ -367,7 +367,7 @@ def test_skip_policy_skips_exactly_the_non_finite_steps(fake_cifar):
 
         @minitrain.hookimpl(wrapper=True)
         def optimizer_step(self, trainer):
-            self.steps.append(trainer.global_step + 1)
+            self.steps.append(trainer.state.global_step + 1)
             return (yield)
 
     updates = Updates()
@@ -376,7 +376,7 @@ def test_skip_policy_skips_exactly_the_non_finite_steps(fake_cifar):
         metrics = trainer.fit()
     assert len(caught) == 2  # one per epoch
     assert updates.steps == [s for s in range(1, 2 * STEPS + 1) if s not in (3, 7)]
-    assert trainer.global_step == 2 * STEPS and metrics["skipped_steps"] == 1.0
+    assert trainer.state.global_step == 2 * STEPS and metrics["skipped_steps"] == 1.0
     assert math.isfinite(metrics["train_loss"]) and all_finite(trainer.module.state_dict())
 
 

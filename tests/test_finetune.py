@@ -13,7 +13,7 @@ from minitrain.engine import checkpointing
 from minitrain.commands.cli import main
 from minitrain.engine.errors import MinitrainError
 from minitrain.kit.recipe import load_recipe
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 FINETUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_finetune.py"
 TINY = ["data_dir={data}", "device=cpu", "widths=4,8,8", "batch_size=16", "epochs=1"]
@@ -29,7 +29,7 @@ def tiny(fake_cifar):
 @pytest.fixture
 def pretrained(tiny, tmp_path):
     """A 5-class model trained for an epoch, and its checkpoint."""
-    trainer = prepare(FINETUNE_RECIPE, [*tiny, "classes=5"], ["checkpoint"], ["console"], tmp_path / "pre")
+    trainer = prepare(RunRequest(FINETUNE_RECIPE, [*tiny, "classes=5"], ["checkpoint"], ["console"], tmp_path / "pre"))
     trainer.fit()
     return trainer, tmp_path / "pre" / "checkpoints" / "last.pt"
 
@@ -37,7 +37,7 @@ def pretrained(tiny, tmp_path):
 def test_a_mismatched_head_is_listed_with_shapes(tiny, pretrained, capsys):
     _, checkpoint = pretrained
     with pytest.raises(MinitrainError) as info:
-        prepare(FINETUNE_RECIPE, tiny, [], ["console"], "new", init_from=checkpoint)
+        prepare(RunRequest(FINETUNE_RECIPE, tiny, [], ["console"], "new", init_from=checkpoint))
     message = str(info.value)
     assert "1 tensor(s) do not fit" in message and "--init-skip-mismatched" in message
     assert "head.weight (5, 8) in the checkpoint, (10, 8) in the model" in message
@@ -49,21 +49,21 @@ def test_a_mismatched_head_is_listed_with_shapes(tiny, pretrained, capsys):
 def test_init_from_takes_weights_only(tiny, pretrained):
     before, checkpoint = pretrained
     with pytest.warns(UserWarning, match=r"recipe's initialisation for head.weight \(5, 8\)"):
-        trainer = prepare(FINETUNE_RECIPE, tiny, [], ["console"], "new", init_from=checkpoint,
-                          init_skip_mismatched=True)
+        trainer = prepare(RunRequest(FINETUNE_RECIPE, tiny, [], ["console"], "new", init_from=checkpoint,
+                          init_skip_mismatched=True))
     old, new = before.module.state_dict(), trainer.module.state_dict()
     assert all(torch.equal(new[name], old[name]) for name in old if name != "head.weight")
     assert new["head.weight"].shape == (10, 8)
-    assert (trainer.epoch, trainer.global_step) == (0, 0) and not trainer.optimizer.state  # fresh progress
+    assert (trainer.state.epoch, trainer.state.global_step) == (0, 0) and not trainer.optimizer.state  # fresh progress
     assert trainer.scheduler.last_epoch == 0 < before.scheduler.last_epoch  # fresh schedule
     trainer.fit()
-    assert (trainer.epoch, trainer.global_step) == (1, len(trainer.train_loader))  # its own epoch, from step 0
+    assert (trainer.state.epoch, trainer.state.global_step) == (1, len(trainer.train_loader))  # its own epoch, from step 0
 
 
 def test_freeze_patterns_keep_layers_as_loaded(tiny, pretrained):
     _, checkpoint = pretrained
-    trainer = prepare(FINETUNE_RECIPE, [*tiny, "classes=5", "freeze=whiten,blocks.0"], [], ["console"], "frozen",
-                      init_from=checkpoint)
+    trainer = prepare(RunRequest(FINETUNE_RECIPE, [*tiny, "classes=5", "freeze=whiten,blocks.0"], [], ["console"], "frozen",
+                      init_from=checkpoint))
     loaded = {name: p.detach().clone() for name, p in trainer.module.named_parameters()}
     trainer.fit()
     for name, parameter in trainer.module.named_parameters():

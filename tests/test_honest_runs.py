@@ -16,7 +16,7 @@ from minitrain.engine import checkpointing, lock
 from minitrain.commands import cli
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.lock import LOCK_FILE
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "viz", "early_stopping"}
 
@@ -78,8 +78,8 @@ def test_move_aside_refuses_a_directory_that_holds_no_run(recipe, tmp_path, caps
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(recipe):
-    first = prepare(recipe, [], [], ["console"])
-    second = prepare(recipe, [], [], ["console"])
+    first = prepare(RunRequest(recipe, [], [], ["console"]))
+    second = prepare(RunRequest(recipe, [], [], ["console"]))
     assert first.run_dir != second.run_dir and Path(second.run_dir).parent == Path("runs")
 
 
@@ -236,10 +236,10 @@ def test_a_run_that_ended_before_its_first_checkpoint_starts_again_with_its_conf
     """A requeue of a run whose first start died in its first epoch: the same run from step 0,
     with the config and plugins it recorded (lr 0.1, not the recipe's 0.2), its history kept."""
     run = tmp_path / "run"
-    prepare(recipe, ["lr=0.1"], ["csv"], ["console"], run)  # run files written, no step trained: as if killed
+    prepare(RunRequest(recipe, ["lr=0.1"], ["csv"], ["console"], run))  # run files written, no step trained: as if killed
     with pytest.warns(UserWarning, match="no checkpoint in .*ended before its first save.*again from step 0"):
-        again = prepare(recipe, [], [], [], run, resume="auto")
-    assert (again.global_step, again.resumed_from, again.config["lr"]) == (0, None, 0.1)
+        again = prepare(RunRequest(recipe, [], [], [], run, resume="auto"))
+    assert (again.state.global_step, again.resumed_from, again.config["lr"]) == (0, None, 0.1)
     assert {name for name, _ in again.pm.list_name_plugin()} == {"core", "checkpoint", "csv", "jsonl"}
     again.fit()
     history = json.loads((run / "run.json").read_text())["history"]
@@ -252,7 +252,7 @@ def test_two_starts_into_one_run_directory_the_second_is_refused(recipe, tmp_pat
     the process that holds it, and nothing of the first run changes; once the first run ends,
     the lock is free (and a process killed holding it frees it too: the kernel's flock)."""
     run = tmp_path / "run"
-    first = prepare(recipe, ["epochs=2"], [], ["console"], run)
+    first = prepare(RunRequest(recipe, ["epochs=2"], [], ["console"], run))
     for extra in ([], ["--resume", "auto"]):
         line = error_line(capsys, "run", recipe, "--run-dir", run, *extra)
         if not extra:  # a fresh start sees a used directory first; the lock decides only when both start at once
@@ -286,12 +286,12 @@ def test_two_fresh_starts_at_once_one_wins_and_the_other_is_refused(recipe, tmp_
 
 
 def test_fit_again_on_a_finished_trainer_says_so(recipe):
-    trainer = prepare(recipe, [], [], ["console"])
+    trainer = prepare(RunRequest(recipe, [], [], ["console"]))
     trainer.fit()
     with pytest.raises(MinitrainError, match="nothing to train: 1 of 1 epochs are done"):
         trainer.fit()
     trainer.epochs = 2
-    assert trainer.fit() is trainer.metrics and trainer.epoch == 2
+    assert trainer.fit() is trainer.state.metrics and trainer.state.epoch == 2
 
 
 # --- failures while training ----------------------------------------------------------------------
@@ -366,7 +366,7 @@ def test_a_run_whose_every_step_was_skipped_trained_nothing(write_recipe, recipe
 def test_run_files_get_normal_permissions(recipe, tmp_path):
     old = os.umask(0o022)
     try:
-        prepare(recipe, [], ["checkpoint"], ["console"], tmp_path / "run").fit()
+        prepare(RunRequest(recipe, [], ["checkpoint"], ["console"], tmp_path / "run")).fit()
     finally:
         os.umask(old)
     for name in ("config.json", "run.json", "checkpoints/last.pt"):
@@ -376,9 +376,8 @@ def test_run_files_get_normal_permissions(recipe, tmp_path):
 def test_version_and_debug_anywhere(capsys):
     from minitrain import __version__
 
-    with pytest.raises(SystemExit) as done:
-        cli.main(["--version"])
-    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"minitrain {__version__}"
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"minitrain {__version__}"
     with pytest.raises(MinitrainError, match="recipe not found"):
         cli.main(["run", "nowhere.py", "--debug"])
 

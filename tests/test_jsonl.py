@@ -36,7 +36,8 @@ def same_json(a: str, b: str) -> bool:
 def test_per_step_lines_say_what_pydantic_says(tmp_path, loss):
     plugin = JsonlLog(JsonlLog.Config())
     plugin.on_fit_start(fit_start(tmp_path), CPU)
-    sent = [fit_start(tmp_path), *step_events(0, torch.tensor(loss, dtype=torch.float64)), *step_events(1, loss)]
+    sent = [fit_start(tmp_path), *step_events(0, torch.tensor(loss, dtype=torch.float64)),
+            *step_events(1, torch.tensor(loss, dtype=torch.float32))]
     for event in sent:
         plugin.on_event(event)
     plugin.on_event(ev.FitEnd(epochs_completed=1, global_step=2, metrics={}))

@@ -16,7 +16,7 @@ from minitrain.engine import checkpointing
 from minitrain.commands.cli import main
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.metrics import Validation, collection
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping", "viz", "tensorboard"}
 
@@ -62,8 +62,8 @@ def regression(write_recipe):
 
 def test_a_regression_recipe_runs_end_to_end_with_its_own_metrics(regression, tmp_path):
     run = tmp_path / "run"
-    trainer = prepare(regression, [], ["checkpoint:monitor=val_r2", "early_stopping:monitor=val_mae,patience=5",
-                                       "csv", "viz", "tensorboard"], ["console"], run)
+    trainer = prepare(RunRequest(regression, [], ["checkpoint:monitor=val_r2", "early_stopping:monitor=val_mae,patience=5",
+                                       "csv", "viz", "tensorboard"], ["console"], run))
     assert trainer.metric_names()[-3:] == ["val_loss", "val_mae", "val_r2"]
     metrics = trainer.fit()
     assert {"val_loss", "val_mae", "val_r2"} <= set(metrics) and "val_acc" not in metrics
@@ -83,12 +83,12 @@ def test_a_regression_recipe_runs_end_to_end_with_its_own_metrics(regression, tm
 
 
 def test_val_loss_is_the_recipe_loss_averaged_over_samples(regression, tmp_path):
-    trainer = prepare(regression, ["epochs=1"], [], ["console"], tmp_path / "run")
+    trainer = prepare(RunRequest(regression, ["epochs=1"], [], ["console"], tmp_path / "run"))
     trainer.fit()
     model = trainer.module.eval()
     with torch.no_grad():
         squared = [F.mse_loss(model(x), y, reduction="sum") for x, y in trainer.val_loader]
-    assert trainer.metrics["val_loss"] == pytest.approx(float(sum(squared)) / 40, rel=1e-6)
+    assert trainer.state.metrics["val_loss"] == pytest.approx(float(sum(squared)) / 40, rel=1e-6)
 
 
 def test_a_summed_loss_is_averaged_per_sample_too():

@@ -19,7 +19,8 @@ import torch
 
 from minitrain.commands.cli import main
 from minitrain.engine.registry import ObserverFailed
-from minitrain.commands.start import prepare
+from minitrain.engine.surface import Shared
+from minitrain.commands.start import RunRequest, prepare
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip install -e '.[tracking]')")
 from mlflow import MlflowClient  # noqa: E402
@@ -77,7 +78,7 @@ def store(template_store, tmp_path, monkeypatch):
 
 
 def fit(recipe, run_dir, overrides=("epochs=3",), plugins=("mlflow:log_every=2",), resume=None):
-    trainer = prepare(recipe, list(overrides), list(plugins), ["console"], run_dir, resume=resume)
+    trainer = prepare(RunRequest(recipe, list(overrides), list(plugins), ["console"], run_dir, resume=resume))
     try:
         trainer.fit()
     finally:
@@ -114,9 +115,9 @@ def test_a_run_reads_back_through_mlflow(recipe, tmp_path, store):
     assert params["plugin.checkpoint.every"] == "1" and params["plugin.mlflow.log_every"] == "2"
     assert params["plugin.viz.max_images"] == "32"
     tags = run.data.tags
-    assert tags["minitrain.kit.recipe"] == str(recipe.resolve()) and tags["minitrain.run_dir"] == str(run_dir.absolute())
+    assert tags["minitrain.recipe"] == str(recipe.resolve()) and tags["minitrain.run_dir"] == str(run_dir.absolute())
     assert tags["minitrain.version"] == "0.1.0" and tags["torch.version"] == torch.__version__
-    assert tags["minitrain.engine.registry"] == "checkpoint, csv, jsonl, mlflow, viz"
+    assert tags["minitrain.plugins"] == "checkpoint, csv, jsonl, mlflow, viz"
 
     events = log_lines(run_dir)
     losses = [(e["global_step"], e["loss"]) for e in events if e["event"] == "BatchEnd"]
@@ -125,7 +126,7 @@ def test_a_run_reads_back_through_mlflow(recipe, tmp_path, store):
     for key in ("train_loss", "val_loss", "val_acc", "lr"):
         assert history(store, run, key) == [(e["global_step"], e["metrics"][key]) for e in ends]
     assert history(store, run, "epoch") == [(5, 1.0), (10, 2.0), (15, 3.0)]
-    assert run.data.metrics["val_acc"] == trainer.metrics["val_acc"]
+    assert run.data.metrics["val_acc"] == trainer.state.metrics["val_acc"]
 
     artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
     assert {"report.html", "metrics.csv", "events.jsonl", "config.json", "run.json", "plots"} <= artifacts
@@ -172,7 +173,7 @@ def test_resume_continues_the_same_mlflow_run(recipe, tmp_path, store):
     # MLflow had given the run an id (the run is created in the background): either one finds it
     saved = {"run_id": run.info.run_id, "run_key": run.data.tags["minitrain.run_key"]}
     for epochs, kept in ((3, "run_id"), (4, "run_key")):
-        trainer = prepare(recipe, [f"epochs={epochs}"], ["mlflow", "checkpoint"], ["console"], run_dir, resume="auto")
+        trainer = prepare(RunRequest(recipe, [f"epochs={epochs}"], ["mlflow", "checkpoint"], ["console"], run_dir, resume="auto"))
         plugin = trainer.pm.get_plugin("mlflow")
         plugin.resume = {key: value if key == kept else "" for key, value in saved.items()}
         trainer.fit()
@@ -245,7 +246,7 @@ def test_replay_logs_a_run_recorded_without_it(recipe, tmp_path, store, capsys):
     assert history(store, run, "train_loss_step") == [(e["global_step"], e["loss"]) for e in events
                                                       if e["event"] == "BatchEnd"]
     started = json.loads((run_dir / "run.json").read_text())["history"][0]["started"]
-    from minitrain.commands.runs import parse_time
+    from minitrain.records.rundir import parse_time
     assert run.info.start_time == int(parse_time(started) * 1000)  # the run's time, not the replay's
 
     logged = tmp_path / "logged"  # a run that had the plugin on: a replay says it logs it again
@@ -287,11 +288,11 @@ def test_a_server_too_slow_to_answer_does_not_hold_training_back(recipe, tmp_pat
     uri = f"http://127.0.0.1:{server.getsockname()[1]}"
     started = time.monotonic()
     with pytest.warns(ObserverFailed, match="plugin 'mlflow' failed"):
-        trainer = prepare(recipe, ["epochs=2"], [f"mlflow:tracking_uri={uri},http_timeout=900,finish_timeout=1"],
-                          ["console"], tmp_path / "run")
+        trainer = prepare(RunRequest(recipe, ["epochs=2"], [f"mlflow:tracking_uri={uri},http_timeout=900,finish_timeout=1"],
+                          ["console"], tmp_path / "run"))
         trainer.fit()
     assert time.monotonic() - started < 300  # not the 900 s a request may take (2 s here; room for a slow machine)
-    assert trainer.epoch == 2 and trainer.pm.get_plugin("mlflow") is None  # disabled
+    assert trainer.state.epoch == 2 and trainer.pm.get_plugin("mlflow") is None  # disabled
     server.close()
     for connection in held:
         connection.close()
@@ -309,7 +310,7 @@ def test_holding_the_losses_reads_no_tensor(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a per-step read of the loss"))
     for step, loss in enumerate(losses, 1):
         plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4, loss=loss),
-                            SimpleNamespace(step_metrics={}))
+                            SimpleNamespace(shared=Shared()))
     monkeypatch.undo()
     assert [step for step, _, _, _ in plugin.held] == list(range(10, 10 * HOLD, 10))
     assert all(loss is losses[step - 1] for step, loss, _, _ in plugin.held)
@@ -322,7 +323,7 @@ def test_held_losses_go_in_groups_or_after_flush_secs():
     def steps(plugin, first, last):
         for step in range(first, last + 1):
             plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4,
-                                                 loss=torch.tensor(1.0)), SimpleNamespace(step_metrics={}))
+                                                 loss=torch.tensor(1.0)), SimpleNamespace(shared=Shared()))
 
     plugin = MlflowLog(MlflowLog.Config(log_every=1))
     plugin.worker = SimpleNamespace(failure=None, notes=[], tasks=[])

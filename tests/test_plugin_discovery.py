@@ -103,9 +103,9 @@ def test_no_plugin_disables_a_default_plugin():
 
 
 def test_resolved_plugin_runs_in_a_trainer(thirdparty, recipe, tmp_path):
-    from minitrain.commands.start import prepare
-    trainer = prepare(recipe, plugin_specs=["thirdparty:greeting=hey,times=2"], disabled=["console"],
-                      run_dir=tmp_path / "run")
+    from minitrain.commands.start import RunRequest, prepare
+    trainer = prepare(RunRequest(recipe, plugins=["thirdparty:greeting=hey,times=2"], disabled=["console"],
+                      run_dir=tmp_path / "run"))
     plugin = trainer.pm.get_plugin("thirdparty")
     trainer.fit()
     assert plugin.greeted == "heyhey"
@@ -280,9 +280,9 @@ def test_bad_third_party_plugin_through_run(install_dist, recipe, tmp_path):
             def on_fit_strat(self, event):
                 pass
     ''', {"typo": "typo_plugin:Typo"})
-    from minitrain.commands.start import prepare
+    from minitrain.commands.start import RunRequest, prepare
     with pytest.raises(MinitrainError, match=r"'typo'.*on_fit_strat"):
-        prepare(recipe, plugin_specs=["typo"], run_dir=tmp_path / "run")
+        prepare(RunRequest(recipe, plugins=["typo"], run_dir=tmp_path / "run"))
 
 
 def test_same_plugin_name_twice_is_an_error():

@@ -9,7 +9,7 @@ import time
 from minitrain.engine import events as ev
 from minitrain.commands.cli import main
 from minitrain.engine.lock import RunDirLock
-from minitrain.commands.runs import differing, find_runs, read_run
+from minitrain.records.rundir import differing, find_runs, read_run
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "early_stopping"}
 

@@ -22,7 +22,7 @@ from minitrain.testing import EpochLog
 from minitrain.kit.data import ImageLoader, load_cifar10
 from minitrain.kit.muon import Muon, orthogonalize
 from minitrain.kit.recipe import load_recipe, make_config
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 from minitrain_plugins import console
 from minitrain_plugins.jsonl import JsonlLog
 from minitrain_plugins.lookahead import Lookahead
@@ -37,8 +37,8 @@ TINY = ["widths=[8,16,16]", "batch_size=16", "eval_batch_size=16", "device=cpu"]
 
 
 def speedrun(fake_cifar, *overrides: str, epochs: int = 2):
-    trainer = prepare(RECIPE, [f"data_dir={fake_cifar}", f"epochs={epochs}", *TINY, *overrides],
-                      [], ["console"], "run")
+    trainer = prepare(RunRequest(RECIPE, [f"data_dir={fake_cifar}", f"epochs={epochs}", *TINY, *overrides],
+                      [], ["console"], "run"))
     log = EpochLog()
     trainer.pm.register(log)
     return trainer, log
@@ -48,7 +48,7 @@ def test_recipe_trains_through_the_framework(fake_cifar):
     trainer, log = speedrun(fake_cifar, "whiten_bias_epochs=1", epochs=3)
     metrics = trainer.fit()
     model = trainer.module
-    assert trainer.global_step == 15  # 80 images, batches of 16
+    assert trainer.state.global_step == 15  # 80 images, batches of 16
     assert model.blocks[0][0].weight.dtype is torch.bfloat16  # amp: pure bf16, channels-last
     assert model.blocks[0][2].weight.dtype is torch.float32
     assert model.blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -106,7 +106,7 @@ def test_lookahead_state_travels_in_the_trainer_state(fake_cifar):
 
 
 def test_validation_schedule_every_two_epochs(recipe):
-    trainer = prepare(recipe, ["epochs=5"], ["validation:every=2"], ["console", "jsonl"], "run")
+    trainer = prepare(RunRequest(recipe, ["epochs=5"], ["validation:every=2"], ["console", "jsonl"], "run"))
     log = EpochLog()
     trainer.pm.register(log)
     trainer.fit()
@@ -253,7 +253,7 @@ def test_sync_check_records_what_happens_in_its_window(recipe, monkeypatch):
             warnings.warn(f"sync at {event.global_step}")
 
     check = bench.SyncCheck(first=1, steps=2)
-    trainer = prepare(recipe, ["epochs=2"], [], ["console", "jsonl"], "run")
+    trainer = prepare(RunRequest(recipe, ["epochs=2"], [], ["console", "jsonl"], "run"))
     trainer.pm.register(Noisy(), name="noisy")
     trainer.pm.register(check, name="sync_check")
     with warnings.catch_warnings():
@@ -261,7 +261,7 @@ def test_sync_check_records_what_happens_in_its_window(recipe, monkeypatch):
         trainer.fit()
     assert modes == ["warn", "default"] and check.done
     assert [str(w.message) for w in check.caught] == ["sync at 1", "sync at 2"]
-    assert trainer.global_step == 3 and trainer.stop_reason == "sync check done"
+    assert trainer.state.global_step == 3 and trainer.state.stop_reason == "sync check done"
 
 
 def test_benchmark_cpu_mode_end_to_end(fake_cifar, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from minitrain.engine.events import FitStart
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 from minitrain_plugins.tensorboard import TensorBoard
 
 
@@ -22,7 +22,7 @@ def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_scalars_are_written_and_match_the_event_log(recipe, tmp_path):
-    trainer = prepare(recipe, ["epochs=2"], ["tensorboard:log_every=2,subdir=tb"], ["console"], tmp_path / "run")
+    trainer = prepare(RunRequest(recipe, ["epochs=2"], ["tensorboard:log_every=2,subdir=tb"], ["console"], tmp_path / "run"))
     trainer.fit()  # 5 steps per epoch
 
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))

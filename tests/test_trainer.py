@@ -16,7 +16,7 @@ import minitrain
 from minitrain.commands import cli
 from minitrain.engine import events as ev
 from minitrain.kit.data import cifar10_loaders
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 STEPS = 5  # 80 fake training images in batches of 16
 
@@ -51,14 +51,14 @@ def _trainer(data_dir, plugins=(), epochs=1, dropout=0.0, augment=False, seed=0,
 
 def test_one_epoch_through_prepare(recipe, tmp_path):
     run_dir = tmp_path / "run"
-    trainer = prepare(recipe, run_dir=run_dir, disabled=["console"])
+    trainer = prepare(RunRequest(recipe, run_dir=run_dir, disabled=["console"]))
     assert trainer.epochs == 1 and trainer.device == torch.device("cpu")
     metrics = trainer.fit()
 
     assert set(metrics) == {"train_loss", "lr", "epoch_time", "samples_per_s", "val_loss", "val_acc"}
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["lr"] == 0.2 and metrics["samples_per_s"] == pytest.approx(STEPS * 16 / metrics["epoch_time"])
-    assert (trainer.epoch, trainer.batch_idx, trainer.global_step) == (1, 0, STEPS)
+    assert (trainer.state.epoch, trainer.state.batch_idx, trainer.state.global_step) == (1, 0, STEPS)
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["epochs"] == 1 and config["batch_size"] == 16 and config["lr"] == 0.2
@@ -168,7 +168,7 @@ def test_plain_iterable_loader_without_validation():
     trainer = minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), iter_forever(batches),
                                 epochs=2, device="cpu", plugins=[Track()])
     metrics = trainer.fit()
-    assert "val_loss" not in metrics and trainer.global_step == 6
+    assert "val_loss" not in metrics and trainer.state.global_step == 6
     assert seen == [n for n in _expected_order(2, steps=3) if not n.startswith("Validation")]
 
 
@@ -199,7 +199,7 @@ def test_request_stop_mid_epoch(fake_cifar, collect_events):
     assert fit_end.stop_reason == "enough at step 3"
     assert fit_end.global_step == 3 and fit_end.epochs_completed == 0
     assert recorder.names().count("BatchEnd") == 3 and "EpochEnd" not in recorder.names()
-    assert (trainer.epoch, trainer.batch_idx) == (0, 3)  # resumable from here
+    assert (trainer.state.epoch, trainer.state.batch_idx) == (0, 3)  # resumable from here
 
 
 def test_request_stop_at_epoch_end(fake_cifar, collect_events):
@@ -267,7 +267,7 @@ def test_optimizer_step_override_can_skip_updates(fake_cifar):
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.fit()
     assert all(torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
-    assert trainer.global_step == STEPS
+    assert trainer.state.global_step == STEPS
 
 
 def test_setup_hook_can_replace_the_model(fake_cifar):
@@ -288,7 +288,7 @@ def test_exception_in_train_step_is_announced_and_reraised(fake_cifar, tmp_path,
     class Exploding:
         @minitrain.hookimpl
         def train_step(self, trainer, batch):
-            if trainer.global_step == 2:
+            if trainer.state.global_step == 2:
                 raise RuntimeError("kaboom at step 2")
 
     recorder = collect_events()
@@ -345,8 +345,8 @@ def test_state_dict_restores_progress_and_rng(fake_cifar):
     np.random.seed(0)
     torch.manual_seed(0)
     other.load_state_dict(state)
-    assert (other.epoch, other.batch_idx, other.global_step) == (2, 0, 2 * STEPS)
-    assert other.metrics == trainer.metrics
+    assert (other.state.epoch, other.state.batch_idx, other.state.global_step) == (2, 0, 2 * STEPS)
+    assert other.state.metrics == trainer.state.metrics
     assert (random.random(), np.random.rand(3).tolist()) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2])
     for a, b in zip(trainer.module.state_dict().values(), other.module.state_dict().values()):
@@ -399,7 +399,7 @@ def test_exact_resume_mid_epoch_matches_uninterrupted_run(fake_cifar, collect_ev
     first = _trainer(fake_cifar, [StopAt(), first_rec], epochs=3, dropout=0.3, augment=True)
     torch.manual_seed(42)
     first.fit()
-    assert (first.epoch, first.batch_idx, first.global_step) == (1, 2, STEPS + 2)
+    assert (first.state.epoch, first.state.batch_idx, first.state.global_step) == (1, 2, STEPS + 2)
     state = _roundtrip(first.state_dict())
 
     torch.manual_seed(999)  # whatever happens between the two processes
@@ -410,8 +410,8 @@ def test_exact_resume_mid_epoch_matches_uninterrupted_run(fake_cifar, collect_ev
 
     for a, b in zip(straight.module.state_dict().values(), second.module.state_dict().values()):
         assert torch.equal(a, b)
-    assert second.metrics["train_loss"] == straight.metrics["train_loss"]
-    assert second.metrics["val_loss"] == straight.metrics["val_loss"]
+    assert second.state.metrics["train_loss"] == straight.state.metrics["train_loss"]
+    assert second.state.metrics["val_loss"] == straight.state.metrics["val_loss"]
 
     def losses(rec):
         return [(e.global_step, float(e.loss)) for e in rec.events if isinstance(e, ev.BatchEnd)]
@@ -437,10 +437,10 @@ def test_resume_with_a_plain_loader_fast_forwards():
     model = torch.nn.Linear(3, 2)
     trainer = minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, epochs=1,
                                 device="cpu", plugins=[Spy()])
-    trainer.batch_idx = 3
+    trainer.state.batch_idx = 3
     trainer.fit()
     assert len(seen) == 1 and seen[0] is batches[3]
-    assert trainer.global_step == 1
+    assert trainer.state.global_step == 1
 
 
 # --- no host-device sync -------------------------------------------------------------------------

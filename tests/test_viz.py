@@ -14,7 +14,7 @@ from matplotlib.image import imread
 
 from minitrain import hookimpl
 from minitrain.commands.cli import main
-from minitrain.commands.start import prepare
+from minitrain.commands.start import RunRequest, prepare
 
 CURVES = ["loss.png", "accuracy.png", "lr.png", "confusion.png"]
 
@@ -23,7 +23,7 @@ FIRST_PARTY_PLUGINS = {"viz", "tensorboard", "checkpoint"}
 
 
 def fit(recipe, run_dir, plugins=("viz",), epochs=2):
-    trainer = prepare(recipe, [f"epochs={epochs}"], list(plugins), ["console"], run_dir)
+    trainer = prepare(RunRequest(recipe, [f"epochs={epochs}"], list(plugins), ["console"], run_dir))
     trainer.fit()
     return trainer
 
@@ -42,7 +42,7 @@ def linked_images(run_dir) -> list[str]:
 def test_fit_writes_plots_and_a_report(recipe, tmp_path):
     run = tmp_path / "run"
     trainer = fit(recipe, run)
-    assert trainer.metrics["val_acc"] < 1  # there are mistakes to show
+    assert trainer.state.metrics["val_acc"] < 1  # there are mistakes to show
 
     plots = run / "plots"
     for name in CURVES:
@@ -50,13 +50,13 @@ def test_fit_writes_plots_and_a_report(recipe, tmp_path):
     assert_picture(plots / "misclassified.png", min_size=(600, 150))
     assert linked_images(run) == [f"plots/{name}" for name in CURVES + ["misclassified.png"]]
     report = (run / "report.html").read_text()
-    assert "<th>val_acc</th>" in report and f"{trainer.metrics['val_acc']:.4g}" in report
+    assert "<th>val_acc</th>" in report and f"{trainer.state.metrics['val_acc']:.4g}" in report
     assert "<th>batch_size</th><td>16</td>" in report  # the run's config
 
     buffer = io.BytesIO()  # the curves so far travel in checkpoints, so a resumed run plots them all
     torch.save(trainer.state_dict(), buffer)
     buffer.seek(0)
-    resumed = prepare(recipe, ["epochs=3"], ["viz"], ["console"], tmp_path / "resumed")
+    resumed = prepare(RunRequest(recipe, ["epochs=3"], ["viz"], ["console"], tmp_path / "resumed"))
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.pm.get_plugin("viz").epochs == trainer.pm.get_plugin("viz").epochs
     assert sorted(resumed.pm.get_plugin("viz").epochs) == [1, 2]
@@ -95,7 +95,7 @@ def test_every_epoch_draws_after_each_epoch(recipe, tmp_path):
         def on_epoch_end(self, event, trainer):
             seen.append({p.name: p.read_bytes() for p in (tmp_path / "run" / "plots").glob("*.png")})
 
-    trainer = prepare(recipe, ["epochs=2"], ["viz:every_epoch=true"], ["console"], tmp_path / "run")
+    trainer = prepare(RunRequest(recipe, ["epochs=2"], ["viz:every_epoch=true"], ["console"], tmp_path / "run"))
     trainer.pm.register(Look())
     trainer.fit()
     # drawn before other plugins look; the image grid comes from the last epoch's validation
@@ -145,7 +145,7 @@ def test_replay_errors_are_one_line(recipe, tmp_path, capsys):
 
 def test_report_reads_the_log_run_json_names_and_skips_a_cut_short_last_line(recipe, tmp_path, capsys):
     run = tmp_path / "run"
-    trainer = prepare(recipe, ["epochs=2"], ["jsonl:filename=log.jsonl"], ["console"], run)
+    trainer = prepare(RunRequest(recipe, ["epochs=2"], ["jsonl:filename=log.jsonl"], ["console"], run))
     trainer.fit()
     assert json.loads((run / "run.json").read_text())["event_log"] == "log.jsonl"
     with (run / "log.jsonl").open("a") as log:
@@ -205,7 +205,7 @@ def test_the_loss_plot_has_every_step_live_and_from_the_log(recipe, tmp_path, mo
     buffer = io.BytesIO()  # the per-step curve travels in checkpoints too
     torch.save(trainer.state_dict(), buffer)
     buffer.seek(0)
-    resumed = prepare(recipe, ["epochs=4"], ["viz"], ["console"], tmp_path / "resumed")
+    resumed = prepare(RunRequest(recipe, ["epochs=4"], ["viz"], ["console"], tmp_path / "resumed"))
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     resumed.fit()
     assert [s for s, _ in drawn[-1][0]] == list(range(1, 21))

@@ -1,5 +1,5 @@
 """``minitrain compare RUN RUN... [-o FILE.html]``: one self-contained page that puts runs side by
-side, drawn from their event logs alone (:mod:`minitrain.commands.runs`), so it works offline and after
+side, drawn from their event logs alone (:mod:`minitrain.records.rundir`), so it works offline and after
 the fact, whatever plugins the runs had:
 
 * a summary per run: recipe, status (with the stop reason or error), epochs, the main metric's
@@ -23,12 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from minitrain.engine.errors import MinitrainError
-from minitrain.commands.runs import (
-    Run, check_run_dir, differing, format_duration, format_value, higher_is_better, main_metric, read_run,
-)
+from minitrain.records.curves import COLORS, epoch_axis, log_scale_if_wide, smooth
+from minitrain.records.formats import format_duration, format_value
+from minitrain.records.rundir import Run, check_run_dir, differing, higher_is_better, main_metric, read_run
 
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]  # matplotlib's tab10, in its order
 PAGE_STYLE = """
 body { font-family: sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -41,23 +39,6 @@ td.run { white-space: nowrap; }
 .status-failed, .status-interrupted, .status-killed { color: #b00; } .status-running { color: #a60; }
 .note { color: #666; font-size: 0.9em; }
 """
-
-
-def smooth(values: Sequence[float], span: int | None = None) -> list[float]:
-    """An exponential moving average over about ``span`` points (default: a thirtieth of them),
-    debiased so that it starts at the first value, as TensorBoard's smoothing does. Non-finite
-    values are left out of the average (and come out as NaN)."""
-    span = span or max(1, len(values) // 30)
-    beta = 1 - 2 / (span + 1)
-    out, average, weight = [], 0.0, 0.0
-    for value in values:
-        if not math.isfinite(value):
-            out.append(math.nan)
-            continue
-        average = beta * average + (1 - beta) * value
-        weight = beta * weight + (1 - beta)
-        out.append(average / weight)
-    return out
 
 
 def compare(paths: Sequence[str | Path], out: str | Path = "compare.html") -> Path:
@@ -98,7 +79,7 @@ def _figures(runs: list[Run], labels: list[str]):
             ax.plot(x, smooth(losses), color=color, linewidth=1.8, label=label)
         ax.set(title="Training loss per step (smoothed; raw values faint)", xlabel="epoch" if per_epoch else "step",
                ylabel="loss")
-        _log_scale_if_wide(ax, [loss for run in runs for _, loss in run.steps or ()])
+        log_scale_if_wide(ax, [loss for run in runs for _, loss in run.steps or ()])
         _finish_axes(ax, False)  # (fractions of an epoch: a short run has ticks within it)
         yield "Training loss", fig
 
@@ -116,17 +97,9 @@ def _figures(runs: list[Run], labels: list[str]):
         title = "Learning rate (end of epoch)" if metric == "lr" else f"Validation {metric.removeprefix('val_')}"
         ax.set(title=title, xlabel="epoch", ylabel=metric)
         if "loss" in metric:
-            _log_scale_if_wide(ax, [v for run in runs for _, v in run.values(metric)])
+            log_scale_if_wide(ax, [v for run in runs for _, v in run.values(metric)])
         _finish_axes(ax, True)
         yield title, fig
-
-
-def _log_scale_if_wide(ax, values: list[float]) -> None:
-    """A log scale for positive values that span more than two decades (a run that diverged
-    would otherwise flatten the others)."""
-    finite = [v for v in values if math.isfinite(v)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
-        ax.set_yscale("log")
 
 
 def _finish_axes(ax, integer_x: bool) -> None:
@@ -135,16 +108,6 @@ def _finish_axes(ax, integer_x: bool) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-
-
-def epoch_axis(ax) -> None:
-    """Whole epochs on the x axis; a single epoch is shown as 1 with room on both sides, rather
-    than as ticks at 0.96, 0.98, ..."""
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    xs = {x for line in ax.get_lines() for x in line.get_xdata()}
-    if len(xs) == 1:
-        x = xs.pop()
-        ax.set_xlim(x - 1, x + 1)
 
 
 def _png(figure) -> str:
@@ -214,7 +177,7 @@ Main metric: {esc(metric or 'none')}{direction}.</p>
 """
 
 
-def add_parser(sub, command) -> None:
+def add_parser(command) -> None:
     """Register ``minitrain compare`` (``command`` is the CLI's sub-parser factory)."""
     parser = command("compare", help="one HTML page comparing runs: curves, differing settings, final metrics")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")

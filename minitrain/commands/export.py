@@ -18,6 +18,7 @@ may need the data set. Then it gets the checkpoint's weights.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import warnings
@@ -30,15 +31,37 @@ from pydantic import ValidationError
 
 from minitrain.engine import __version__
 from minitrain.engine import checkpointing
+from minitrain_plugins.ema import STATE as EMA_STATE
 from minitrain.kit.augment import TestTimeAugmented
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.files import check_writable
-from minitrain.engine.registry import describe_validation_error
+from minitrain.engine.errors import describe_validation_error
 from minitrain.kit.recipe import load_recipe
 
 METADATA = "minitrain.json"
-EMA_STATE = "ema_weights"  # where the ema plugin's checkpoint state keeps the averaged weights
 FORMATS = {"exported-program": ".pt2", "torchscript": ".torchscript.pt"}
+
+
+def add_parser(command) -> None:
+    """Register ``minitrain export``."""
+    parser = command("export", help="write a trained model as one self-contained file, with its metadata")
+    parser.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
+                        help="a run directory (its checkpoints/last.pt) or a checkpoint file inside one")
+    parser.add_argument("--format", dest="fmt", choices=["exported-program", "torchscript"], default="exported-program",
+                        help="torch.export archive (.pt2, default) or TorchScript (.torchscript.pt)")
+    parser.add_argument("--out", metavar="FILE", help="where to write (default: in the run directory)")
+    parser.add_argument("--recipe", metavar="PATH", help="the run's recipe file, if it moved since training")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the moving average of the weights that the run's ema plugin kept")
+    parser.add_argument("--tta", action="store_true",
+                        help="include the run's test-time augmentation (its tta plugin's views) in the model, so "
+                             "that it scores as the run's validation did")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    print(f"wrote {export(args.source, args.fmt, args.out, args.recipe, args.tta, args.ema)}")
+    return 0
 
 
 def export(source: str | Path, fmt: str = "exported-program", out: str | Path | None = None,
@@ -94,11 +117,11 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     source = Path(source)
     if source.is_dir():
         run = _read_json(source / "run.json")
-        folder = run.get("plugins", {}).get("checkpoint", {}).get("dir", checkpointing.DEFAULT_DIR)
+        folder = (run.get("checkpoints") or [checkpointing.DEFAULT_DIR])[0]  # where the run recorded its checkpoints
         checkpoint = source / folder / "last.pt"
         if not checkpoint.is_file():
-            raise MinitrainError(f"{source} has no {folder}/last.pt: train with --plugin checkpoint, "
-                                 "or export a checkpoint file by its path")
+            raise MinitrainError(f"{source} has no {folder}/last.pt (it ran with --no-plugin checkpoint, or stopped "
+                                 "before its first save); export a checkpoint file by its path")
         return source, checkpoint
     if not source.is_file():
         raise MinitrainError(f"not found: {source} (give a run directory or a checkpoint file)")

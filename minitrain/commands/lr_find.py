@@ -8,6 +8,8 @@ the plot, and no run directory is touched.
 """
 from __future__ import annotations
 
+import argparse
+import shlex
 import itertools
 import math
 import time
@@ -16,6 +18,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from minitrain.commands import options
+from minitrain.commands.start import RunRequest, build_trainer, plan
+from minitrain.engine.registry import changes_training
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.files import check_writable
 
@@ -33,10 +38,40 @@ class Result:
         return self.losses[-1] > 1.5 * min(self.losses)
 
 
+def add_parser(command) -> None:
+    """Register ``minitrain lr-find``."""
+    parser = command("lr-find", help="the learning-rate range test: suggests an lr for the recipe")
+    options.add_config(parser)
+    options.add_plugins(parser)
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="first learning rate (default 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="last learning rate (default 10)")
+    parser.add_argument("--steps", type=int, default=100, help="batches to try (default 100)")
+    parser.add_argument("--out", metavar="FILE.png", help="the plot (default runs/lr-find/<recipe>-<time>.png)")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = lr_find(args.recipe, args.overrides, args.plugins, args.disabled, args.min_lr, args.max_lr,
+                     args.steps, args.out, args.config_file)
+    print(f"tried {len(result.lrs)} learning rates from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; "
+          f"plot: {result.plot}")
+    if result.suggestion is None:
+        print("no suggestion: the loss did not fall over the range (try a lower --min-lr or more --steps)")
+        return 0
+    command = ["minitrain", "run", args.recipe, *(f"--set={o}" for o in args.overrides),
+               f"--set=lr={result.suggestion:.3g}", *(f"--plugin={p}" for p in args.plugins)]
+    print(f"suggested lr: {result.suggestion:.3g} (where the loss falls fastest); to use it:\n  {shlex.join(command)}")
+    if not result.diverged:
+        print(f"note: the loss was still falling at --max-lr {args.max_lr:g}; a larger --max-lr or more --steps "
+              "may move the suggestion")
+    return 0
+
+
 def lr_find(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
             disabled: list[str] = (), min_lr: float = 1e-6, max_lr: float = 10.0, steps: int = 100,
-            out: str | Path | None = None) -> Result:
-    from minitrain.commands.start import build_trainer, plan
+            out: str | Path | None = None, config_file: str | Path | None = None) -> Result:
+    """The range test of a recipe, with the run's plugins that change training (mixed precision,
+    compile, ...) and none that log or save: nothing is written but the plot."""
 
     if not 0 < min_lr < max_lr:
         raise MinitrainError(f"lr-find: need 0 < --min-lr < --max-lr (got {min_lr:g} and {max_lr:g})")
@@ -45,9 +80,9 @@ def lr_find(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
     recipe_path = Path(recipe_path)
     out = Path(out or Path("runs") / "lr-find" / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.png")
     check_writable(out.parent, "plot folder")
-    quiet = {"console", "jsonl", "csv", "tensorboard", "viz", "checkpoint", "mlflow"}  # nothing to log or save
-    planned = plan(recipe_path, overrides, plugin_specs, list(disabled))  # its run directory is never made
-    planned.plugins = [(name, plugin) for name, plugin in planned.plugins if name not in quiet]
+    planned = plan(RunRequest(recipe_path, list(overrides), list(plugin_specs), list(disabled),
+                              config_file=config_file))  # its run directory is never made
+    planned.plugins = [(name, plugin) for name, plugin in planned.plugins if changes_training(plugin)]
     trainer, _ = build_trainer(planned, run_dir=None)
     lrs, losses = _sweep(trainer, planned.config.lr, min_lr, max_lr, steps)
     suggestion = steepest(lrs, losses)

@@ -9,6 +9,9 @@ run directory. An image that cannot be read is reported on its own; the others a
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import re
 import warnings
 from pathlib import Path
@@ -19,9 +22,35 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from minitrain.commands import export
+from minitrain.commands.exits import BAD_INPUT
 from minitrain.engine.errors import MinitrainError
 
 RESIZE = ("stretch", "crop")
+
+
+def add_parser(command) -> None:
+    """Register ``minitrain predict``."""
+    parser = command("predict", help="classify images with a model written by `minitrain export`")
+    parser.add_argument("model", help="the exported model file")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or other image files, any size")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    parser.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
+                         help="stretch each image to the input size (default), or scale its short side and "
+                              "cut the centre (keeps the proportions)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    results = predict(args.model, args.images, args.top_k, args.resize)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if "error" in result:
+            print(f"minitrain: error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{result['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"]))
+    return BAD_INPUT if any("error" in result for result in results) else 0
 
 
 def predict(model_path: str | Path, images: list[str | Path], top_k: int = 5,

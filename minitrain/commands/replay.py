@@ -9,6 +9,7 @@ the core's default protocol are not registered.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 from pathlib import Path
@@ -21,39 +22,85 @@ from pydantic import ValidationError
 from minitrain.engine import events as ev
 from minitrain.engine import hookspecs
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.registry import check_hooks, describe_validation_error, parse_plugin_spec, register_plugin
+from minitrain.engine.errors import describe_validation_error
+from minitrain.engine.files import read_json
+from minitrain.engine.registry import check_hooks, parse_plugin_spec, register_plugin
+from minitrain.engine.state import RunState, StopKind
+from minitrain.engine.surface import RunView, Shared
+
+
+def add_parsers(command) -> None:
+    """Register ``minitrain report`` and ``minitrain replay``."""
+    report = command("report", help="redraw a run's plots and report.html from its event log")
+    report.add_argument("run_dir", help="a run directory holding its event log (events.jsonl)")
+    report.set_defaults(func=report_main)
+
+    parser = command("replay", help="feed a run's recorded events to plugins, without training")
+    parser.add_argument("run_dir", help="a run directory holding its event log (events.jsonl)")
+    parser.add_argument("--plugin", dest="plugins", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
+                        help="plugin to replay the events through, with options; repeatable")
+    parser.set_defaults(func=replay_main)
+
+
+def report_main(args: argparse.Namespace) -> int:
+    replay(args.run_dir, ["viz"])
+    print(f"wrote {Path(args.run_dir) / 'report.html'}")
+    return 0
+
+
+def replay_main(args: argparse.Namespace) -> int:
+    count = replay(args.run_dir, args.plugins)
+    print(f"replayed {count} events through {', '.join(args.plugins)}")
+    return 0
 
 
 class ReplayTrainer:
-    """What notification hooks may read from the trainer, rebuilt from the events as they pass:
-    the run directory being replayed, the cpu device, class names, config and progress.
-    ``request_stop`` and ``emit`` do nothing: the run is over, and what it emitted is in the log."""
+    """The trainer as a replay's plugins see it: a :class:`~minitrain.engine.surface.RunView`
+    rebuilt from the events as they pass (the run directory being replayed, the CPU, class names,
+    config, progress). ``request_stop`` and ``emit`` do nothing: the run is over, and what it
+    emitted is in the log."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = str(run_dir)
+    def __init__(self, run_dir: Path, pm: pluggy.PluginManager):
+        self.run_dir: Path | None = run_dir
         self.device = torch.device("cpu")
         self.class_names: list[str] | None = None
         self.config: dict[str, Any] = {}
-        self.epochs = self.epoch = self.global_step = 0
-        self.metrics: dict[str, float] = {}
-        self.step_metrics: dict[str, float] = {}  # per-step values a live run's plugins publish: none here
+        self.epochs = 0
+        self.state = RunState()
+        self.shared = Shared()  # no per-step values: a live run's plugins published them
+        self.replaying = True
+        self.pm = pm
 
-    def follow(self, event: ev.Event) -> None:
-        """Move to where the live trainer was when it emitted ``event``."""
+    def follow(self, event: ev.Event) -> ev.Event:
+        """Move to where the live trainer was when it emitted ``event``; the event as the live
+        plugins got it (a batch's loss a tensor, as ever)."""
+        state = self.state
         if isinstance(event, ev.FitStart):
             self.epochs, self.config, self.class_names = event.epochs, event.config, event.class_names
-            self.epoch = event.start_epoch - 1
+            state.epoch = event.start_epoch - 1
+            event = event.model_copy(update={"run_dir": str(self.run_dir)})  # it may have moved since
+        elif isinstance(event, ev.BatchEnd):
+            state.batch_idx = event.batch_idx + 1
+            event = event.model_copy(update={"loss": torch.tensor(event.loss, dtype=torch.float64)})
         elif hasattr(event, "epoch"):  # the trainer counts epochs completed; events number them from 1
-            self.epoch = event.epoch - (not isinstance(event, ev.EpochEnd))
-        self.global_step = getattr(event, "global_step", self.global_step)
+            state.epoch = event.epoch - (not isinstance(event, ev.EpochEnd))
+        state.global_step = getattr(event, "global_step", state.global_step)
         if isinstance(event, (ev.EpochEnd, ev.FitEnd)):
-            self.metrics = dict(event.metrics)
+            state.metrics = dict(event.metrics)
+        return event
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, kind: StopKind = StopKind.REQUESTED) -> None:
         pass
 
     def emit(self, event: ev.Event) -> None:
         pass
+
+    def plugin_options(self) -> dict[str, dict[str, Any]]:
+        """The replayed run's plugins, as its ``run.json`` records them."""
+        return dict(read_json(self.run_dir / "run.json").get("plugins") or {})
+
+    def remove_plugin(self, plugin: object) -> None:
+        self.pm.unregister(plugin)
 
 
 def event_log(run_dir: Path) -> Path:
@@ -119,15 +166,14 @@ def replay(run_dir: str | Path, plugin_specs: list[str]) -> int:
     check_hooks(pm)
 
     events, unknown = read_events(path)  # all first: a replayed logger may append to the log
-    trainer = ReplayTrainer(run_dir)
-    for event in events:
-        if isinstance(event, ev.FitStart):
-            event = event.model_copy(update={"run_dir": str(run_dir)})  # it may have moved since
-        trainer.follow(event)
+    trainer = ReplayTrainer(run_dir, pm)
+    view: RunView = trainer  # what the plugins get: a whole RunView (mypy checks it)
+    for recorded in events:
+        event = trainer.follow(recorded)
         caller = getattr(pm.hook, event.hook, None)
         if caller is not None:
-            caller(event=event, trainer=trainer)
-        pm.hook.on_event(event=event, trainer=trainer)
+            caller(event=event, trainer=view)
+        pm.hook.on_event(event=event, trainer=view)
     if unknown:
         warnings.warn(f"replay skipped events of unknown types: {', '.join(sorted(unknown))}", stacklevel=2)
     return len(events)

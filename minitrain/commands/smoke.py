@@ -6,18 +6,45 @@ written and that every checkpoint loads back into the model.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
+from minitrain.commands.exits import RunFailed, failure
+from minitrain.commands.start import RunRequest, prepare
 from minitrain.engine import checkpointing
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.hookspecs import hookimpl
+from minitrain.engine.registry import register_plugin
+from minitrain.engine.trainer import Trainer
 from minitrain.kit.summary import describe_model
-from minitrain.engine.trainer import Trainer, _length
 
 OVERRIDES = ["epochs=1", "limit_train_batches=2", "limit_val_batches=2"]
 """Appended to the run's own ``--set``s, so they win."""
+
+
+def run(request: RunRequest, args: argparse.Namespace) -> int:
+    """The smoke test of ``request``: a fresh run in one process, in a scratch directory unless
+    the request names one; its report on standard output."""
+    if request.resume or args.nproc:
+        raise MinitrainError("--smoke makes a fresh run in one process; it does not go with --resume or --nproc")
+    started = time.perf_counter()
+    kept = request.run_dir is not None
+    trainer = prepare(dataclasses.replace(request, overrides=[*request.overrides, *OVERRIDES],
+                                          run_dir=request.run_dir or scratch_dir()))
+    recorder = Smoke(trainer)
+    register_plugin(trainer.pm, recorder)
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if args.debug:
+            raise
+        raise RunFailed(failure(trainer, exc)) from exc
+    print(recorder.report(str(request.recipe), trainer, time.perf_counter() - started, keep=kept))
+    return 0
 
 
 def scratch_dir() -> Path:
@@ -47,10 +74,10 @@ class Smoke:
         """What the run checked, as lines; MinitrainError for a plugin that never ran."""
         self.stop_monitoring()
         run_dir = Path(trainer.run_dir)
-        validated = {k: v for k, v in trainer.metrics.items() if k.startswith("val_")}
+        validated = {k: v for k, v in trainer.state.metrics.items() if k.startswith("val_")}
         lines = [f"smoke test of {recipe} passed in {seconds:.1f}s:",
                  f"  built the recipe: {describe_model(trainer.module)}",
-                 f"  trained {len(self.losses)} batches of the {_length(trainer.train_loader) or '?'} an epoch has: "
+                 f"  trained {len(self.losses)} batches of the {_batches_in(trainer.train_loader) or '?'} an epoch has: "
                  f"loss {', '.join(f'{v:.4g}' for v in self.losses)}",
                  "  validated 2 batches: " + (", ".join(f"{k} {v:.4g}" for k, v in validated.items()) or "no val_loader")]
         plugins = [(name, plugin) for name, plugin in trainer.pm.list_name_plugin() if plugin is not self]
@@ -70,3 +97,11 @@ class Smoke:
             shutil.rmtree(run_dir, ignore_errors=True)
             lines.append(f"  removed its run directory {run_dir} (--run-dir keeps one)")
         return "\n".join(lines)
+
+
+def _batches_in(loader) -> int | None:
+    """Batches a whole epoch of ``loader`` has, where it says."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None

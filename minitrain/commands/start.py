@@ -1,4 +1,5 @@
-"""``minitrain run``: recipe + overrides + plugins -> a run directory and a fitted Trainer.
+"""Starting a run: a :class:`RunRequest` (recipe, config, plugins, run directory, resume) checked
+and turned into a run directory and a Trainer ready to fit (:func:`prepare`).
 
 A run directory belongs to one run. A fresh run refuses a directory that already holds files
 (``--resume auto`` continues the run there, ``--move-aside`` moves it to ``DIR.aside-TIME/``
@@ -15,6 +16,7 @@ shares with the attempts before it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,13 +36,30 @@ from minitrain.engine.device import resolve_device, seed_everything
 from minitrain.engine.errors import MinitrainError, RunComplete
 from minitrain.engine.files import read_json, write_atomic
 from minitrain.engine.lock import LOCK_FILE, RunDirLock
+from minitrain.engine.state import Limits
 from minitrain.engine.registry import (
     PluginRequest, make_plugin_manager, parse_plugin_spec, recorded_options, register_plugin, resolve, resolve_resumed,
 )
-from minitrain.kit.recipe import Components, RecipeConfig, load_recipe, make_config
+from minitrain.kit.recipe import Components, RecipeConfig, load_recipe, make_config, read_config_file
 from minitrain.engine.trainer import Trainer
 
 RUN_FILES = ("config.json", "run.json")
+
+
+@dataclass
+class RunRequest:
+    """A run as the command line asks for it (``minitrain run``'s options), before any check."""
+
+    recipe: str | Path
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE
+    plugins: list[str] = field(default_factory=list)  # --plugin NAME[:OPTIONS]
+    disabled: list[str] = field(default_factory=list)  # --no-plugin NAME
+    run_dir: str | Path | None = None
+    resume: str | Path | None = None  # a checkpoint file, or "auto"
+    init_from: str | Path | None = None
+    init_skip_mismatched: bool = False
+    move_aside: bool = False
+    config_file: str | Path | None = None  # --config FILE.toml
 
 
 @dataclass
@@ -61,9 +80,7 @@ class Plan:
     again: bool = False  # the run in run_dir ended before its first checkpoint: it starts again from step 0
 
 
-def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
-         disabled: list[str] = (), run_dir: str | Path | None = None, resume: str | Path | None = None,
-         init_from: str | Path | None = None, move_aside: bool = False) -> Plan:
+def plan(request: RunRequest) -> Plan:
     """Everything about a run that can be checked without building it: recipe, config, plugins and
     their options, the run directory and the checkpoint a resume starts from. Writes nothing.
     ``minitrain run --nproc`` calls it before it starts torchrun; under torchrun every rank calls
@@ -76,20 +93,24 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[
     torchrun the run goes on from the newest checkpoint in ``run_dir`` (``resume`` becomes
     ``"auto"``; a checkpoint ``resume`` named is the fallback while the run directory has none).
     Raises :class:`RunComplete` when the run to resume has nothing left to train."""
+    resume, run_dir, move_aside, overrides = request.resume, request.run_dir, request.move_aside, request.overrides
     if resume is not None:
         checkpointing.check_resume(resume, run_dir)  # before the recipe spends time loading
         if move_aside:
             raise MinitrainError("--move-aside starts a run afresh; it does not go with --resume")
+    init_from = request.init_from
     if init_from is not None and not Path(init_from).is_file():
         raise MinitrainError(f"--init-from: checkpoint not found: {init_from}"
                              + (" (a directory; give its checkpoint file)" if Path(init_from).is_dir() else ""))
-    recipe_path = Path(recipe_path)
+    recipe_path = Path(request.recipe)
     recipe = load_recipe(recipe_path)
-    config = make_config(recipe, overrides)
+    from_file = read_config_file(request.config_file) if request.config_file is not None else {}
+    config = make_config(recipe, overrides, file=from_file, file_name=str(request.config_file))
     requests: list[PluginRequest | object] = [
         parse_plugin_spec(p) if isinstance(p, str) else p for p in getattr(recipe, "PLUGINS", [])
     ]
-    requests += [parse_plugin_spec(p) for p in plugin_specs]
+    requests += [parse_plugin_spec(p) for p in request.plugins]
+    disabled = set(request.disabled)
 
     distributed.check_restartable()
     if run_dir is None and distributed.max_restarts():
@@ -115,9 +136,9 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[
         raise MinitrainError(problem)
     planned = Plan(recipe_path, recipe, config, [], run_dir, device, move_aside=move_aside, restart=restart)
     if resume is None:
-        planned.plugins = resolve(requests, set(disabled))
+        planned.plugins = resolve(requests, disabled)
         return planned
-    _continue(planned, resume, seen, overrides, requests, set(disabled))
+    _continue(planned, resume, seen, overrides, from_file, requests, disabled)
     return planned
 
 
@@ -140,7 +161,7 @@ def _entries(run_dir: Path) -> list[str]:
 
 
 def _continue(planned: Plan, resume: str | Path, seen: dict[str, Any], overrides: list[str],
-              requests: list[PluginRequest | object], disabled: set[str]) -> None:
+              from_file: dict[str, Any], requests: list[PluginRequest | object], disabled: set[str]) -> None:
     """Go on with the run in ``planned.run_dir`` (or the one a ``--resume PATH`` checkpoint
     belongs to): its plugins, its config with the ``--set`` changes it allows, and the checkpoint
     to start from."""
@@ -166,7 +187,7 @@ def _continue(planned: Plan, resume: str | Path, seen: dict[str, Any], overrides
     if record is not None and (str(resume) == "auto" or (planned.restart and _has_checkpoints(folders))):
         found = checkpointing.find("auto", folders)
     if found is None:
-        _start_again(planned, seen, folders, overrides)
+        _start_again(planned, seen, folders, overrides, from_file)
         return
     planned.resumed = found
     path, checkpoint = found
@@ -174,7 +195,7 @@ def _continue(planned: Plan, resume: str | Path, seen: dict[str, Any], overrides
     if not saved:  # written before checkpoints carried their config
         warnings.warn(f"--resume: {path} does not record its run's config; using the recipe's with --set", stacklevel=3)
     else:
-        _configure(planned, saved, overrides, f"--resume {path}")
+        _configure(planned, saved, overrides, from_file, f"--resume {path}")
     head, config = checkpoint["header"], planned.config
     where = str(run_dir) if str(resume) == "auto" else str(path)
     if head["epoch"] >= config.epochs:
@@ -185,7 +206,8 @@ def _continue(planned: Plan, resume: str | Path, seen: dict[str, Any], overrides
                           "train more (--set max_steps=N)")
 
 
-def _start_again(planned: Plan, seen: dict[str, Any], folders: list[Path], overrides: list[str]) -> None:
+def _start_again(planned: Plan, seen: dict[str, Any], folders: list[Path], overrides: list[str],
+                 from_file: dict[str, Any]) -> None:
     """The run has no checkpoint to resume from. A run that was writing checkpoints, and whose
     first start ended before its first save, starts again from step 0 with its own config and
     plugins (so that one command serves a first launch and every requeue); so does any run
@@ -205,7 +227,7 @@ def _start_again(planned: Plan, seen: dict[str, Any], folders: list[Path], overr
                       "first save); starting it again from step 0 with its config and plugins", stacklevel=3)
     planned.again = True
     if seen["config"]:
-        _configure(planned, seen["config"], overrides, f"--resume auto ({run_dir}/config.json)")
+        _configure(planned, seen["config"], overrides, from_file, f"--resume auto ({run_dir}/config.json)")
 
 
 def _has_checkpoints(folders: list[Path]) -> bool:
@@ -213,10 +235,12 @@ def _has_checkpoints(folders: list[Path]) -> bool:
     return distributed.from_main(checkpointing.any_files(folders) if distributed.is_main() else None)
 
 
-def _configure(planned: Plan, saved: dict[str, Any], overrides: list[str], source: str) -> None:
-    """Take a continued run's ``saved`` config, with the ``--set`` changes it allows."""
+def _configure(planned: Plan, saved: dict[str, Any], overrides: list[str], from_file: dict[str, Any],
+               source: str) -> None:
+    """Take a continued run's ``saved`` config, with the changes ``--config`` and ``--set`` make
+    where it allows them."""
     asked = planned.config
-    config = make_config(planned.recipe, overrides, base={**saved, "device": asked.device})
+    config = make_config(planned.recipe, overrides, base={**saved, "device": asked.device}, file=from_file)
     new = config.model_dump(mode="json")
     changes = {key: [saved.get(key), value] for key, value in new.items() if saved.get(key) != value}
     refused = {key: change for key, change in changes.items()  # a field new to the recipe: recorded, not refused
@@ -258,17 +282,16 @@ def run_dir_problem(run_dir: Path, fresh: bool, move_aside: bool) -> str | None:
     return None
 
 
-def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
-            disabled: list[str] = (), run_dir: str | Path | None = None,
-            resume: str | Path | None = None, init_from: str | Path | None = None,
-            init_skip_mismatched: bool = False, move_aside: bool = False) -> Trainer:
-    """Everything ``run`` does short of training: useful for tests and for driving a run by hand.
+def prepare(request: RunRequest) -> Trainer:
+    """Everything ``minitrain run`` does short of training: the run planned (:func:`plan`), its
+    directory locked, the recipe built, a resume restored and the run's files written.
 
     ``resume`` (a checkpoint file, or ``"auto"`` for the newest in ``run_dir``) restores the
     trainer once recipe and plugins are in place. ``init_from`` starts the model from a
     checkpoint's weights (see :mod:`minitrain.kit.finetune`); a resume, applied after it, wins. Under
     torchrun every rank calls this; rank 0 alone creates the run directory and writes to it."""
-    planned = plan(recipe_path, overrides, plugin_specs, disabled, run_dir, resume, init_from, move_aside)
+    planned = plan(request)
+    init_from, init_skip_mismatched = request.init_from, request.init_skip_mismatched
     lock = _lock(planned) if distributed.is_main() else None
     try:
         trainer, parts = build_trainer(planned, planned.run_dir, init_from, init_skip_mismatched)
@@ -332,8 +355,8 @@ def build_trainer(planned: Plan, run_dir: Path | None, init_from: str | Path | N
         loss_fn=parts.loss_fn, scheduler=parts.scheduler, scheduler_interval=parts.scheduler_interval,
         device=planned.device, run_dir=None if run_dir is None else str(run_dir), config=config.model_dump(mode="json"),
         class_names=parts.class_names, plugin_manager=pm, nonfinite_loss=config.nonfinite_loss,
-        metrics=parts.metrics, eval_loss_fn=parts.eval_loss_fn, max_steps=config.max_steps, max_time=config.max_time,
-        limit_train_batches=config.limit_train_batches, limit_val_batches=config.limit_val_batches,
+        metrics=parts.metrics, eval_loss_fn=parts.eval_loss_fn,
+        limits=Limits(config.max_steps, config.max_time, config.limit_train_batches, config.limit_val_batches),
     )
     return trainer, parts
 
@@ -357,7 +380,7 @@ def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_fr
     start: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": trainer.resumed_from,
                              "restart": planned.restart, "world_size": distributed.world_size()}
     if planned.resumed or planned.again:
-        start |= {"epoch": trainer.epoch, "global_step": trainer.global_step, "changed": planned.changes}
+        start |= {"epoch": trainer.state.epoch, "global_step": trainer.state.global_step, "changed": planned.changes}
     if planned.plugin_changes:
         start["plugins_changed"] = planned.plugin_changes
     _write_json(run_dir / "config.json", trainer.config)
@@ -365,6 +388,8 @@ def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_fr
         "recipe": str(planned.recipe_path.resolve()),
         "plugins": trainer.recorded_plugins,
         "event_log": next((p.event_log for _, p in planned.plugins if getattr(p, "event_log", None)), None),
+        "checkpoints": [os.path.relpath(folder, run_dir) for folder in
+                        checkpointing.checkpoint_dirs(run_dir, [p for _, p in planned.plugins])],
         "minitrain": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "device": str(planned.device), "world_size": distributed.world_size(), "class_names": parts.class_names,
         "inputs": parts.inputs or _inputs(parts.train_loader), "init_from": init_from and str(init_from),
@@ -395,3 +420,15 @@ def _inputs(loader: Any) -> dict[str, Any] | None:
 def _write_json(path: Path, data: Any) -> None:
     text = (json.dumps(data, indent=2) + "\n").encode()
     write_atomic(path, lambda file: file.write(text), what="run file")
+
+
+NO_CHECKPOINT = "no checkpoint was written (the run has --no-plugin checkpoint, or stopped before its first save)"
+
+
+def resume_command(args: argparse.Namespace, run_dir: str | Path | None) -> list[str]:
+    """This command again, going on from the run's newest checkpoint."""
+    return ["minitrain", "run", args.recipe, *(["--config", args.config_file] if args.config_file else []),
+            *(f"--set={o}" for o in args.overrides), *(f"--plugin={p}" for p in args.plugins),
+            *(f"--no-plugin={d}" for d in args.disabled), *([f"--nproc={args.nproc}"] if args.nproc else []),
+            *([f"--max-restarts={args.max_restarts}"] if args.nproc and args.max_restarts else []),
+            "--run-dir", os.fspath(run_dir or ""), "--resume", "auto"]

@@ -1,8 +1,11 @@
-"""The exceptions a run ends with on purpose. MinitrainError is what the CLI turns into a single
-error line (exit code 2, no traceback); TrainingInterrupted, into a line saying how to resume."""
+"""The exceptions a run ends with on purpose, and how any error becomes one line. MinitrainError is
+what the CLI turns into a single error line (exit code 2, no traceback); TrainingInterrupted,
+into a line saying how to resume."""
 from __future__ import annotations
 
 import signal
+
+from pydantic import ValidationError
 
 
 class MinitrainError(Exception):
@@ -35,3 +38,21 @@ class RunComplete(Exception):
     """A resume found its run complete: every epoch (or ``max_steps``) done. Not an error: a
     restart, a requeue or a retry of a finished run succeeds without training; the message is
     the one line that says so."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as ``Type: message`` on one line, cut at ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``key: reason (got value)``."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(config)"
+        reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
+        parts.append(f"{key}: {reason}{got}")
+    return "; ".join(parts)

@@ -183,7 +183,9 @@ class FitEnd(Event):
     epochs_completed: Count
     global_step: Count
     metrics: Metrics = Field(description="metrics of the last completed epoch")
-    stop_reason: str | None = Field(default=None, description="why a plugin stopped the run early")
+    stop_reason: str | None = Field(default=None, description="why the run stopped before its last epoch, if it did")
+    stop_kind: Literal["requested", "signal", "max_time", "max_steps", "nonfinite"] | None = Field(
+        default=None, description="what stopped it: a plugin's request, a signal, a run limit, a non-finite value")
 
 
 class ExceptionRaised(Event):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from minitrain.engine.errors import MinitrainError
+from minitrain.engine.errors import MinitrainError, one_line
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], what: str = "file") -> None:
@@ -67,13 +67,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as ``Type: message`` on one line, cut at ``limit`` characters."""
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -2,9 +2,11 @@
 
 Two kinds:
 
-* **Notification hooks** (``on_*``) receive one event (read-only) and the trainer. All
+* **Notification hooks** (``on_*``) receive one event (read-only) and the trainer, as a
+  :class:`~minitrain.engine.surface.RunView`: a replay feeds them a recorded run too. All
   implementations run; return values are ignored. Each is named after its event class.
-* **Pipeline hooks** are the loop itself. The core's defaults (``minitrain.engine.default_protocol``) are an
+* **Pipeline hooks** are the loop itself, and get the trainer as a
+  :class:`~minitrain.engine.surface.TrainerView`. The core's defaults (``minitrain.engine.default_protocol``) are an
   ordinary plugin registered ``trylast``; a plugin overrides a step by returning a non-None
   value first (``firstresult``), or surrounds it with ``@hookimpl(wrapper=True)`` (mixed
   precision, gradient clipping, accumulation).
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from minitrain.engine import events as ev
-    from minitrain.engine.trainer import Trainer
+    from minitrain.engine.surface import RunView, TrainerView
 
 PROJECT = "minitrain"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -37,7 +39,7 @@ STEP_HOOKS = PIPELINE_HOOKS - {"check"}
 # --- pipeline hooks -----------------------------------------------------------------------------
 
 @hookspec
-def check(trainer: Trainer) -> None:
+def check(trainer: TrainerView) -> None:
     """Refuse settings that cannot work before anything is written or trained: raise
     ``MinitrainError`` with one line naming the option and the reason (a ``monitor`` naming a
     metric the run never produces, a folder that cannot be written). Every implementation runs,
@@ -46,7 +48,7 @@ def check(trainer: Trainer) -> None:
 
 
 @hookspec
-def setup(trainer: Trainer) -> None:
+def setup(trainer: TrainerView) -> None:
     """Prepare ``trainer.model`` / ``trainer.optimizer`` before the first step; called once per fit.
 
     Every implementation runs. The default (tryfirst) moves the model to ``trainer.device``;
@@ -55,7 +57,7 @@ def setup(trainer: Trainer) -> None:
 
 
 @hookspec(firstresult=True)
-def train_step(trainer: Trainer, batch: Any) -> torch.Tensor:
+def train_step(trainer: TrainerView, batch: Any) -> torch.Tensor:
     """Forward pass and loss for one training batch; return the loss tensor (not yet backwarded).
 
     Default: move ``batch = (inputs, targets)`` to the device, ``trainer.loss_fn(model(x), y)``.
@@ -64,19 +66,19 @@ def train_step(trainer: Trainer, batch: Any) -> torch.Tensor:
 
 
 @hookspec(firstresult=True)
-def backward(trainer: Trainer, loss: torch.Tensor) -> bool:
+def backward(trainer: TrainerView, loss: torch.Tensor) -> bool:
     """Back-propagate ``loss``. Default: ``loss.backward()``; a gradient scaler overrides it."""
 
 
 @hookspec(firstresult=True)
-def optimizer_step(trainer: Trainer) -> bool:
+def optimizer_step(trainer: TrainerView) -> bool:
     """Apply the gradients. Default: ``optimizer.step()``, ``zero_grad(set_to_none=True)`` and,
     when the recipe's scheduler steps per batch, ``scheduler.step()``. Wrap it for gradient
     clipping or accumulation."""
 
 
 @hookspec(firstresult=True)
-def eval_step(trainer: Trainer, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_step(trainer: TrainerView, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluate one validation batch under ``torch.no_grad``; return ``(outputs, targets)``.
 
     The core feeds these to the validation loss and the recipe's metrics (``minitrain.engine.metrics``),
@@ -87,58 +89,58 @@ def eval_step(trainer: Trainer, batch: Any) -> tuple[torch.Tensor, torch.Tensor]
 # --- notification hooks -------------------------------------------------------------------------
 
 @hookspec
-def on_event(event: ev.Event, trainer: Trainer) -> None:
+def on_event(event: ev.Event, trainer: RunView) -> None:
     """Every event, core or plugin-defined, right after its own hook: for plugins that record
     or forward all of them (the JSONL log, a remote logger) without knowing each one."""
 
 
 @hookspec
-def on_fit_start(event: ev.FitStart, trainer: Trainer) -> None:
+def on_fit_start(event: ev.FitStart, trainer: RunView) -> None:
     """After ``setup``, before the first epoch (also when resuming)."""
 
 
 @hookspec
-def on_epoch_start(event: ev.EpochStart, trainer: Trainer) -> None:
+def on_epoch_start(event: ev.EpochStart, trainer: RunView) -> None:
     """Before the first batch of each training epoch."""
 
 
 @hookspec
-def on_batch_start(event: ev.BatchStart, trainer: Trainer) -> None:
+def on_batch_start(event: ev.BatchStart, trainer: RunView) -> None:
     """Before each training batch's ``train_step``."""
 
 
 @hookspec
-def on_batch_end(event: ev.BatchEnd, trainer: Trainer) -> None:
+def on_batch_end(event: ev.BatchEnd, trainer: RunView) -> None:
     """After each ``optimizer_step``. ``event.loss`` is a device tensor: reading it syncs."""
 
 
 @hookspec
-def on_validation_start(event: ev.ValidationStart, trainer: Trainer) -> None:
+def on_validation_start(event: ev.ValidationStart, trainer: RunView) -> None:
     """Before the validation loop of an epoch (model already in eval mode)."""
 
 
 @hookspec
-def on_validation_end(event: ev.ValidationEnd, trainer: Trainer) -> None:
+def on_validation_end(event: ev.ValidationEnd, trainer: RunView) -> None:
     """After validation; ``event.metrics`` holds val_loss and the recipe's metrics as plain floats."""
 
 
 @hookspec
-def on_epoch_end(event: ev.EpochEnd, trainer: Trainer) -> None:
+def on_epoch_end(event: ev.EpochEnd, trainer: RunView) -> None:
     """After training and validation of an epoch. Early stopping calls
     ``trainer.request_stop(reason)`` here; checkpointing saves here."""
 
 
 @hookspec
-def on_fit_end(event: ev.FitEnd, trainer: Trainer) -> None:
+def on_fit_end(event: ev.FitEnd, trainer: RunView) -> None:
     """After the last epoch or a stop request. Close files, write reports."""
 
 
 @hookspec
-def on_exception_raised(event: ev.ExceptionRaised, trainer: Trainer) -> None:
+def on_exception_raised(event: ev.ExceptionRaised, trainer: RunView) -> None:
     """The run is failing; flush what you hold. The exception propagates afterwards."""
 
 
 @hookspec
-def on_interrupted(event: ev.Interrupted, trainer: Trainer) -> None:
+def on_interrupted(event: ev.Interrupted, trainer: RunView) -> None:
     """The run was interrupted (SIGINT or SIGTERM, ``event.signal``), normally at a step boundary;
     flush what you hold. The interrupt propagates afterwards."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minitrain.engine.errors import MinitrainError
 
-LOCK_FILE = ".minitrain.engine.lock"
+LOCK_FILE = ".minitrain.lock"
 """In the run directory. Not part of the run: a directory holding only this file is empty."""
 WAIT_S = 2.0
 """How long a start waits for a lock held by someone else before refusing: long enough for a

@@ -34,10 +34,12 @@ from pydantic import BaseModel, ValidationError
 from minitrain.engine import distributed, hookspecs
 from minitrain.engine.dispatch import PluginManager
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.files import one_line
+from minitrain.engine.errors import describe_validation_error, one_line
 from minitrain.engine.hookspecs import PIPELINE_HOOKS, STEP_HOOKS
 
 ENTRY_POINT_GROUP = "minitrain"
+CORE = "core"
+"""The name the default training protocol is registered under: not a plugin of the run's choosing."""
 DISABLE_AUTOLOAD_ENV = "MINITRAIN_DISABLE_PLUGIN_AUTOLOAD"
 FIRST_PARTY = "minitrain"
 ROLES = ("critical", "observer")
@@ -80,7 +82,7 @@ def make_plugin_manager() -> PluginManager:
 
     pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(DefaultProtocol(), name="core")
+    pm.register(DefaultProtocol(), name=CORE)
     return pm
 
 
@@ -165,17 +167,6 @@ def validate_options(plugin: str, model: type[BaseModel], options: dict[str, Any
         return model.model_validate(options)
     except ValidationError as exc:
         raise MinitrainError(f"plugin {plugin!r}: {describe_validation_error(exc)}") from None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``key: reason (got value)``."""
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(config)"
-        reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
-        parts.append(f"{key}: {reason}{got}")
-    return "; ".join(parts)
 
 
 def register_plugin(pm: pluggy.PluginManager, plugin: Any, name: str | None = None) -> None:

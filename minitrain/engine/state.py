@@ -34,6 +34,18 @@ class Stop:
         return self.kind in LIMITS
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The run limits every recipe's config has (``max_steps``, ``max_time``,
+    ``limit_train_batches``, ``limit_val_batches``): a number of batches, seconds, and an int
+    number of batches or a float fraction of them per epoch."""
+
+    max_steps: int | None = None
+    max_time: float | None = None
+    train_batches: int | float | None = None
+    val_batches: int | float | None = None
+
+
 @dataclass
 class RunState:
     """Progress, counted so that a checkpoint can stop and resume the loop between any two

@@ -1,8 +1,10 @@
 """The Trainer: a loop that calls pipeline hooks and emits events, and nothing else.
 
 Metrics stay on the device while an epoch runs and are read back once, at its end. Progress
-(epoch, batch within the epoch, global step) lives here so that a checkpoint can stop and resume
-the loop between any two batches.
+(epoch, batch within the epoch, global step, the epoch's loss sum) is one object,
+``trainer.state`` (:class:`~minitrain.engine.state.RunState`), so that a checkpoint can stop and
+resume the loop between any two batches. What a plugin may use of the trainer is stated in
+:mod:`minitrain.engine.surface`; the Trainer satisfies its ``TrainerView``.
 
 It is also where a run survives what goes wrong around it (docs/plugins.md, "Faults"): an
 observer plugin that raises is disabled and the run goes on; SIGINT/SIGTERM stop it at the next
@@ -30,9 +32,13 @@ from minitrain.engine import events as ev
 from minitrain.engine.device import batch_size, get_rng_state, resolve_device, set_rng_state
 from minitrain.engine.dispatch import PluginManager
 from minitrain.engine.errors import MinitrainError, NonFiniteError, NothingTrained, TrainingInterrupted
-from minitrain.engine.files import one_line
+from minitrain.engine.errors import one_line
 from minitrain.engine.metrics import Validation, collection, is_classifier
-from minitrain.engine.registry import ObserverFailed, check_hooks, guard_observers, make_plugin_manager, register_plugin, resolve
+from minitrain.engine.registry import (
+    CORE, ObserverFailed, check_hooks, guard_observers, make_plugin_manager, recorded_options, register_plugin, resolve,
+)
+from minitrain.engine.state import Limits, RunState, Stop, StopKind
+from minitrain.engine.surface import Shared
 
 ERROR_LOG = "errors.log"
 """In the run directory: the full traceback of every plugin failure and of the error ending a run."""
@@ -53,17 +59,14 @@ class Trainer:
         scheduler_interval: str = "epoch",
         device: str | torch.device = "auto",
         plugins: Iterable[object] | None = None,
-        run_dir: str | None = None,
+        run_dir: str | Path | None = None,
         config: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         plugin_manager: PluginManager | None = None,
         nonfinite_loss: str = "stop",
         metrics: Any = None,
         eval_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-        max_steps: int | None = None,
-        max_time: float | None = None,
-        limit_train_batches: int | float | None = None,
-        limit_val_batches: int | float | None = None,
+        limits: Limits | None = None,
     ):
         if scheduler_interval not in ("epoch", "step"):
             raise MinitrainError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
@@ -76,13 +79,12 @@ class Trainer:
         self.train_loader = distributed.shard(train_loader, train=True, seed=seed)
         self.val_loader = distributed.shard(val_loader, train=False)
         self.epochs = epochs
-        self.max_steps, self.max_time = max_steps, max_time  # run limits (see RecipeConfig)
-        self.limit_train_batches, self.limit_val_batches = limit_train_batches, limit_val_batches
+        self.limits = limits or Limits()
         self.loss_fn = loss_fn
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.run_dir = run_dir
+        self.run_dir = None if run_dir is None else Path(run_dir)
         self.config = config or {}
         self.class_names = class_names
         self.nonfinite_loss = nonfinite_loss
@@ -99,31 +101,21 @@ class Trainer:
         self.hook = self.pm.hook    # pluggy's hook callers, for calls outside the loop
         self.calls = self.pm.calls  # the same hooks, resolved once for the loop (minitrain.engine.dispatch)
 
-        self.epoch = 0          # the epoch being run (or next to run)
-        self.batch_idx = 0      # the next batch to run within `epoch`
-        self.global_step = 0    # optimizer steps taken
-        self.in_step = False    # from a batch's train_step until its progress is counted: a state
-        #                         saved in between (RNG used, weights half updated) cannot resume exactly
-        self.stepping = True    # whether this batch's optimizer_step updates the weights (accumulation
-        #                         plugins set it per batch; nothing in the loop reads it)
-        self.step_metrics: dict[str, torch.Tensor] = {}  # per-step device scalars plugins publish (grad_norm)
-        self.grad_scaler: Any = None  # a torch.amp.GradScaler, if a plugin (amp, fp16) scales the loss
-        self.stop_reason: str | None = None
+        self.state = RunState(loss_sum=torch.zeros((), device=self.device))
+        self.shared = Shared()  # what the step's plugins share (minitrain.engine.surface)
+        self.replaying = False  # (minitrain.commands.replay's stand-in says True)
         self.resumed_from: str | None = None  # the checkpoint a resume loaded (minitrain.engine.checkpointing.resume)
         self.config_changes: dict[str, list[Any]] = {}  # what that resume changed (minitrain.commands.start)
-        self.restart = 0        # which restart of torchrun's worker group this is (minitrain.commands.start)
+        self.restart = 0  # which restart of torchrun's worker group this is (minitrain.commands.start)
         self.recorded_plugins: dict[str, dict[str, Any]] | None = None  # the run's plugins and options, as
-        #                         run.json and checkpoints record them (minitrain.commands.start), for a resume
+        #                                 run.json and checkpoints record them (minitrain.commands.start)
         self.run_lock: Any = None  # the run directory's lock (minitrain.engine.lock), held until fit ends
-        self.checked = False    # check() passed for the current settings
-        self.metrics: dict[str, float] = {}
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._skipped = 0               # steps of this epoch skipped for a non-finite loss
-        self._skipped_in_fit = 0        # of this fit's steps (a fit of skipped steps alone trained nothing)
+        self.checked = False  # check() passed for the current settings
+        self._skipped_in_fit = 0  # steps of this fit skipped (a fit of skipped steps alone trained nothing)
         self._running: int | None = None  # the number of the epoch in progress, EpochStart to EpochEnd
-        self._finite_through = 0        # the last step at which the losses were known finite
+        self._finite_through = 0  # the last step at which the losses were known finite
         self._nonfinite: str | None = None  # what was found non-finite, once it was
-        self._signal: str | None = None     # the signal that asked the run to stop
+        self._signal: str | None = None  # the signal that asked the run to stop
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -133,17 +125,19 @@ class Trainer:
         ``check`` hook refuses (a ``monitor`` naming a metric the run never produces, a folder that
         cannot be written). ``minitrain run`` calls it before it writes the run's files; ``fit``
         calls it when nobody has."""
-        if self.epoch >= self.epochs:
-            raise MinitrainError(f"nothing to train: {self.epoch} of {self.epochs} epochs are done (to train on, "
+        state, limits = self.state, self.limits
+        if state.epoch >= self.epochs:
+            raise MinitrainError(f"nothing to train: {state.epoch} of {self.epochs} epochs are done (to train on, "
                                  "raise epochs: --set epochs=N with --resume, or trainer.epochs)")
-        if self.max_steps is not None and self.global_step >= self.max_steps:
-            raise MinitrainError(f"nothing to train: max_steps={self.max_steps} are done (to train on, raise "
+        if limits.max_steps is not None and state.global_step >= limits.max_steps:
+            raise MinitrainError(f"nothing to train: max_steps={limits.max_steps} are done (to train on, raise "
                                  "max_steps: --set max_steps=N with --resume)")
         if _length(self.train_loader) == 0:
             raise MinitrainError("the training loader has no batches (is the data set smaller than one batch "
                                  "with drop_last?)")
-        for name, loader in (("limit_train_batches", self.train_loader), ("limit_val_batches", self.val_loader)):
-            if isinstance(getattr(self, name), float) and loader is not None and _length(loader) is None:
+        for name, limit, loader in (("limit_train_batches", limits.train_batches, self.train_loader),
+                                    ("limit_val_batches", limits.val_batches, self.val_loader)):
+            if isinstance(limit, float) and loader is not None and _length(loader) is None:
                 raise MinitrainError(f"{name} is a fraction, but the loader has no length to take it of; give a "
                                      "number of batches")
         if self.calls.check:
@@ -171,124 +165,129 @@ class Trainer:
         if not self.checked:
             self.check()
         self.checked = False  # a later fit() checks again
-        self.stop_reason, self._nonfinite, self._signal = None, None, None
+        self.state.stop, self._nonfinite, self._signal = None, None, None
         self._alone = distributed.world_size() == 1  # under torchrun, ranks stop together (_stopping)
-        self._finite_through, first_step, self._skipped_in_fit = self.global_step, self.global_step, 0
+        self._finite_through, first_step, self._skipped_in_fit = self.state.global_step, self.state.global_step, 0
         if self.nonfinite_loss == "skip" and distributed.world_size() > 1:
             raise MinitrainError("nonfinite_loss=skip needs one process: under torchrun a rank that skips "
                                  "its backward would leave the others waiting for its gradients")
         guard_observers(self.pm, self._observer_failed)
         with self._holding_run_dir():
             self._fit(first_step)
-        return self.metrics
+        return self.state.metrics
 
     def _fit(self, first_step: int) -> None:
-        with self._stop_on_signals(), self._stop_after(self.max_time):
+        state = self.state
+        with self._stop_on_signals(), self._stop_after(self.limits.max_time):
             try:
                 self.calls.setup(self)
                 self.validation.to(self.device)
                 self.emit(ev.FitStart(
-                    epochs=self.epochs, start_epoch=self.epoch + 1, global_step=self.global_step,
+                    epochs=self.epochs, start_epoch=state.epoch + 1, global_step=state.global_step,
                     steps_per_epoch=self.steps_per_epoch, device=str(self.device),
-                    run_dir=self.run_dir, config=self.config, class_names=self.class_names,
-                    resumed_from=self.resumed_from, changed=self.config_changes, restart=self.restart,
+                    run_dir=None if self.run_dir is None else str(self.run_dir), config=self.config,
+                    class_names=self.class_names, resumed_from=self.resumed_from, changed=self.config_changes,
+                    restart=self.restart,
                 ))
-                while self.epoch < self.epochs and not self._stopping():
+                while state.epoch < self.epochs and not self._stopping():
                     self._train_epoch()
                 if self._nonfinite is not None:
                     raise NonFiniteError(self._nonfinite)
                 if self._signal is not None:
                     raise TrainingInterrupted(self._signal, graceful=True)
-                if self.global_step > first_step and self._skipped_in_fit == self.global_step - first_step:
-                    raise NothingTrained(f"no step trained: all {self.global_step - first_step} steps had a "
+                if state.global_step > first_step and self._skipped_in_fit == state.global_step - first_step:
+                    raise NothingTrained(f"no step trained: all {state.global_step - first_step} steps had a "
                                          "non-finite loss and were skipped (nonfinite_loss=skip)")
             except KeyboardInterrupt as exc:
-                self._announce(ev.Interrupted(epoch=self.epoch_number, global_step=self.global_step,
+                self._announce(ev.Interrupted(epoch=self.epoch_number, global_step=state.global_step,
                                               signal=getattr(exc, "signal", "SIGINT")))
                 raise
             except Exception as exc:
                 self._log_error("the run failed", exc)
                 self._announce(ev.ExceptionRaised(
-                    epoch=self.epoch_number, global_step=self.global_step, error_type=type(exc).__name__,
+                    epoch=self.epoch_number, global_step=state.global_step, error_type=type(exc).__name__,
                     message=str(exc), traceback=traceback.format_exc(),
                 ))
                 raise
-        self.emit(ev.FitEnd(epochs_completed=self.epoch, global_step=self.global_step,
-                            metrics=self.metrics, stop_reason=self.stop_reason))
+        stop = state.stop
+        self.emit(ev.FitEnd(epochs_completed=state.epoch, global_step=state.global_step, metrics=state.metrics,
+                            stop_reason=None if stop is None else stop.reason,
+                            stop_kind=None if stop is None else stop.kind.value))
 
     @property
     def epoch_number(self) -> int:
         """The epoch running, numbered from 1 as events are: from its EpochStart to its EpochEnd's
-        hooks included (where ``epoch`` already counts it as done), and the next one between two."""
-        return self._running or max(1, min(self.epoch + 1, self.epochs))
+        hooks included (where ``state.epoch`` already counts it as done), and the next one between two."""
+        return self._running or max(1, min(self.state.epoch + 1, self.epochs))
 
     def _train_epoch(self) -> None:
-        epoch, number, calls = self.epoch, self.epoch + 1, self.calls
+        state, calls = self.state, self.calls
+        epoch, number = state.epoch, state.epoch + 1
         self._running = number
         skip = self.nonfinite_loss == "skip"
         batches = self._batches()
-        self.emit(ev.EpochStart(epoch=number, global_step=self.global_step, steps=self.steps_per_epoch,
-                                start_batch=self.batch_idx))
+        self.emit(ev.EpochStart(epoch=number, global_step=state.global_step, steps=self.steps_per_epoch,
+                                start_batch=state.batch_idx))
         self.model.train()
         started, samples = time.perf_counter(), 0
         for batch in batches:
             n = batch_size(batch)
             if calls.on_batch_start:  # a per-step event is built only if someone listens, and unvalidated
                 calls.on_batch_start(ev.BatchStart.trusted(
-                    epoch=number, batch_idx=self.batch_idx, global_step=self.global_step, batch_size=n), self)
-            self.in_step = True
+                    epoch=number, batch_idx=state.batch_idx, global_step=state.global_step, batch_size=n), self)
+            state.in_step = True
             loss = calls.train_step(self, batch)
             if skip and not torch.isfinite(loss):  # policy "skip" only: a host sync per step
-                self._skipped += 1
+                state.skipped += 1
                 self._skipped_in_fit += 1
                 loss = loss.detach()
             else:
                 calls.backward(self, loss)
                 calls.optimizer_step(self)
                 loss = loss.detach()
-                self._loss_sum += loss  # NaN and inf propagate: the one read at epoch end shows them
-            self.batch_idx += 1
-            self.global_step += 1
-            self.in_step = False
+                state.loss_sum += loss  # NaN and inf propagate: the one read at epoch end shows them
+            state.batch_idx += 1
+            state.global_step += 1
+            state.in_step = False
             samples += n
             if calls.on_batch_end:
                 calls.on_batch_end(ev.BatchEnd.trusted(
-                    epoch=number, batch_idx=self.batch_idx - 1, global_step=self.global_step, batch_size=n,
+                    epoch=number, batch_idx=state.batch_idx - 1, global_step=state.global_step, batch_size=n,
                     loss=loss), self)
-            if self.stop_reason is not None and self._alone:
+            if state.stop is not None and self._alone:
                 return  # stopped mid-epoch: progress stays here so a checkpoint resumes from it
 
-        if self.batch_idx == 0:
+        if state.batch_idx == 0:
             raise NothingTrained(f"epoch {number}: the training loader yielded no batches")
-        if self.global_step == self.max_steps:  # the limit cut the loader short, or met the epoch's end
-            self.request_stop(f"max_steps={self.max_steps} reached")
-            if self.batch_idx != self.steps_per_epoch:
+        if state.global_step == self.limits.max_steps:  # the limit cut the loader short, or met the epoch's end
+            self.request_stop(f"max_steps={self.limits.max_steps} reached", StopKind.MAX_STEPS)
+            if state.batch_idx != self.steps_per_epoch:
                 return  # mid-epoch: progress stays here so a checkpoint resumes from it
         elapsed = time.perf_counter() - started
         ranks = distributed.world_size()  # every rank ran as many batches as this one
-        loss_sum = distributed.sum_over_ranks(self._loss_sum).item()  # the epoch's one read
+        loss_sum = distributed.sum_over_ranks(state.loss_sum).item()  # the epoch's one read
         if not math.isfinite(loss_sum):
             self._nonfinite = self._nonfinite_loss(loss_sum)
             raise NonFiniteError(self._nonfinite)
-        self._finite_through = self.global_step
+        self._finite_through = state.global_step
         metrics = {
-            "train_loss": loss_sum / max((self.batch_idx - self._skipped) * ranks, 1),
+            "train_loss": loss_sum / max((state.batch_idx - state.skipped) * ranks, 1),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "epoch_time": elapsed,
             "samples_per_s": samples * ranks / elapsed if elapsed > 0 else 0.0,
         }
         if skip:
-            metrics["skipped_steps"] = float(self._skipped)
-            if self._skipped:
-                warnings.warn(f"epoch {number}: skipped {self._skipped} step(s) with a non-finite loss "
+            metrics["skipped_steps"] = float(state.skipped)
+            if state.skipped:
+                warnings.warn(f"epoch {number}: skipped {state.skipped} step(s) with a non-finite loss "
                               "(nonfinite_loss=skip)", stacklevel=2)
         if self.val_loader is not None:
             metrics.update(self.validate(number))
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
-        self.epoch, self.batch_idx, self.metrics, self._skipped = epoch + 1, 0, metrics, 0
-        self._loss_sum.zero_()
-        self.emit(ev.EpochEnd(epoch=number, global_step=self.global_step, metrics=metrics))
+        state.epoch, state.batch_idx, state.metrics, state.skipped = epoch + 1, 0, metrics, 0
+        state.loss_sum.zero_()
+        self.emit(ev.EpochEnd(epoch=number, global_step=state.global_step, metrics=metrics))
         self._running = None
 
     @torch.no_grad()
@@ -298,13 +297,13 @@ class Trainer:
         shard and torchmetrics adds the states up over ranks, so every rank (and every plugin)
         sees the figures of the whole validation set. ``epoch`` labels the events (default: the
         current one)."""
-        emit, epoch = self.emit, epoch or self.epoch_number
-        emit(ev.ValidationStart(epoch=epoch, global_step=self.global_step))
+        emit, epoch, step = self.emit, epoch or self.epoch_number, self.state.global_step
+        emit(ev.ValidationStart(epoch=epoch, global_step=step))
         self.model.eval()
         validation = self.validation.to(self.device)
         validation.reset()
         batches = 0
-        for batch in itertools.islice(self.val_loader, _limit(_length(self.val_loader), self.limit_val_batches)):
+        for batch in itertools.islice(self.val_loader, _limit(_length(self.val_loader), self.limits.val_batches)):
             outputs, targets = self.calls.eval_step(self, batch)
             validation.update(outputs, targets)
             batches += 1
@@ -312,32 +311,32 @@ class Trainer:
         if batches == 0:
             raise MinitrainError("the validation loader yielded no batches")
         metrics, confusion = validation.results()
-        emit(ev.ValidationEnd(epoch=epoch, global_step=self.global_step, metrics=metrics, confusion=confusion))
+        emit(ev.ValidationEnd(epoch=epoch, global_step=step, metrics=metrics, confusion=confusion))
         return metrics
 
     @property
     def steps_per_epoch(self) -> int | None:
         """Batches an epoch trains: the loader's length, or ``limit_train_batches`` of it."""
-        return _limit(_length(self.train_loader), self.limit_train_batches)
+        return _limit(_length(self.train_loader), self.limits.train_batches)
 
     def _batches(self) -> Iterable:
         """This epoch's batches from `batch_idx` on, up to the epoch's limit and ``max_steps``. A
         loader with ``set_position(epoch, batch_idx)`` starts there without loading earlier
         batches; any other loader is fast-forwarded."""
-        loader, stop = self.train_loader, self.steps_per_epoch
-        if self.max_steps is not None:
-            stop = min(stop or self.max_steps, self.batch_idx + self.max_steps - self.global_step)
+        loader, stop, state, max_steps = self.train_loader, self.steps_per_epoch, self.state, self.limits.max_steps
+        if max_steps is not None:
+            stop = min(stop or max_steps, state.batch_idx + max_steps - state.global_step)
         if stop == _length(loader):
             stop = None  # the whole epoch: the loader alone
         if hasattr(loader, "set_position"):
-            loader.set_position(self.epoch, self.batch_idx)
-            return loader if stop is None else itertools.islice(loader, stop - self.batch_idx)
+            loader.set_position(state.epoch, state.batch_idx)
+            return loader if stop is None else itertools.islice(loader, stop - state.batch_idx)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        return itertools.islice(loader, self.batch_idx, stop) if self.batch_idx or stop is not None else loader
+            sampler.set_epoch(state.epoch)
+        return itertools.islice(loader, state.batch_idx, stop) if state.batch_idx or stop is not None else loader
 
-    # --- what plugins use -------------------------------------------------------------------
+    # --- what plugins use (minitrain.engine.surface) ------------------------------------------
 
     def emit(self, event: ev.Event) -> None:
         """Deliver ``event`` to every implementation of its hook, then of ``on_event`` (custom
@@ -351,18 +350,30 @@ class Trainer:
         if notify is not None:
             notify(event, self)
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop after the current batch (early stopping, signals); under torchrun,
-        at the end of the current epoch, on every rank (see :meth:`_stopping`)."""
-        self.stop_reason = reason
+    def request_stop(self, reason: str, kind: StopKind = StopKind.REQUESTED) -> None:
+        """Ask the loop to stop after the current batch (early stopping, signals, limits); under
+        torchrun, at the end of the current epoch, on every rank (see :meth:`_stopping`)."""
+        self.state.stop = Stop(kind, reason)
+
+    def plugin_options(self) -> dict[str, dict[str, Any]]:
+        """The run's plugins by name, with their options: as recorded when ``minitrain run``
+        planned it, else (a trainer built by hand) those registered."""
+        if self.recorded_plugins is not None:
+            return dict(self.recorded_plugins)
+        return {name: recorded_options(plugin) for name, plugin in self.pm.list_name_plugin()
+                if plugin is not None and name != CORE}
+
+    def remove_plugin(self, plugin: object) -> None:
+        """Unregister ``plugin``: the loop makes no more calls to it."""
+        self.pm.unregister(plugin)
 
     def _stopping(self) -> bool:
         """Whether the run ends here, before another epoch. Under torchrun a rank that stopped
         alone would leave the others waiting at their next collective, so the ranks agree here, at
         every epoch's end: a stop that any of them requested ends the run on all of them."""
         if not self._alone:
-            self.stop_reason = next((r for r in distributed.gather(self.stop_reason) if r is not None), None)
-        return self.stop_reason is not None
+            self.state.stop = next((s for s in distributed.gather(self.state.stop) if s is not None), None)
+        return self.state.stop is not None
 
     def check_finite(self, weights: bool = False) -> bool:
         """Whether every training loss of this epoch so far was finite (and, with ``weights``, every
@@ -371,22 +382,22 @@ class Trainer:
         anyway, as the checkpoint plugin does before each save. A non-finite value asks the loop to
         stop at the next step boundary, and ``fit`` then raises :class:`NonFiniteError`."""
         if self._nonfinite is None:
-            loss_sum = self._loss_sum.item()
+            loss_sum = self.state.loss_sum.item()
             if not math.isfinite(loss_sum):
                 self._nonfinite = self._nonfinite_loss(loss_sum)
             elif weights and (bad := _nonfinite_tensors(self.module)):
-                self._nonfinite = (f"non-finite weights after step {self.global_step} ({', '.join(bad)}); "
+                self._nonfinite = (f"non-finite weights after step {self.state.global_step} ({', '.join(bad)}); "
                                    "stopped before saving them")
             else:
-                self._finite_through = self.global_step
+                self._finite_through = self.state.global_step
             if self._nonfinite is not None:
-                self.request_stop("non-finite values")
+                self.request_stop("non-finite values", StopKind.NONFINITE)
         return self._nonfinite is None
 
     def _nonfinite_loss(self, loss_sum: float) -> str:
-        first, last = self._finite_through + 1, self.global_step
+        first, last = self._finite_through + 1, self.state.global_step
         steps = f"step {last}" if first >= last else f"steps {first}-{last}"
-        return (f"non-finite training loss ({loss_sum}) in epoch {self.epoch + 1}, {steps}; stopped "
+        return (f"non-finite training loss ({loss_sum}) in epoch {self.state.epoch + 1}, {steps}; stopped "
                 "(--set nonfinite_loss=skip skips such steps instead)")
 
     # --- faults -----------------------------------------------------------------------------
@@ -426,13 +437,14 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_after(self, seconds: float | None):
         """Ask the loop to stop once ``seconds`` have passed (``max_time``), from a timer thread:
-        the loop already looks at ``stop_reason`` after every step, so the limit costs nothing
+        the loop already looks at ``state.stop`` after every step, so the limit costs nothing
         per step. Under torchrun the stop, like any, takes effect at the end of the epoch."""
         if seconds is None:
             yield
             return
         hours, rest = divmod(round(seconds), 3600)
-        timer = threading.Timer(seconds, self.request_stop, [f"max_time={hours}:{rest // 60:02}:{rest % 60:02} reached"])
+        reason = f"max_time={hours}:{rest // 60:02}:{rest % 60:02} reached"
+        timer = threading.Timer(seconds, self.request_stop, [reason, StopKind.MAX_TIME])
         timer.daemon = True
         timer.start()
         try:
@@ -445,7 +457,7 @@ class Trainer:
         if self._signal is not None:
             raise TrainingInterrupted(name, graceful=False)
         self._signal = name
-        self.request_stop(f"{name} received")
+        self.request_stop(f"{name} received", StopKind.SIGNAL)
 
     def _observer_failed(self, plugin: str, hook: str, exc: Exception) -> None:
         """An observer raised: take it out of the run, once, and say so. The other plugins still
@@ -478,10 +490,10 @@ class Trainer:
         nothing when there is no run directory or it cannot be written."""
         if self.run_dir is None:
             return ""
-        path = Path(self.run_dir) / ERROR_LOG
+        path = self.run_dir / ERROR_LOG
         try:
             with open(path, "a", encoding="utf-8") as log:
-                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} step {self.global_step}: {title}\n")
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} step {self.state.global_step}: {title}\n")
                 log.write("".join(traceback.format_exception(exc)))
         except OSError:
             return ""
@@ -496,12 +508,13 @@ class Trainer:
         random generators, in rank order (``"ranks"``), so that a resume with as many processes
         restores every rank as it was. That is a collective: every rank must call it, at the same
         point (the ``checkpoint`` plugin does, at its save points). With one process it adds nothing."""
+        run = self.state
         state = {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "progress": {"epoch": self.epoch, "batch_idx": self.batch_idx, "global_step": self.global_step,
-                         "loss_sum": self._loss_sum.detach().cpu(), "skipped": self._skipped,
-                         "metrics": dict(self.metrics)},
+            "progress": {"epoch": run.epoch, "batch_idx": run.batch_idx, "global_step": run.global_step,
+                         "loss_sum": run.loss_sum.detach().cpu(), "skipped": run.skipped,
+                         "metrics": dict(run.metrics)},
             "rng": get_rng_state(),
             "plugins": {name: plugin.state_dict() for name, plugin in self._stateful_plugins()},
         }
@@ -516,12 +529,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
-        progress = state["progress"]
-        self.epoch, self.batch_idx, self.global_step = progress["epoch"], progress["batch_idx"], progress["global_step"]
-        self.metrics = dict(progress["metrics"])
+        progress, run = state["progress"], self.state
+        run.epoch, run.batch_idx, run.global_step = progress["epoch"], progress["batch_idx"], progress["global_step"]
+        run.metrics = dict(progress["metrics"])
         own = _own_entry(state.get("ranks"))  # this rank's loss sum and generators, if saved by as many ranks
-        self._loss_sum = (own or progress)["loss_sum"].to(self.device)
-        self._skipped = progress.get("skipped", 0)
+        run.loss_sum = (own or progress)["loss_sum"].to(self.device)
+        run.skipped = progress.get("skipped", 0)
         set_rng_state((own or state)["rng"])
         saved = state.get("plugins", {})
         for name, plugin in self._stateful_plugins():

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from minitrain.kit.data import default_data_dir
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.registry import describe_validation_error
+from minitrain.engine.errors import describe_validation_error
 
 
 class RecipeConfig(BaseModel):
@@ -204,15 +204,56 @@ def _structured(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(recipe: ModuleType, overrides: Iterable[str] = (), base: dict[str, Any] | None = None) -> RecipeConfig:
-    """The recipe's defaults, or ``base`` (a resumed run's config), with ``--set`` overrides,
-    validated like any input."""
-    values = _merged(base or {}, _structured(parse_overrides(overrides)))
+def make_config(recipe: ModuleType, overrides: Iterable[str] = (), base: dict[str, Any] | None = None,
+                file: dict[str, Any] | None = None, file_name: str = "") -> RecipeConfig:
+    """The recipe's defaults, or ``base`` (a resumed run's config), with the values of a
+    ``--config`` ``file`` over them and ``--set`` overrides over both, validated like any input.
+    An error names the file where the file alone is wrong, so a typo there is not blamed on --set."""
+    values = _merged(_merged(base or {}, file or {}), _structured(parse_overrides(overrides)))
     try:
         return recipe.Config.model_validate(values)
     except ValidationError as exc:
-        where = "--set" if base is None else "the resumed run's config with --set"
-        raise MinitrainError(f"{where}: {describe_validation_error(exc)}") from None
+        error = exc
+        given = "--set"
+        if file:
+            try:
+                recipe.Config.model_validate(_merged(base or {}, file))
+                given = "--config and --set"
+            except ValidationError as file_error:
+                error, given = file_error, f"--config {file_name}".strip()
+        where = given if base is None else f"the resumed run's config with {given}"
+        raise MinitrainError(f"{where}: {describe_validation_error(error)}") from None
+
+
+def as_overrides(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Config values as ``--set`` would give them: ``KEY=VALUE``, dotted keys for nested tables,
+    lists and numbers as JSON."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A ``--config`` file's values: TOML, its top-level keys the recipe's fields (a table for a
+    nested one), read with the standard library."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise MinitrainError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise MinitrainError(f"--config {path}: a directory; give a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MinitrainError(f"--config {path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise MinitrainError(f"--config {path}: {exc.strerror or exc}") from None
 
 
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``minitrain sweep``: hyperparameter search on Optuna, each trial an ordinary run.
 
-    minitrain sweep RECIPE --space KEY=SPEC ... --trials N [--study NAME] [--storage URL]
+    minitrain sweep run RECIPE --space KEY=SPEC ... --trials N [--study NAME] [--storage URL]
                     [--workers K] [--monitor METRIC] [--direction max|min]
                     [--sampler tpe|random|grid] [--pruner median|hyperband|none]
                     [--set KEY=VALUE ...] [--plugin NAME[:OPTIONS] ...] [--no-plugin NAME ...]
@@ -24,101 +24,95 @@ import time
 from pathlib import Path
 from typing import Any
 
+from minitrain.commands import options
 from minitrain.engine.errors import MinitrainError
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler"}
 PRUNERS = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
-FORMS = "RECIPE | show NAME|DIR | best NAME|DIR"
-
-
-def add_parser(sub, command) -> None:
-    """Register ``sweep`` with the CLI (``command`` is minitrain.commands.cli's subparser factory)."""
+def add_parser(command) -> None:
+    """Register ``minitrain sweep run|show|best`` (``command`` is the CLI's sub-parser factory)."""
     sweep = command("sweep", help="search hyperparameters with Optuna; each trial is a minitrain run",
-                    usage=f"minitrain sweep {{{FORMS}}} [options]",
-                    description="Search hyperparameters with Optuna: `sweep RECIPE --space KEY=SPEC --trials N` runs "
-                                "trials (each an ordinary minitrain run in runs/sweeps/NAME/trial-NNNN/); "
-                                "`sweep show NAME` lists them best first and writes plots and sweep.html; "
-                                "`sweep best NAME` prints the command that reproduces the best trial.")
-    sweep.add_argument("target", nargs="+", metavar="RECIPE",
-                       help="the recipe to search; or `show NAME|DIR`, `best NAME|DIR` for a study's results")
-    sweep.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
-                       help="a config field to search: float:LOW:HIGH[:log], int:LOW:HIGH[:log] or choice:A,B,...; "
-                            "replaces the recipe's SPACE entry for KEY; repeatable")
-    sweep.add_argument("--trials", type=int, metavar="N", help="trials the study should have (all workers together)")
-    sweep.add_argument("--study", metavar="NAME", help="the study's name (default: the recipe and a timestamp); "
-                                                        "running the command again with it continues the study")
-    sweep.add_argument("--storage", metavar="URL",
-                       help="Optuna storage: an RDB URL (postgresql+psycopg://..., mysql+pymysql://...) that several "
-                            "machines share, or a journal file path; default: runs/sweeps/NAME/study.journal")
-    sweep.add_argument("--workers", type=int, metavar="K", help="trials at once on this machine (default 1)")
-    sweep.add_argument("--monitor", metavar="METRIC", help="the epoch metric to optimise (default val_acc)")
-    sweep.add_argument("--direction", choices=["max", "min"],
-                       help="maximise or minimise it (default: max for accuracies, else min)")
-    sweep.add_argument("--sampler", metavar="tpe|random|grid[:OPTIONS]",
-                       help="Optuna's sampler (default tpe), with options for it, e.g. tpe:seed=0,n_startup_trials=4")
-    sweep.add_argument("--pruner", metavar="median|hyperband|none[:OPTIONS]",
-                       help="Optuna's pruner (default median), with options, e.g. median:n_startup_trials=3")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="a config value every trial has; repeatable")
-    sweep.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
-                       help="a plugin every trial enables (checkpoint, early_stopping, ...); repeatable")
-    sweep.add_argument("--no-plugin", dest="disabled", action="append", default=[], metavar="NAME",
-                       help="a plugin no trial has; repeatable")
-    sweep.add_argument("--json", action="store_true", help="sweep show: machine-readable output")
-    sweep.set_defaults(func=run_command)
+                    description="Search hyperparameters with Optuna: `sweep run RECIPE --space KEY=SPEC --trials N` "
+                                "(or `sweep RECIPE ...`) runs trials, each an ordinary minitrain run in "
+                                "runs/sweeps/NAME/trial-NNNN/; `sweep show NAME` lists them best first and writes "
+                                "plots and sweep.html; `sweep best NAME` prints the command that reproduces the best "
+                                "trial.")
+    forms = sweep.add_subparsers(dest="form", required=True, metavar="{run,show,best}")
+
+    def form(name: str, **kwargs) -> argparse.ArgumentParser:
+        return forms.add_parser(name, parents=[command.common], allow_abbrev=False, **kwargs)
+
+    run = form("run", help="run trials until the study has --trials of them")
+    options.add_config(run)
+    run.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
+                     help="a config field to search: float:LOW:HIGH[:log], int:LOW:HIGH[:log] or choice:A,B,...; "
+                          "replaces the recipe's SPACE entry for KEY; repeatable")
+    run.add_argument("--trials", type=int, metavar="N", required=True,
+                     help="trials the study should have (all workers together)")
+    run.add_argument("--study", metavar="NAME", help="the study's name (default: the recipe and a timestamp); "
+                                                      "running the command again with it continues the study")
+    run.add_argument("--workers", type=int, metavar="K", help="trials at once on this machine (default 1)")
+    run.add_argument("--monitor", metavar="METRIC", help="the epoch metric to optimise (default val_acc)")
+    run.add_argument("--direction", choices=["max", "min"],
+                     help="maximise or minimise it (default: max for accuracies, else min)")
+    run.add_argument("--sampler", metavar="tpe|random|grid[:OPTIONS]",
+                     help="Optuna's sampler (default tpe), with options for it, e.g. tpe:seed=0,n_startup_trials=4")
+    run.add_argument("--pruner", metavar="median|hyperband|none[:OPTIONS]",
+                     help="Optuna's pruner (default median), with options, e.g. median:n_startup_trials=3")
+    options.add_plugins(run)
+    run.set_defaults(func=run_main)
+
+    show = form("show", help="a study's trials, best first; writes its plots and sweep.html")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    best = form("best", help="the command that reproduces the study's best trial")
+    for parser in (run, show, best):
+        parser.add_argument("--storage", metavar="URL",
+                            help="Optuna storage: an RDB URL (postgresql+psycopg://..., mysql+pymysql://...) that "
+                                 "several machines share, or a journal file path; default: "
+                                 "runs/sweeps/NAME/study.journal")
+    for parser in (show, best):
+        parser.add_argument("study", metavar="NAME|DIR", help="the study's name, or its folder")
+    show.set_defaults(func=lambda args: _results().show(args.study, args.storage, args.json))
+    best.set_defaults(func=lambda args: _results().best(args.study, args.storage))
 
 
-def run_command(args: argparse.Namespace) -> int:
-    first, rest = args.target[0], args.target[1:]
-    if first in ("show", "best") and len(args.target) == 2:
-        _only(args, first, allowed={"storage", "json"} if first == "show" else {"storage"})
-        from minitrain.commands.sweep import show
+def _results():
+    from minitrain.commands.sweep import show
 
-        return show.show(rest[0], args.storage, args.json) if first == "show" else show.best(rest[0], args.storage)
-    if first in ("show", "best"):
-        raise MinitrainError(f"sweep {first} takes one study: minitrain sweep {first} NAME|DIR")
-    if rest:
-        raise MinitrainError(f"sweep: one recipe at a time (got {' '.join(args.target)})")
-    _only(args, "RECIPE", allowed=set(_SWEEP_OPTIONS))
+    return show
+
+
+def run_main(args: argparse.Namespace) -> int:
     from minitrain.commands.sweep.runner import Sweep
 
     return Sweep(*prepare(args)).run()
-
-
-_SWEEP_OPTIONS = ("space", "trials", "study", "storage", "workers", "monitor", "direction", "sampler", "pruner",
-                  "overrides", "plugins", "disabled")
-
-
-def _only(args: argparse.Namespace, form: str, allowed: set[str]) -> None:
-    for option in (*_SWEEP_OPTIONS, "json"):
-        if option not in allowed and getattr(args, option) not in (None, False, []):
-            flag = {"overrides": "set", "plugins": "plugin", "disabled": "no-plugin"}.get(option, option)
-            raise MinitrainError(f"--{flag} does not go with `minitrain sweep {form}`")
 
 
 def prepare(args: argparse.Namespace):
     """Check everything a sweep needs before any trial: recipe, space against its Config, --set,
     plugins, sampler, pruner and the study (whose settings a continued sweep must match); then
     open or create the study."""
-    from minitrain.kit.recipe import load_recipe, make_config
+    from minitrain.kit.recipe import as_overrides, load_recipe, make_config, read_config_file
+    from minitrain.commands.start import RunRequest
     from minitrain.commands.start import plan as plan_run
     from minitrain.commands.sweep import space as spaces
     from minitrain.commands.sweep import study as studies
     from minitrain.commands.sweep.runner import SweepPlan
+    from minitrain_plugins import prune
 
     studies.optuna()  # installed? (the one-line error says how, before any other work)
-    recipe_path = args.target[0]
-    if args.trials is None:
-        raise MinitrainError("--trials N: how many trials the study should have")
+    recipe_path = args.recipe
     if args.trials < 1:
         raise MinitrainError(f"--trials must be at least 1, not {args.trials}")
     workers = 1 if args.workers is None else args.workers
     if workers < 1:
         raise MinitrainError(f"--workers must be at least 1, not {workers}")
-    if "prune" in {spec.partition(":")[0].strip() for spec in args.plugins} | set(args.disabled):
+    if prune.NAME in {spec.partition(":")[0].strip() for spec in args.plugins} | set(args.disabled):
         raise MinitrainError("the sweep enables the prune plugin in every trial itself; leave it out of --plugin "
                              "and --no-plugin (--pruner none turns pruning off)")
     recipe = load_recipe(recipe_path)
+    if args.config_file:  # the file's values are fixed values of every trial, as --set ones are
+        args.overrides = [*as_overrides(read_config_file(args.config_file)), *args.overrides]
     config = make_config(recipe, args.overrides)
     fixed = {item.partition("=")[0].strip(): item.partition("=")[2] for item in args.overrides}
     space = spaces.build_space(recipe, args.space, fixed)
@@ -154,9 +148,9 @@ def prepare(args: argparse.Namespace):
                              f"(its folder {folder} says so)")
     storage_url = storage_url or recorded.get("storage")
 
-    prune_spec = f"prune:study={name},trial=0,monitor={monitor},direction={direction}"
-    plan_run(recipe_path, args.overrides, [*args.plugins, prune_spec], args.disabled,
-             run_dir=folder / studies.trial_dir_name(0) / "check")  # plugins and options, as a trial checks them
+    prune_spec = f"{prune.NAME}:study={name},trial=0,monitor={monitor},direction={direction}"
+    plan_run(RunRequest(recipe_path, args.overrides, [*args.plugins, prune_spec], args.disabled,
+                        run_dir=folder / studies.trial_dir_name(0) / "check"))  # plugins and options, as a trial checks them
 
     settings = studies.Settings(recipe=recipe_path, space={d.key: d.spec for d in space}, fixed=list(args.overrides),
                                 plugins=list(args.plugins), disabled=list(args.disabled), monitor=monitor,
@@ -168,7 +162,7 @@ def prepare(args: argparse.Namespace):
 
     threads = _threads(workers)
     gpus = _gpus(config.device)
-    command = ["minitrain", "sweep", recipe_path, *_flags("--space", args.space), "--trials", str(args.trials),
+    command = ["minitrain", "sweep", "run", recipe_path, *_flags("--space", args.space), "--trials", str(args.trials),
                "--study", name, *(["--storage", studies.masked(args.storage)] if args.storage else []),
                *(["--workers", str(workers)] if workers != 1 else []),
                *(["--monitor", args.monitor] if args.monitor else []),

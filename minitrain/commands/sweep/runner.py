@@ -33,9 +33,9 @@ from types import ModuleType
 from typing import Any
 
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.files import one_line
-from minitrain.commands.sweep import channel
+from minitrain.engine.errors import one_line
 from minitrain.commands.sweep.space import Dimension
+from minitrain_plugins import prune
 from minitrain.commands.sweep.study import (
     HEARTBEAT_S, counts, fail_lost_trials, optuna, orphan_wait, owner, taken, trial_dir_name,
 )
@@ -107,12 +107,12 @@ def warm_up() -> threading.Thread:
 
 
 def _trial_main(argv: list[str], env: dict[str, str], cwd: str, log: str, conn, threads: int) -> None:
-    """The body of a trial's process: ``minitrain ARGV`` in the sweep's directory and environment,
+    """The body of a trial's process: ``minitrain run ...`` in the sweep's directory and environment,
     with its output in ``log`` and ``conn`` (its end of the channel) named in the environment."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    os.environ[channel.CHANNEL_ENV] = str(conn.fileno())
+    os.environ[prune.CHANNEL_ENV] = str(conn.fileno())
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -120,9 +120,9 @@ def _trial_main(argv: list[str], env: dict[str, str], cwd: str, log: str, conn, 
     import torch
 
     torch.set_num_threads(threads)  # OMP_NUM_THREADS was read when the server imported torch
-    from minitrain.commands.cli import main
+    from minitrain.commands import run
 
-    code = main(list(argv))
+    code = run.run_command(list(argv))
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
@@ -289,10 +289,10 @@ class Sweep:
 
     def _argv(self, run: TrialRun) -> list[str]:
         plan = self.plan
-        prune = (f"prune:study={plan.name},trial={run.trial.number},monitor={plan.monitor},"
-                 f"direction={plan.direction}")
+        pruning = (f"{prune.NAME}:study={plan.name},trial={run.trial.number},monitor={plan.monitor},"
+                   f"direction={plan.direction}")
         return ["run", plan.recipe_path, *(f"--set={o}" for o in [*plan.fixed, *run.overrides]),
-                *(f"--plugin={p}" for p in plan.plugins), f"--plugin={prune}",
+                *(f"--plugin={p}" for p in plan.plugins), f"--plugin={pruning}",
                 *(f"--no-plugin={d}" for d in plan.disabled), "--run-dir", str(run.run_dir)]
 
     def _run(self, run: TrialRun, env: dict[str, str]) -> None:
@@ -325,13 +325,13 @@ class Sweep:
         while True:
             try:
                 if conn.poll(1.0):
-                    message = channel.receive(conn)
+                    message = prune.receive(conn)
                     if message.get("kind") == "report":
                         with self.lock:
                             trial.report(float(message["value"]), step=int(message["epoch"]))
-                            prune = not message.get("final") and bool(trial.should_prune())
-                        pruned = pruned or prune
-                        channel.send(conn, {"prune": prune, "pruner": self.plan.pruner_name})
+                            rejected = not message.get("final") and bool(trial.should_prune())
+                        pruned = pruned or rejected
+                        prune.send(conn, {"prune": rejected, "pruner": self.plan.pruner_name})
                     elif message.get("kind") == "end":
                         end = message
                 elif not process.is_alive():

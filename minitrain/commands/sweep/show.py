@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.files import one_line, write_atomic
+from minitrain.engine.files import write_atomic
+from minitrain.engine.errors import one_line
 from minitrain.commands.sweep.study import (
     JOURNAL, SETTINGS_ATTR, SWEEP_FILE, masked, open_storage, optuna, read_sweep_file, sweep_dir,
 )

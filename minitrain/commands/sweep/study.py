@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.files import one_line, write_atomic
+from minitrain.engine.files import write_atomic
+from minitrain.engine.errors import one_line
 
 SWEEPS = Path("runs") / "sweeps"
 SWEEP_FILE = "sweep.json"
