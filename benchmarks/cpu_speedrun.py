@@ -11,6 +11,7 @@ speed drifts from hour to hour.
 Each ``--variant`` is a configuration (its ``--set`` values, separated by ``;``); every other
 argument goes to ``minitrain run`` as it is (``--plugin compile``, ``--set device=cpu``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def bare_loop_us_per_step() -> float:
     """The bare PyTorch loop's time per step on the overhead benchmark's task (one thread)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    import overhead
     import torch
     from torch.utils.data import TensorDataset
 
-    import overhead
-
     torch.set_num_threads(1)
-    data = TensorDataset(torch.randn(overhead.STEPS * overhead.BATCH, 256),
-                         torch.randint(0, 10, (overhead.STEPS * overhead.BATCH,)))
+    data = TensorDataset(
+        torch.randn(overhead.STEPS * overhead.BATCH, 256), torch.randint(0, 10, (overhead.STEPS * overhead.BATCH,))
+    )
     model, optimizer, loader = overhead.make_work(data)
     return overhead.bare_steps(model, optimizer, iter(loader), overhead.STEPS) / overhead.STEPS * 1e6
 
@@ -43,8 +44,11 @@ def bare_loop_us_per_step() -> float:
 def one_run(recipe: str, args: list[str], run_dir: Path) -> tuple[float, float]:
     """(test accuracy, wall seconds) of one ``minitrain run`` in a child process."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "minitrain", "run", recipe, "--run-dir", str(run_dir),
-                           "--plugin", "csv", *args], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", "run", recipe, "--run-dir", str(run_dir), "--plugin", "csv", *args],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"run failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -57,8 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "cifar10_speedrun.py"))
     parser.add_argument("--runs", type=int, default=3, help="runs (seeds 0, 1, ...) per configuration")
-    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[;KEY=VALUE]",
-                        help="a configuration to run, as --set values separated by ';' (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[;KEY=VALUE]",
+        help="a configuration to run, as --set values separated by ';' (repeatable)",
+    )
     parser.add_argument("--work-dir", help="where the run directories go (default: a temporary folder)")
     args, passed = parser.parse_known_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="cpu-speedrun-"))
@@ -71,7 +80,9 @@ def main() -> None:
             run_dir = work / f"{len(rows)}-{seed}"
             accuracy, seconds = one_run(args.recipe, [*passed, *sets, f"--set=seed={seed}"], run_dir)
             results.append((accuracy, seconds))
-            print(f"{variant or 'defaults'} seed {seed}: {100 * accuracy:.2f}% in {seconds:.0f}s ({run_dir})", flush=True)
+            print(
+                f"{variant or 'defaults'} seed {seed}: {100 * accuracy:.2f}% in {seconds:.0f}s ({run_dir})", flush=True
+            )
         rows.append((variant or "defaults", results))
     print(f"bare loop after: {bare_loop_us_per_step():.0f} µs/step")
     print("\n| configuration | runs | mean accuracy | each run (accuracy, wall time) |\n|---|---|---|---|")

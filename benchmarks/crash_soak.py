@@ -7,6 +7,7 @@ run that was never killed. Any failed check stops the soak with the assertion th
 
     python benchmarks/crash_soak.py --kills 300 --seed 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,13 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         tally = run_trials(Path(root), args.kills, args.seed)
-    print(f"{tally.killed()} kills ({', '.join(f'{n} {k}' for k, n in tally.kills.items())}), "
-          f"{tally.killed_mid_save} of them cutting a checkpoint write short; {tally.launches} processes, "
-          f"{tally.resumed} resumed from a checkpoint, {tally.fresh} started fresh; {tally.runs} runs completed, "
-          f"{tally.lost} with a final state different from the uninterrupted run's; "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"{tally.killed()} kills ({', '.join(f'{n} {k}' for k, n in tally.kills.items())}), "
+        f"{tally.killed_mid_save} of them cutting a checkpoint write short; {tally.launches} processes, "
+        f"{tally.resumed} resumed from a checkpoint, {tally.fresh} started fresh; {tally.runs} runs completed, "
+        f"{tally.lost} with a final state different from the uninterrupted run's; "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     sys.exit(1 if tally.lost else 0)
 
 

@@ -21,6 +21,7 @@ The mlflow plugin logs to a throw-away SQLite store in a temporary folder (the b
 there), never to the user's MLFLOW_TRACKING_URI. MLflow's import and the store's opening happen
 once, in the warm-up round; each measured run then starts its own MLflow run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,13 +107,13 @@ class Interleaved:
             if not ending:
                 last["bare"] = bare_steps(model, optimizer, bare_batches, BLOCK)
                 last["started"] = time.perf_counter()
+
         return handed_out(self.loader, at_block)
 
     def over_bare(self) -> tuple[float, float]:
         """µs/step over the bare loop: (whole loop, median block)."""
         bare, framework = map(sum, zip(*self.blocks))
-        return ((framework - bare) / STEPS * 1e6,
-                statistics.median((f - b) / BLOCK * 1e6 for b, f in self.blocks))
+        return ((framework - bare) / STEPS * 1e6, statistics.median((f - b) / BLOCK * 1e6 for b, f in self.blocks))
 
 
 def plugin_manager(specs: list[str], available):
@@ -167,8 +168,15 @@ def framework_alone(specs: list[str], available, steps: int = 20000) -> float:
     pm = plugin_manager(specs, available)
     with tempfile.TemporaryDirectory() as run_dir:
         register_plugin(pm, NoOpStep(), "noop")
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, epochs=1,
-                          device="cpu", run_dir=run_dir, plugin_manager=pm)
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            batches,
+            epochs=1,
+            device="cpu",
+            run_dir=run_dir,
+            plugin_manager=pm,
+        )
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return trainer.fit()["epoch_time"] / steps * 1e6
 
@@ -176,8 +184,8 @@ def framework_alone(specs: list[str], available, steps: int = 20000) -> float:
 def save_cost(recipe: str, saves: int = 20) -> None:
     """Milliseconds for one checkpoint of ``recipe``'s state (as the checkpoint plugin writes
     ``last.pt`` at each epoch end), median and range over ``saves``, and the file's size."""
-    from minitrain.engine import checkpointing
     from minitrain.commands.start import RunRequest, prepare
+    from minitrain.engine import checkpointing
 
     with tempfile.TemporaryDirectory() as folder:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -191,16 +199,23 @@ def save_cost(recipe: str, saves: int = 20) -> None:
             checkpointing.save(path, checkpointing.header(trainer), trainer.state_dict())
             times.append((time.perf_counter() - start) * 1e3)
         size = os.path.getsize(path)
-    print(f"{recipe}: one checkpoint save {statistics.median(times):.1f} ms (min {min(times):.1f}, max "
-          f"{max(times):.1f}, {saves} saves), {size / 1e6:.2f} MB; the default plugin saves last.pt at each "
-          "epoch end, and best.pt too when the monitored metric improved")
+    print(
+        f"{recipe}: one checkpoint save {statistics.median(times):.1f} ms (min {min(times):.1f}, max "
+        f"{max(times):.1f}, {saves} saves), {size / 1e6:.2f} MB; the default plugin saves last.pt at each "
+        "epoch end, and best.pt too when the monitored metric improved"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--set", dest="sets", action="append", default=[],
-                        help="comma-separated plugin specs to measure (default: the four sets above)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        help="comma-separated plugin specs to measure (default: the four sets above)",
+    )
     parser.add_argument("--save-cost", metavar="RECIPE", help="time one checkpoint of this recipe's state instead")
     args = parser.parse_args()
     if args.save_cost:
@@ -234,19 +249,31 @@ def main() -> None:
             results[name].append(framework(data, specs, available))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     bare = statistics.median(r[0] for rs in results.values() for r in rs)
-    print(f"bare loop: {bare:.1f} µs/step; {STEPS} steps, in blocks of {BLOCK} interleaved with the framework's; "
-          f"{args.rounds} rounds")
-    print(f"{'µs/step over the bare loop':<44} {'per step':>9} {'min':>7} {'max':>7} {'median block':>13} "
-          f"{'whole fit':>10}")
+    print(
+        f"bare loop: {bare:.1f} µs/step; {STEPS} steps, in blocks of {BLOCK} interleaved with the framework's; "
+        f"{args.rounds} rounds"
+    )
+    print(
+        f"{'µs/step over the bare loop':<44} {'per step':>9} {'min':>7} {'max':>7} {'median block':>13} "
+        f"{'whole fit':>10}"
+    )
     for name in sets:
         _, loops, blocks, fits = zip(*results[name])
-        print(f"{name:<44} {statistics.median(loops):>9.1f} {min(loops):>7.1f} {max(loops):>7.1f} "
-              f"{statistics.median(blocks):>13.1f} {statistics.median(fits):>10.1f}")
-    print("medians over rounds. per step: the whole training loop; median block: its typical block of "
-          f"{BLOCK} steps;\nwhole fit: also set-up and the work done once at the end (plots, final files)")
-    print("\nframework alone (a no-op step, 20000 steps, median of 5): " + ", ".join(
-        f"{name} {statistics.median(framework_alone(specs, available) for _ in range(5)):.1f} µs/step"
-        for name, specs in sets.items()))
+        print(
+            f"{name:<44} {statistics.median(loops):>9.1f} {min(loops):>7.1f} {max(loops):>7.1f} "
+            f"{statistics.median(blocks):>13.1f} {statistics.median(fits):>10.1f}"
+        )
+    print(
+        "medians over rounds. per step: the whole training loop; median block: its typical block of "
+        f"{BLOCK} steps;\nwhole fit: also set-up and the work done once at the end (plots, final files)"
+    )
+    print(
+        "\nframework alone (a no-op step, 20000 steps, median of 5): "
+        + ", ".join(
+            f"{name} {statistics.median(framework_alone(specs, available) for _ in range(5)):.1f} µs/step"
+            for name, specs in sets.items()
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ lookahead and test-time augmentation through the very functions the plugins call
 Python loop with no events and no plugins. Each timed run spans what the reference scripts time:
 from the start of training (the whitening computed from the data included) to the end of the
 final test-time-augmented evaluation; loading the data set onto the device, building the
-(data-independent) model and warm-up (compilation included) are outside the timer. On a GPU the timer is a pair of CUDA events.
+(data-independent) model and warm-up (compilation included) are outside the timer. On a GPU the
+timer is a pair of CUDA events.
 Framework and bare runs alternate (run i uses seed i for both, so their accuracies should agree
 closely), and the last lines printed are the summary table.
 
@@ -17,6 +18,7 @@ closely), and the last lines printed are the summary table.
 
 Needs only torch, pydantic, pluggy, numpy and tqdm besides minitrain itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +35,16 @@ from typing import NamedTuple
 import torch
 
 from minitrain import Trainer, hookimpl
-from minitrain.kit.data import load_cifar10
 from minitrain.engine.device import resolve_device, seed_everything
-from minitrain.engine.registry import PluginRequest, discover, make_plugin_manager, parse_plugin_spec, register_plugin, resolve
+from minitrain.engine.registry import (
+    PluginRequest,
+    discover,
+    make_plugin_manager,
+    parse_plugin_spec,
+    register_plugin,
+    resolve,
+)
+from minitrain.kit.data import load_cifar10
 from minitrain.kit.recipe import load_recipe, make_config
 from minitrain_plugins.amp import DTYPES, to_half, unsupported
 from minitrain_plugins.compile import compile_in_place
@@ -115,10 +124,21 @@ def framework_run(recipe, config, device, data, plugins, timer, run_dir, extra=(
     pm = make_plugin_manager()
     for name, plugin in [*plugins, *((p.name, p) for p in extra)]:
         register_plugin(pm, plugin, name)
-    trainer = Trainer(parts.model, parts.optimizer, parts.train_loader, parts.val_loader, epochs=config.epochs,
-                      loss_fn=parts.loss_fn, scheduler=parts.scheduler, scheduler_interval=parts.scheduler_interval,
-                      device=device, run_dir=str(run_dir), config=config.model_dump(mode="json"),
-                      class_names=parts.class_names, plugin_manager=pm)
+    trainer = Trainer(
+        parts.model,
+        parts.optimizer,
+        parts.train_loader,
+        parts.val_loader,
+        epochs=config.epochs,
+        loss_fn=parts.loss_fn,
+        scheduler=parts.scheduler,
+        scheduler_interval=parts.scheduler_interval,
+        device=device,
+        run_dir=str(run_dir),
+        config=config.model_dump(mode="json"),
+        class_names=parts.class_names,
+        plugin_manager=pm,
+    )
     metrics = trainer.fit()
     return Run(metrics.get("val_acc", float("nan")), timer.stop(), parts.model)
 
@@ -129,8 +149,9 @@ def bare_run(recipe, config, device, data, plugins, timer) -> Run:
     dtype, mode = (DTYPES[amp.config.dtype], amp.config.mode) if amp else (None, "none")
     if dtype is not None and unsupported(device, dtype, mode):
         dtype = None  # the plugin falls back to fp32 here too
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16,
-                              enabled=dtype is not None and mode == "autocast")
+    autocast = torch.autocast(
+        device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None and mode == "autocast"
+    )
     train, test = recipe.make_loaders(config, device, *data)
     seed_everything(config.seed)
     model = recipe.make_model(config, device)
@@ -176,13 +197,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=10, help="timed runs of each kind")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each kind first (compilation, cuDNN)")
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe config override, as for `minitrain run`")
-    parser.add_argument("--plugin", action="append", default=[], metavar="SPEC",
-                        help="add or configure a plugin (amp, lookahead and tta settings reach the bare loop too)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe config override, as for `minitrain run`",
+    )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="add or configure a plugin (amp, lookahead and tta settings reach the bare loop too)",
+    )
     parser.add_argument("--no-bare", action="store_true", help="framework runs only")
-    parser.add_argument("--sync-debug", action="store_true",
-                        help="check a few framework steps for host-device syncs (CUDA)")
+    parser.add_argument(
+        "--sync-debug", action="store_true", help="check a few framework steps for host-device syncs (CUDA)"
+    )
     parser.add_argument("--sync-steps", type=int, default=5)
     parser.add_argument("--log", help="console output of the framework runs (default: in the work folder)")
     parser.add_argument("--json", help="write every run's figures here")
@@ -213,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     data = [tuple(t.to(device) for t in load_cifar10(config.data_dir, train=train)) for train in (True, False)]
-    print(f"data on {device}: {len(data[0][1])} train / {len(data[1][1])} test images "
-          f"({time.perf_counter() - started:.1f}s)", flush=True)
+    print(
+        f"data on {device}: {len(data[0][1])} train / {len(data[1][1])} test images "
+        f"({time.perf_counter() - started:.1f}s)",
+        flush=True,
+    )
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="speedrun-"))
     work.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.log or work / "console.log")
@@ -223,12 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     runs = 0
 
     with open(log_path, "w") as log:
+
         def framework(seed: int, extra=()) -> Run:
             nonlocal runs
             runs += 1
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                return framework_run(recipe, config.model_copy(update={"seed": seed}), device, data,
-                                     framework_plugins(), timer, work / f"run-{runs}", extra)
+                return framework_run(
+                    recipe,
+                    config.model_copy(update={"seed": seed}),
+                    device,
+                    data,
+                    framework_plugins(),
+                    timer,
+                    work / f"run-{runs}",
+                    extra,
+                )
 
         def bare(seed: int) -> Run:
             return bare_run(recipe, config.model_copy(update={"seed": seed}), device, data, bare_plugins(), timer)
@@ -239,16 +284,28 @@ def main(argv: list[str] | None = None) -> int:
                 acc, seconds, _ = run(10_000 + i)
                 print(f"warm-up {name}: acc {100 * acc:.2f}%, {seconds:.3f}s", flush=True)
         for i in range(args.runs):  # alternate which kind goes first, so drift hits both alike
-            for name, run in (kinds.items() if i % 2 == 0 else reversed(kinds.items())):
+            for name, run in kinds.items() if i % 2 == 0 else reversed(kinds.items()):
                 acc, seconds, _ = run(i)
                 results[name].append({"seed": i, "acc": acc, "seconds": seconds})
-            print(f"run {i}: " + ", ".join(f"{n} {100 * r[-1]['acc']:.2f}% {r[-1]['seconds']:.3f}s"
-                                            for n, r in results.items() if r), flush=True)
+            print(
+                f"run {i}: "
+                + ", ".join(f"{n} {100 * r[-1]['acc']:.2f}% {r[-1]['seconds']:.3f}s" for n, r in results.items() if r),
+                flush=True,
+            )
         sync_line = sync_check(framework, device, args.sync_steps) if args.sync_debug else None
 
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name(device), "torch": torch.__version__,
-                                               "config": config.model_dump(mode="json"), "runs": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": device_name(device),
+                    "torch": torch.__version__,
+                    "config": config.model_dump(mode="json"),
+                    "runs": results,
+                },
+                indent=2,
+            )
+        )
     print(f"\nconsole output of the framework runs: {log_path}")
     print_table(results, device, sync_line)
     return 0
@@ -265,8 +322,10 @@ def print_table(results: dict[str, list[dict]], device: torch.device, sync_line:
         medians[name] = statistics.median(times)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         label = "minitrain Trainer" if name == "framework" else "bare loop"
-        print(f"{label:<18} {len(rows):>4} {100 * statistics.mean(accs):>8.2f}% {100 * std:>6.2f} "
-              f"{100 * min(accs):>6.2f} {medians[name]:>9.3f} {min(times):>7.3f}")
+        print(
+            f"{label:<18} {len(rows):>4} {100 * statistics.mean(accs):>8.2f}% {100 * std:>6.2f} "
+            f"{100 * min(accs):>6.2f} {medians[name]:>9.3f} {min(times):>7.3f}"
+        )
     if len(medians) == 2:
         print(f"framework / bare median time: {medians['framework'] / medians['bare']:.3f}")
     if sync_line:
@@ -284,8 +343,10 @@ def sync_check(framework, device: torch.device, steps: int) -> str:
     if not check.caught:
         return f"sync check: no host-device sync in {steps} framework steps (steps 3-{2 + steps})"
     where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in check.caught})
-    return (f"sync check: {len(check.caught)} synchronising calls in {steps} steps, at {', '.join(where)}; "
-            f"first: {str(check.caught[0].message).splitlines()[0][:200]}")
+    return (
+        f"sync check: {len(check.caught)} synchronising calls in {steps} steps, at {', '.join(where)}; "
+        f"first: {str(check.caught[0].message).splitlines()[0][:200]}"
+    )
 
 
 def device_name(device: torch.device) -> str:

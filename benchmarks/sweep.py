@@ -15,6 +15,7 @@ are a Markdown table: wall time, trials pruned, the best trial's validation accu
 recipe validates on CIFAR-10's test set, with flip TTA) and its values. Everything lands in
 ``runs/bench-sweep-<time>/`` (and the sweeps in ``runs/sweeps/``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,27 +51,53 @@ def main() -> None:
     minitrain = [sys.executable, "-m", "minitrain"]
     rows = []
 
-    seconds = timed([*minitrain, "run", RECIPE, "--set", f"epochs={args.epochs}", "--run-dir", str(out / "defaults")],
-                    out / "defaults.log")
+    seconds = timed(
+        [*minitrain, "run", RECIPE, "--set", f"epochs={args.epochs}", "--run-dir", str(out / "defaults")],
+        out / "defaults.log",
+    )
     final = json.loads((out / "defaults" / "events.jsonl").read_text().splitlines()[-1])
     config = json.loads((out / "defaults" / "config.json").read_text())
     rows.append(["recipe defaults (one run)", seconds, "-", final["metrics"]["val_acc"], config])
 
     for pruner in ("none", "median"):
         study = f"{out.name}-{pruner}"
-        seconds = timed([*minitrain, "sweep", RECIPE, "--trials", str(args.trials), "--workers", str(args.workers),
-                         "--set", f"epochs={args.epochs}", "--sampler", f"tpe:seed={args.seed}", "--pruner", pruner,
-                         "--study", study], out / f"sweep-{pruner}.log")
-        shown = subprocess.run([*minitrain, "sweep", "show", study, "--json"], capture_output=True, text=True,
-                               check=True)
+        seconds = timed(
+            [
+                *minitrain,
+                "sweep",
+                RECIPE,
+                "--trials",
+                str(args.trials),
+                "--workers",
+                str(args.workers),
+                "--set",
+                f"epochs={args.epochs}",
+                "--sampler",
+                f"tpe:seed={args.seed}",
+                "--pruner",
+                pruner,
+                "--study",
+                study,
+            ],
+            out / f"sweep-{pruner}.log",
+        )
+        shown = subprocess.run(
+            [*minitrain, "sweep", "show", study, "--json"], capture_output=True, text=True, check=True
+        )
         (out / f"sweep-{pruner}.json").write_text(shown.stdout)
         trials = json.loads(shown.stdout)["trials"]
         best = trials[0]
         values = ", ".join(f"{k}={v:.3g}" for k, v in best["params"].items())
         epochs = sum(t["epochs"] or 0 for t in trials)
-        rows.append((f"sweep, pruner {pruner} ({args.trials} trials, {epochs} epochs trained)", seconds,
-                     str(sum(t["state"] == "PRUNED" for t in trials)), best["value"],
-                     f"trial {best['number']}: {values}"))
+        rows.append(
+            (
+                f"sweep, pruner {pruner} ({args.trials} trials, {epochs} epochs trained)",
+                seconds,
+                str(sum(t["state"] == "PRUNED" for t in trials)),
+                best["value"],
+                f"trial {best['number']}: {values}",
+            )
+        )
 
     keys = list(best["params"])
     rows[0][4] = ", ".join(f"{k}={config[k]:.3g}" for k in keys)  # the defaults of what the sweeps searched

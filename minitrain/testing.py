@@ -1,5 +1,6 @@
 """Helpers for testing recipes and plugins offline: a tiny CIFAR-10 in the real on-disk format,
 and a way to run ``minitrain`` in a child process that a test can kill."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minitrain.kit.data import CIFAR10_CLASSES, CIFAR10_FOLDER
 from minitrain.engine.hookspecs import hookimpl
+from minitrain.kit.data import CIFAR10_CLASSES, CIFAR10_FOLDER
 
 
 def make_fake_cifar10(root: str | Path, train_per_batch: int = 20, test_size: int = 40, seed: int = 0) -> Path:
@@ -30,8 +31,12 @@ def make_fake_cifar10(root: str | Path, train_per_batch: int = 20, test_size: in
             pattern = ((stripes // (y + 2)) % 2 * 40)[None, :, None]
             images[i] = colours[y][:, None, None] + pattern + rng.integers(-25, 26, size=(3, 32, 32))
         data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
-        return {"batch_label": label, "labels": labels.tolist(), "data": data,
-                "filenames": [f"fake_{label}_{i}.png" for i in range(n)]}
+        return {
+            "batch_label": label,
+            "labels": labels.tolist(),
+            "data": data,
+            "filenames": [f"fake_{label}_{i}.png" for i in range(n)],
+        }
 
     for i in range(1, 6):
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(train_per_batch, f"training batch {i} of 5")))

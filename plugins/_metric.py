@@ -1,5 +1,6 @@
 """What the plugins that watch an epoch metric (checkpoint, early_stopping) share: which metric and
 which way is better, checked before the run starts, and whether a value beats the best so far."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ def resolve_monitor(plugin: str, monitor: str | None, mode: Mode, trainer) -> tu
     monitor = monitor or ("val_loss" if "val_loss" in names else "train_loss")
     base = next((n for n in names if monitor == n or re.fullmatch(rf"{re.escape(n)}(_\d+)+", monitor)), None)
     if base is None:
-        raise MinitrainError(f"{plugin}: monitor {monitor!r} is not a metric this run reports "
-                             f"(it reports {', '.join(names)})")
+        raise MinitrainError(
+            f"{plugin}: monitor {monitor!r} is not a metric this run reports (it reports {', '.join(names)})"
+        )
     if mode == "auto":
         mode = trainer.metric_mode(base) or ("max" if "acc" in monitor.lower() else "min")
     return monitor, mode

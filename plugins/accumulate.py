@@ -19,6 +19,7 @@ Under DDP the batches that do not step skip the gradient all-reduce (``require_b
 what ``no_sync()`` sets): the ranks exchange gradients once per window. A checkpoint may fall inside
 a window: the gradients gathered so far travel in it, so a resume continues the window bit for bit.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -48,11 +49,16 @@ class Accumulate:
     @hookimpl
     def check(self, trainer) -> None:
         if trainer.nonfinite_loss == "skip":
-            raise MinitrainError("accumulate: nonfinite_loss=skip would drop a batch from a window without its "
-                                 "step; use nonfinite_loss=stop with accumulation")
+            raise MinitrainError(
+                "accumulate: nonfinite_loss=skip would drop a batch from a window without its "
+                "step; use nonfinite_loss=stop with accumulation"
+            )
         if self.config.steps > 1 and trainer.scheduler is not None and trainer.scheduler_interval == "step":
-            warnings.warn(f"accumulate: the recipe's per-step schedule advances once per optimizer step, every "
-                          f"{self.config.steps} batches; if it counts batches it will not finish", stacklevel=2)
+            warnings.warn(
+                f"accumulate: the recipe's per-step schedule advances once per optimizer step, every "
+                f"{self.config.steps} batches; if it counts batches it will not finish",
+                stacklevel=2,
+            )
 
     @hookimpl(trylast=True)
     def setup(self, trainer) -> None:
@@ -65,8 +71,9 @@ class Accumulate:
 
     @hookimpl(wrapper=True, tryfirst=True)
     def train_step(self, trainer):
-        trainer.shared.stepping = (self.window + 1 == self.config.steps
-                            or (self.epoch_steps is not None and trainer.state.batch_idx + 1 == self.epoch_steps))
+        trainer.shared.stepping = self.window + 1 == self.config.steps or (
+            self.epoch_steps is not None and trainer.state.batch_idx + 1 == self.epoch_steps
+        )
         if isinstance(trainer.model, DistributedDataParallel):
             trainer.model.require_backward_grad_sync = trainer.shared.stepping
         return (yield)

@@ -14,6 +14,7 @@ A device that cannot run the requested precision gets one warning and trains in 
 failing. Nothing here reads a tensor on the host per step, except what ``GradScaler.step`` itself
 does for an optimizer that is not fused (it checks for inf/NaN gradients before stepping).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def unsupported(device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
     """Why ``device`` cannot compute in ``dtype`` the ``mode`` way, or None if it can. Tried on a
     tiny matmul, because which device/dtype pairs work varies by backend and PyTorch version."""
-    if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if (
+        device.type == "cuda"
+        and dtype is torch.bfloat16
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
         return f"{torch.cuda.get_device_name(device)} has no native bf16"
     x = torch.ones(4, 4, device=device)
     try:
@@ -75,8 +80,10 @@ class MixedPrecision:
         dtype, mode = DTYPES[self.config.dtype], self.config.mode
         reason = unsupported(trainer.device, dtype, mode)
         if reason is not None:
-            warnings.warn(f"amp: {self.config.dtype} {mode} is not available on {trainer.device} ({reason}); "
-                          "training in fp32", stacklevel=2)
+            warnings.warn(
+                f"amp: {self.config.dtype} {mode} is not available on {trainer.device} ({reason}); training in fp32",
+                stacklevel=2,
+            )
             return
         self.dtype = dtype
         if mode == "pure":

@@ -69,6 +69,7 @@ Declaring your own event takes the same four steps as here:
 Because the event is emitted from inside the ``on_epoch_end``/``on_fit_end`` hooks, its line in
 ``events.jsonl`` comes just before the line of the event that triggered the save.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,8 @@ from pydantic import Field, model_validator
 
 from minitrain import PluginConfig, hookimpl, hookspec
 from minitrain.engine import checkpointing, distributed
-from minitrain.engine.files import check_writable
 from minitrain.engine.events import Count, Event
+from minitrain.engine.files import check_writable
 from minitrain_plugins._metric import Mode, improves, resolve_monitor
 
 
@@ -117,8 +118,11 @@ class Checkpoint:
         dir: str = Field(checkpointing.DEFAULT_DIR, description="checkpoint folder; relative to the run dir")
         every: int = Field(1, ge=0, description="save at the end of every N-th epoch (0: never)")
         every_steps: int = Field(0, ge=0, description="also save last.pt every N optimizer steps (0: never)")
-        monitor: str | None = Field(None, description="epoch metric that ranks best.pt and the top-k files "
-                                    "(default: val_loss, or train_loss in a run without validation)")
+        monitor: str | None = Field(
+            None,
+            description="epoch metric that ranks best.pt and the top-k files "
+            "(default: val_loss, or train_loss in a run without validation)",
+        )
         mode: Mode = Field("auto", description="min or max is better; auto: max for accuracies, else min")
         top_k: int = Field(1, ge=0, description="keep the k best checkpoints (0: none, no best.pt)")
         save_last: bool = Field(True, description="keep last.pt, the newest state, for resuming")
@@ -168,8 +172,11 @@ class Checkpoint:
 
     def _set_aside_later_than(self, step: int) -> None:
         """Move the checkpoints of steps after ``step``, which this run redoes, to a subfolder."""
-        later = [path for path in sorted(self.folder.glob("*.pt"))
-                 if (head := checkpointing.read_header(path)) is not None and head.get("global_step", 0) > step]
+        later = [
+            path
+            for path in sorted(self.folder.glob("*.pt"))
+            if (head := checkpointing.read_header(path)) is not None and head.get("global_step", 0) > step
+        ]
         if not later:
             return
         aside, tries = self.folder / f"set-aside-after-step-{step}", 1
@@ -179,13 +186,20 @@ class Checkpoint:
         aside.mkdir()
         for path in later:
             os.replace(path, aside / path.name)
-        warnings.warn(f"checkpoint: this run starts at step {step} and redoes later steps; moved their "
-                      f"{len(later)} checkpoint(s) ({', '.join(p.name for p in later)}) to {aside}", stacklevel=2)
+        warnings.warn(
+            f"checkpoint: this run starts at step {step} and redoes later steps; moved their "
+            f"{len(later)} checkpoint(s) ({', '.join(p.name for p in later)}) to {aside}",
+            stacklevel=2,
+        )
 
     @hookimpl(trylast=True)  # after other plugins, so their state in the file is this step's
     def on_batch_end(self, event, trainer) -> None:
-        if (self.folder is not None and self.config.every_steps and event.global_step % self.config.every_steps == 0
-                and self._finite(trainer)):
+        if (
+            self.folder is not None
+            and self.config.every_steps
+            and event.global_step % self.config.every_steps == 0
+            and self._finite(trainer)
+        ):
             self._save(trainer, {"last": "last.pt"})
 
     @hookimpl(trylast=True)  # after early stopping & co. have updated their state for this epoch
@@ -205,8 +219,12 @@ class Checkpoint:
 
     @hookimpl(trylast=True)
     def on_fit_end(self, trainer) -> None:
-        if (self.folder is not None and self.config.save_last and self.last_saved != _position(trainer)
-                and self._finite(trainer)):
+        if (
+            self.folder is not None
+            and self.config.save_last
+            and self.last_saved != _position(trainer)
+            and self._finite(trainer)
+        ):
             self._save(trainer, {"last": "last.pt"})
 
     @hookimpl(trylast=True)
@@ -225,16 +243,21 @@ class Checkpoint:
         held = f"step {self.last_saved[2]}" if self.last_saved else "no state from this run"
         if distributed.world_size() > 1:
             if distributed.is_main():
-                warnings.warn(f"checkpoint: under torchrun a stopping run saves nothing between save points (the "
-                              f"ranks cannot meet to save together); last.pt holds {held}", stacklevel=2)
+                warnings.warn(
+                    f"checkpoint: under torchrun a stopping run saves nothing between save points (the "
+                    f"ranks cannot meet to save together); last.pt holds {held}",
+                    stacklevel=2,
+                )
             return
         if trainer.state.in_step:
-            warnings.warn(f"checkpoint: the run stopped inside a batch, whose half-applied state is not "
-                          f"saved; last.pt holds {held}", stacklevel=2)
+            warnings.warn(
+                f"checkpoint: the run stopped inside a batch, whose half-applied state is not "
+                f"saved; last.pt holds {held}",
+                stacklevel=2,
+            )
             return
         if not trainer.check_finite(weights=True):
-            warnings.warn(f"checkpoint: not saving a state with non-finite values; last.pt holds {held}",
-                          stacklevel=2)
+            warnings.warn(f"checkpoint: not saving a state with non-finite values; last.pt holds {held}", stacklevel=2)
             return
         try:
             self._save(trainer, {"last": "last.pt"})
@@ -250,10 +273,14 @@ class Checkpoint:
         if not improves(metric, worst, self.mode):
             return {}, []
         name = re.sub(r"[^\w.-]", "_", self.monitor)
-        entry = {"metric": metric, "epoch": trainer.state.epoch, "global_step": trainer.state.global_step,
-                 "file": f"epoch={trainer.state.epoch}-step={trainer.state.global_step}-{name}={metric:.4f}.pt"}
+        entry = {
+            "metric": metric,
+            "epoch": trainer.state.epoch,
+            "global_step": trainer.state.global_step,
+            "file": f"epoch={trainer.state.epoch}-step={trainer.state.global_step}-{name}={metric:.4f}.pt",
+        }
         ranked = sorted([*self.top, entry], key=lambda e: e["metric"], reverse=self.mode == "max")
-        self.top, dropped = ranked[:self.config.top_k], ranked[self.config.top_k:]
+        self.top, dropped = ranked[: self.config.top_k], ranked[self.config.top_k :]
         files = {"topk": entry["file"]} if self.config.top_k > 1 else {}
         if ranked[0] is entry:
             files["best"] = "best.pt"
@@ -276,14 +303,23 @@ class Checkpoint:
         for kind, name in files.items():
             path = self.folder / name
             if distributed.is_main():
-                checkpointing.save(path, checkpointing.header(trainer, kind=kind, monitor=monitor, metric=metric),
-                                   state)
+                checkpointing.save(
+                    path, checkpointing.header(trainer, kind=kind, monitor=monitor, metric=metric), state
+                )
             if kind == "last":
                 self.last_saved = _position(trainer)
             if distributed.is_main():
-                trainer.emit(CheckpointSaved(path=str(path), kind=kind, epoch=trainer.state.epoch,
-                                             batch_idx=trainer.state.batch_idx, global_step=trainer.state.global_step,
-                                             monitor=monitor, metric=metric))
+                trainer.emit(
+                    CheckpointSaved(
+                        path=str(path),
+                        kind=kind,
+                        epoch=trainer.state.epoch,
+                        batch_idx=trainer.state.batch_idx,
+                        global_step=trainer.state.global_step,
+                        monitor=monitor,
+                        metric=metric,
+                    )
+                )
         distributed.barrier()  # no rank runs ahead of the file it would restart from
 
 

@@ -10,6 +10,7 @@ gradients are unscaled first, so the limit applies to the true gradients. The pr
 published as ``trainer.shared.step_metrics["grad_norm"]``, a device tensor: no host sync here; ``console``
 and ``tensorboard`` read it when they read the loss, every N steps.
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ of ``torch.amax`` over a bf16 value (the max-pool head of the CIFAR-10 networks,
 autocast or a bf16 model) compares fp32 values with their bf16 maximum, finds no match and
 divides by zero: every gradient is NaN from the first step (PyTorch 2.11 on CUDA, 2.14 on CPU).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -46,8 +47,10 @@ class Compile:
         dynamic: bool | None = Field(None, description="shapes: dynamic, static, or decided by torch (empty)")
         backend: str = Field("inductor", description="torch.compile's backend (inductor, aot_eager, eager, ...)")
         emulate_precision_casts: bool = Field(
-            True, description="inductor: round bf16/fp16 intermediates as eager does (off: slightly "
-                              "faster, and NaN gradients through amax in half precision)")
+            True,
+            description="inductor: round bf16/fp16 intermediates as eager does (off: slightly "
+            "faster, and NaN gradients through amax in half precision)",
+        )
 
     def __init__(self, config: Config):
         self.config = config
@@ -92,5 +95,10 @@ def compile_in_place(module: torch.nn.Module, config: Compile.Config) -> None:
         from torch._inductor import list_mode_options
 
         options = {**list_mode_options(config.mode), "emulate_precision_casts": config.emulate_precision_casts}
-    module.compile(mode=None if options is not None or config.mode == "default" else config.mode,
-                   options=options, fullgraph=config.fullgraph, dynamic=config.dynamic, backend=config.backend)
+    module.compile(
+        mode=None if options is not None or config.mode == "default" else config.mode,
+        options=options,
+        fullgraph=config.fullgraph,
+        dynamic=config.dynamic,
+        backend=config.backend,
+    )

@@ -5,6 +5,7 @@ so logs hold no control characters. The loss is shown every ``refresh_every`` st
 accelerator it is the loss of the previous refresh, copied to the host in the background, so the
 display never makes the host wait for the device.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,10 @@ class Console:
             budget = os.environ.get(distributed.MAX_RESTARTS_ENV)
             restart = f"restart {event.restart}{f' of {budget}' if budget else ''}: "
         if event.resumed_from:
-            print(f"{restart}resuming from {event.resumed_from}: epoch {event.start_epoch}, step {event.global_step}",
-                  flush=True)
+            print(
+                f"{restart}resuming from {event.resumed_from}: epoch {event.start_epoch}, step {event.global_step}",
+                flush=True,
+            )
         elif restart:
             print(f"{restart}no checkpoint was written before; starting afresh", flush=True)
         for key, (old, new) in event.changed.items():
@@ -63,8 +66,15 @@ class Console:
         self.started = time.perf_counter()
         if self.tty:
             self.every = self.config.refresh_every
-            self.bar = tqdm(total=event.steps, initial=event.start_batch, desc=f"epoch {event.epoch}/{self.epochs}",
-                            unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=event.steps,
+                initial=event.start_batch,
+                desc=f"epoch {event.epoch}/{self.epochs}",
+                unit="step",
+                file=self.stream,
+                leave=False,
+                dynamic_ncols=True,
+            )
         else:
             lines = self.config.plain_lines
             self.every = max(1, (event.steps or 50 * lines) // lines) if lines else sys.maxsize
@@ -76,7 +86,9 @@ class Console:
             return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = done * event.batch_size / elapsed  # as if every batch were this one's size
-        values = {name: self._read(name, value) for name, value in {"loss": event.loss, **trainer.shared.step_metrics}.items()}
+        values = {
+            name: self._read(name, value) for name, value in {"loss": event.loss, **trainer.shared.step_metrics}.items()
+        }
         if self.bar is not None:
             self.bar.set_postfix(**values, rate=f"{rate:.0f}/s", refresh=False)
             self.bar.update(event.batch_idx + 1 - self.bar.n)
@@ -84,8 +96,11 @@ class Console:
             total = self.steps or 0
             eta = (total - event.batch_idx - 1) * elapsed / done if total else 0
             shown = " ".join(f"{name} {value}" for name, value in values.items())
-            print(f"  epoch {event.epoch} step {event.batch_idx + 1}/{total or '?'} {shown} "
-                  f"{rate:.0f} samples/s eta {eta:.0f}s", flush=True)
+            print(
+                f"  epoch {event.epoch} step {event.batch_idx + 1}/{total or '?'} {shown} "
+                f"{rate:.0f} samples/s eta {eta:.0f}s",
+                flush=True,
+            )
 
     def _read(self, name: str, value) -> str:
         """A per-step value as text, without making the host wait: on an accelerator, the value
@@ -100,9 +115,12 @@ class Console:
         self._close_bar()
         m = event.metrics
         parts = [f"{k} {m[k]:.4f}" for k in m if k == "train_loss" or k.startswith("val_")]
-        print(f"epoch {event.epoch}/{self.epochs}: " + ", ".join(parts)
-              + f" ({m.get('epoch_time', 0):.1f}s, {m.get('samples_per_s', 0):.0f} samples/s, lr {m.get('lr', 0):.3g})",
-              flush=True)
+        print(
+            f"epoch {event.epoch}/{self.epochs}: "
+            + ", ".join(parts)
+            + f" ({m.get('epoch_time', 0):.1f}s, {m.get('samples_per_s', 0):.0f} samples/s, lr {m.get('lr', 0):.3g})",
+            flush=True,
+        )
 
     @hookimpl
     def on_fit_end(self, event) -> None:

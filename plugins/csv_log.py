@@ -7,6 +7,7 @@ widens the table: the file is rewritten once with the new column, blank in earli
 resumed run appends to the file; rows of epochs it is about to redo (because it resumed from an
 earlier checkpoint than the last row) are dropped first, so each epoch keeps exactly one row.
 """
+
 from __future__ import annotations
 
 import csv

@@ -12,6 +12,7 @@ after the set-up that changes the model itself (device, mixed precision, ``torch
 wraps ``trainer.model`` as those left it; ``trainer.module`` stays the recipe's model, so
 checkpoints hold the same plain weights whatever the number of processes.
 """
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -27,7 +28,8 @@ class DataParallel:
 
     class Config(PluginConfig):
         find_unused_parameters: bool = Field(
-            False, description="allow parameters that get no gradient in some steps (costs a graph walk per step)")
+            False, description="allow parameters that get no gradient in some steps (costs a graph walk per step)"
+        )
         static_graph: bool = Field(False, description="the set of used parameters never changes (lets DDP optimise)")
         bucket_cap_mb: float = Field(25.0, gt=0, description="size of the gradient all-reduce buckets")
 
@@ -40,7 +42,9 @@ class DataParallel:
             return  # one process, or a second fit() on the same trainer
         device = trainer.device
         trainer.model = DistributedDataParallel(
-            trainer.model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=self.config.find_unused_parameters, static_graph=self.config.static_graph,
-            bucket_cap_mb=self.config.bucket_cap_mb)
-
+            trainer.model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self.config.find_unused_parameters,
+            static_graph=self.config.static_graph,
+            bucket_cap_mb=self.config.bucket_cap_mb,
+        )

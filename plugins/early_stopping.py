@@ -9,6 +9,7 @@ epochs without improvement travel in checkpoints, so a resumed run stops when th
 one would have, and a run it ended stays ended when resumed (unless resumed with a larger
 ``patience``).
 """
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -24,8 +25,9 @@ class EarlyStopping:
     class Config(PluginConfig):
         changeable_on_resume = frozenset({"patience"})  # a run it stopped goes on with a larger one
 
-        monitor: str | None = Field(None, description="the epoch metric to watch (default: val_loss, or "
-                                    "train_loss in a run without validation)")
+        monitor: str | None = Field(
+            None, description="the epoch metric to watch (default: val_loss, or train_loss in a run without validation)"
+        )
         patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
         mode: Mode = Field("auto", description="min or max is better; auto: max for accuracies, else min")
         min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
@@ -64,5 +66,6 @@ class EarlyStopping:
     def _stop_if_patience_ran_out(self, trainer) -> None:
         if self.bad_epochs >= self.config.patience:
             best = "none" if self.best is None else f"{self.best:.4g}"
-            trainer.request_stop(f"{self.monitor} did not improve for {self.bad_epochs} epochs "
-                                 f"(best {best}, mode {self.mode})")
+            trainer.request_stop(
+                f"{self.monitor} did not improve for {self.bad_epochs} epochs (best {best}, mode {self.mode})"
+            )

@@ -13,6 +13,7 @@ evaluates the average instead of the trained weights, which are put back afterwa
 ``minitrain export --ema`` the exported model carries the average. Training itself never sees it.
 Updates are ``torch._foreach`` operations on the device: no host sync.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +22,9 @@ from pydantic import Field
 from minitrain import PluginConfig, hookimpl
 from minitrain.engine.errors import MinitrainError
 
-
 STATE = "ema_weights"
 """Where the plugin's checkpointed state keeps the averaged weights (`minitrain export --ema` reads them)."""
+
 
 class EMA:
     enabled_by_default = False
@@ -53,8 +54,10 @@ class EMA:
         source = self._loaded or (dict(zip(self.names, self.average)) if self.average else None)
         if source is not None and sorted(source) != sorted(self.names):
             raise MinitrainError("ema: the saved average does not fit this model's tensors")
-        self.average = [(source[name] if source is not None else t).detach().to(t.device, t.dtype, copy=True)
-                        for name, t in zip(self.names, self.tracked)]
+        self.average = [
+            (source[name] if source is not None else t).detach().to(t.device, t.dtype, copy=True)
+            for name, t in zip(self.names, self.tracked)
+        ]
         self._loaded = None
         pairs = list(zip(self.average, self.tracked, is_trained))
         self._lerped = ([a for a, _, w in pairs if w], [t for _, t, w in pairs if w])  # (averages, weights)

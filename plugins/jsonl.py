@@ -13,6 +13,7 @@ On an accelerator the log never makes the host wait for the device: a group's ba
 copied to the host in the background, and the group is written at a later ``BatchEnd``, once its
 copy has landed (by then the device is busy with steps queued since), or at the end of the run.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,8 @@ from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
 from minitrain.engine.device import HostCopy
-from minitrain.engine.files import check_writable
 from minitrain.engine.events import BatchEnd, BatchStart, Event, ExceptionRaised, FitEnd, Interrupted
+from minitrain.engine.files import check_writable
 
 FINAL = (FitEnd, ExceptionRaised, Interrupted)
 
@@ -99,12 +100,16 @@ class JsonlLog:
             for e in events:
                 kind = type(e)
                 if kind is BatchStart:
-                    lines.append(f'{{"event":"BatchStart","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
-                                 f'"global_step":{e.global_step},"batch_size":{e.batch_size}}}\n')
+                    lines.append(
+                        f'{{"event":"BatchStart","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
+                        f'"global_step":{e.global_step},"batch_size":{e.batch_size}}}\n'
+                    )
                 elif kind is BatchEnd:
                     loss = next(losses)
-                    lines.append(f'{{"event":"BatchEnd","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
-                                 f'"global_step":{e.global_step},"batch_size":{e.batch_size},"loss":{_number(loss)}}}\n')
+                    lines.append(
+                        f'{{"event":"BatchEnd","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
+                        f'"global_step":{e.global_step},"batch_size":{e.batch_size},"loss":{_number(loss)}}}\n'
+                    )
                 else:
                     lines.append(e.to_json() + "\n")
             self.file.write("".join(lines).encode())

@@ -7,6 +7,7 @@ the average simply follows the model (fast progress), late in training it damps 
 large learning rates. All floating-point state is averaged, BatchNorm statistics included, so the
 averaged model evaluates consistently. The average is plugin state: checkpoints carry it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,7 @@ class Lookahead:
         """Call after optimizer step number ``step`` (1-based): updates the average on schedule
         and hands it to the model at the last step."""
         if step % self.config.every == 0:
-            decay = self.config.decay ** self.config.every * min(step / self.total, 1.0) ** self.config.ramp
+            decay = self.config.decay**self.config.every * min(step / self.total, 1.0) ** self.config.ramp
             torch._foreach_lerp_(self.average, self.tracked, 1 - decay)
             torch._foreach_copy_(self.tracked, self.average)
         if step >= self.total:

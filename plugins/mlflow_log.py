@@ -42,6 +42,7 @@ background thread, as soon as its final line is on disk: this plugin has no per-
 ``on_event`` hook to come after the ``jsonl`` plugin's, and so costs nothing at the steps it does
 not log. Under torchrun it runs on rank 0 only.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -64,11 +65,10 @@ from pydantic import Field
 
 from minitrain import PluginConfig, __version__, hookimpl
 from minitrain.engine.device import HostCopy
-from minitrain.engine.errors import MinitrainError
+from minitrain.engine.errors import MinitrainError, one_line
 from minitrain.engine.events import ExceptionRaised, FitEnd, Interrupted
-from minitrain.engine.errors import one_line
-from minitrain.records.rundir import flatten, parse_time
 from minitrain.engine.files import read_json
+from minitrain.records.rundir import flatten, parse_time
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STEP_METRIC = "train_loss_step"
@@ -91,26 +91,47 @@ class MlflowLog:
     main_process_only = True  # under torchrun, on rank 0 only (see docs/plugins.md)
 
     class Config(PluginConfig):
-        tracking_uri: str | None = Field(None, description="where to log (default: $MLFLOW_TRACKING_URI, else "
-                                         "sqlite:///mlflow.db in the working directory)")
+        tracking_uri: str | None = Field(
+            None,
+            description="where to log (default: $MLFLOW_TRACKING_URI, else "
+            "sqlite:///mlflow.db in the working directory)",
+        )
         experiment: str | None = Field(None, description="MLflow experiment (default: the recipe's name)")
         run_name: str | None = Field(None, description="MLflow run name (default: the run directory's name)")
-        log_every: int = Field(50, ge=1, description="steps between logged training losses (each costs MLflow's "
-                               "SQLite store 0.15-0.2 ms of CPU, in the background)")
-        flush_secs: float = Field(30.0, gt=0, description="longest time a logged loss is held before it is "
-                                  "sent (they go in groups of 100, and at each epoch's end)")
+        log_every: int = Field(
+            50,
+            ge=1,
+            description="steps between logged training losses (each costs MLflow's "
+            "SQLite store 0.15-0.2 ms of CPU, in the background)",
+        )
+        flush_secs: float = Field(
+            30.0,
+            gt=0,
+            description="longest time a logged loss is held before it is "
+            "sent (they go in groups of 100, and at each epoch's end)",
+        )
         log_best_checkpoint: bool = Field(False, description="upload the checkpoint plugin's best.pt at the end")
-        http_timeout: int = Field(10, ge=1, description="seconds an HTTP request to a tracking server may take "
-                                  "(unless MLFLOW_HTTP_REQUEST_TIMEOUT is set)")
-        http_retries: int = Field(2, ge=0, description="retries of a failed HTTP request (unless "
-                                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES is set)")
-        finish_timeout: float = Field(120.0, gt=0, description="longest wait, at the end of the run, for MLflow "
-                                      "to take the last metrics and files")
+        http_timeout: int = Field(
+            10,
+            ge=1,
+            description="seconds an HTTP request to a tracking server may take "
+            "(unless MLFLOW_HTTP_REQUEST_TIMEOUT is set)",
+        )
+        http_retries: int = Field(
+            2, ge=0, description="retries of a failed HTTP request (unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set)"
+        )
+        finish_timeout: float = Field(
+            120.0,
+            gt=0,
+            description="longest wait, at the end of the run, for MLflow to take the last metrics and files",
+        )
 
     def __init__(self, config: Config):
         if importlib.util.find_spec("mlflow") is None:
-            raise MinitrainError("plugin 'mlflow' needs MLflow, which is not installed: "
-                                 "pip install 'minitrain[tracking]' (or pip install mlflow)")
+            raise MinitrainError(
+                "plugin 'mlflow' needs MLflow, which is not installed: "
+                "pip install 'minitrain[tracking]' (or pip install mlflow)"
+            )
         self.config = config
         self.every = config.log_every
         self.held: list[tuple[int, Any, int, dict | None]] = []  # (step, loss, time in ms, step metrics)
@@ -142,12 +163,20 @@ class MlflowLog:
             params.update(flatten(options, f"plugin.{plugin}"))
         params, cut = _fit(params, PARAM_VALUE_LIMIT)
         if cut:
-            warnings.warn(f"mlflow: parameter value(s) longer than MLflow takes were cut to {PARAM_VALUE_LIMIT} "
-                          f"characters: {', '.join(cut)}", stacklevel=2)
-        tags = {"minitrain.recipe": recipe or "", "minitrain.run_dir": str(run_dir or ""),
-                "minitrain.version": __version__, "torch.version": str(torch.__version__),
-                "minitrain.plugins": ", ".join(sorted(plugins)), "minitrain.device": event.device,
-                RUN_KEY_TAG: self.resume.get("run_key") or self.run_key}
+            warnings.warn(
+                f"mlflow: parameter value(s) longer than MLflow takes were cut to {PARAM_VALUE_LIMIT} "
+                f"characters: {', '.join(cut)}",
+                stacklevel=2,
+            )
+        tags = {
+            "minitrain.recipe": recipe or "",
+            "minitrain.run_dir": str(run_dir or ""),
+            "minitrain.version": __version__,
+            "torch.version": str(torch.__version__),
+            "minitrain.plugins": ", ".join(sorted(plugins)),
+            "minitrain.device": event.device,
+            RUN_KEY_TAG: self.resume.get("run_key") or self.run_key,
+        }
         if event.resumed_from:
             tags["minitrain.resumed_from"] = event.resumed_from
         for key, (old, new) in event.changed.items():  # parameters cannot change in MLflow: tags say it
@@ -155,26 +184,44 @@ class MlflowLog:
         tags = _fit(tags, TAG_VALUE_LIMIT)[0]
         start_time = None
         if self.replaying and self.segments == 1 and "mlflow" in (info.get("plugins") or {}):
-            warnings.warn("mlflow: this run had the mlflow plugin on when it trained; the replay logs it "
-                          "again, as a new MLflow run", stacklevel=2)
+            warnings.warn(
+                "mlflow: this run had the mlflow plugin on when it trained; the replay logs it "
+                "again, as a new MLflow run",
+                stacklevel=2,
+            )
         if self.replaying:  # the run's own start, from run.json, not the time of the replay
             history = info.get("history") or []
             if len(history) >= self.segments:
                 start_time = _ms(parse_time(history[self.segments - 1].get("started")))
         git_dir = Path(recipe).parent if recipe else Path.cwd()
-        start = dict(uri=self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
-                     experiment=self.config.experiment or name,
-                     run_name=self.config.run_name or (run_dir.name if run_dir else None),
-                     params=params, tags=tags, git_dir=git_dir, start_time=start_time)
+        start = dict(
+            uri=self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+            experiment=self.config.experiment or name,
+            run_name=self.config.run_name or (run_dir.name if run_dir else None),
+            params=params,
+            tags=tags,
+            git_dir=git_dir,
+            start_time=start_time,
+        )
         if self.worker is None:
-            for variable, value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", self.config.http_timeout),
-                                    ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", self.config.http_retries)):
+            for variable, value in (
+                ("MLFLOW_HTTP_REQUEST_TIMEOUT", self.config.http_timeout),
+                ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", self.config.http_retries),
+            ):
                 os.environ.setdefault(variable, str(value))  # read by MLflow at each request
             self.worker = _Worker()
         self.worker.submit(lambda: self._start(**start))
 
-    def _start(self, uri: str, experiment: str, run_name: str | None, params: dict[str, str],
-               tags: dict[str, str], git_dir: Path, start_time: int | None) -> None:
+    def _start(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str | None,
+        params: dict[str, str],
+        tags: dict[str, str],
+        git_dir: Path,
+        start_time: int | None,
+    ) -> None:
         """In the worker: open the store, find the run a checkpoint names or create one, log the
         parameters and tags."""
         from mlflow import MlflowClient
@@ -196,13 +243,15 @@ class MlflowLog:
         exp = client.get_experiment_by_name(experiment)
         experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
         if run is None and self.resume.get("run_key"):  # checkpointed before MLflow had given an id
-            found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.resume['run_key']}'",
-                                       max_results=1)
+            found = client.search_runs(
+                [experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.resume['run_key']}'", max_results=1
+            )
             run = found[0] if found else None
         if run is None and (self.resume.get("run_id") or self.resume.get("run_key")):
             named = self.resume.get("run_id") or f"tagged {RUN_KEY_TAG}={self.resume['run_key']}"
-            worker.notes.append(f"mlflow: the MLflow run this checkpoint was logging to ({named}) is not in {uri}; "
-                                "logging to a new run")
+            worker.notes.append(
+                f"mlflow: the MLflow run this checkpoint was logging to ({named}) is not in {uri}; logging to a new run"
+            )
         if run is None:
             commit = _git_commit(git_dir)
             if commit:
@@ -216,10 +265,19 @@ class MlflowLog:
                 tags = {key: value for key, value in tags.items() if key != RUN_KEY_TAG}
             logged = run.data.params
             new_params = {key: value for key, value in params.items() if key not in logged}
-            tags = {**{f"minitrain.changed.{key}": f"{logged[key]} -> {value}"  # (plugin options, say)
-                       for key, value in params.items() if key in logged and logged[key] != value}, **tags}
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in new_params.items()],
-                         tags=[RunTag(k, v) for k, v in _fit(tags, TAG_VALUE_LIMIT)[0].items()])
+            tags = {
+                **{
+                    f"minitrain.changed.{key}": f"{logged[key]} -> {value}"  # (plugin options, say)
+                    for key, value in params.items()
+                    if key in logged and logged[key] != value
+                },
+                **tags,
+            }
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in new_params.items()],
+            tags=[RunTag(k, v) for k, v in _fit(tags, TAG_VALUE_LIMIT)[0].items()],
+        )
         self.run_id = run.info.run_id
 
     # --- while it trains ----------------------------------------------------------------------
@@ -252,8 +310,11 @@ class MlflowLog:
         if len(values) > len(held):  # scalars of any dtype and shape (1,) or ()
             values = [value.detach().reshape(()).float() for value in values]
         copy = HostCopy(torch.stack(values).reshape(-1).float())
-        self.worker.submit(lambda: self._log_metrics(
-            [(name, value, step, stamp) for (name, step, stamp), value in zip(names, copy.get().tolist())]))
+        self.worker.submit(
+            lambda: self._log_metrics(
+                [(name, value, step, stamp) for (name, step, stamp), value in zip(names, copy.get().tolist())]
+            )
+        )
 
     def _log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
@@ -309,7 +370,9 @@ class MlflowLog:
         if run_dir is not None:
             info = read_json(run_dir / "run.json")
             csv_name = (info.get("plugins") or {}).get("csv", {}).get("filename", "metrics.csv")
-            files = [(run_dir / name, "") for name in ("report.html", csv_name, "config.json", "run.json", "errors.log")]
+            files = [
+                (run_dir / name, "") for name in ("report.html", csv_name, "config.json", "run.json", "errors.log")
+            ]
             files.append((run_dir / "plots", "plots"))
             if self.config.log_best_checkpoint and self.best_checkpoint:
                 files.append((Path(self.best_checkpoint), "checkpoints"))
@@ -317,9 +380,11 @@ class MlflowLog:
         self.worker.submit(lambda: self._end(files, _fit(tags, TAG_VALUE_LIMIT)[0], status, end_time))
         if not self.worker.wait(self.config.finish_timeout):
             self.worker.abandon()
-            raise MlflowFailed(f"MLflow did not take the run's last metrics and files within "
-                               f"{self.config.finish_timeout:g} s (finish_timeout); MLflow run {self.run_id} may be "
-                               "incomplete and left RUNNING")
+            raise MlflowFailed(
+                f"MLflow did not take the run's last metrics and files within "
+                f"{self.config.finish_timeout:g} s (finish_timeout); MLflow run {self.run_id} may be "
+                "incomplete and left RUNNING"
+            )
         self._check()
         if run_dir is not None:
             log = run_dir / (read_json(run_dir / "run.json").get("event_log") or "events.jsonl")
@@ -362,8 +427,10 @@ class MlflowLog:
     def state_dict(self) -> dict:
         """The MLflow run to continue on resume: its id, and the tag that finds it if the id was
         not known yet when the checkpoint was written (the run is created in the background)."""
-        return {"run_id": self.run_id or self.resume.get("run_id") or "",
-                "run_key": self.resume.get("run_key") or self.run_key}
+        return {
+            "run_id": self.run_id or self.resume.get("run_id") or "",
+            "run_key": self.resume.get("run_key") or self.run_key,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.resume = {"run_id": state.get("run_id") or "", "run_key": state.get("run_key") or ""}
@@ -441,7 +508,7 @@ def _fit(values: dict[str, str], limit: int) -> tuple[dict[str, str], list[str]]
         key = re.sub(r"[^\w\-. /]", "_", key)[:KEY_LIMIT]
         value = re.sub(r"(\w+://[^/@:\s]*):[^/@\s]*@", r"\1:***@", value)
         if len(value) > limit:
-            value = value[:limit - 3] + "..."
+            value = value[: limit - 3] + "..."
             cut.append(key)
         fitted[key] = value
     return fitted, cut
@@ -449,8 +516,9 @@ def _fit(values: dict[str, str], limit: int) -> tuple[dict[str, str], list[str]]
 
 def _git_commit(folder: Path) -> str | None:
     try:
-        result = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=False)
+        result = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     commit = result.stdout.strip()
@@ -474,4 +542,3 @@ def _text(value: Any) -> str:
 
 def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1000)
-

@@ -9,6 +9,7 @@ profile (``tensorboard --logdir RUN_DIR/profile/tensorboard`` with the torch-tb-
 The table of the top operators goes to the console. Before the window a step costs a counter;
 once the trace is written the plugin leaves the run, so the steps after it cost nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,12 +63,17 @@ class Profile:
             self._finish(trainer)
 
     def _start(self) -> None:
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
+        )
         self.profiler = torch.profiler.profile(
-            activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=self.config.warmup,
-                                                                    active=self.config.active, repeat=1),
-            on_trace_ready=self._write, record_shapes=self.config.record_shapes,
-            profile_memory=self.config.memory, with_stack=self.config.with_stack)
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=0, warmup=self.config.warmup, active=self.config.active, repeat=1),
+            on_trace_ready=self._write,
+            record_shapes=self.config.record_shapes,
+            profile_memory=self.config.memory,
+            with_stack=self.config.with_stack,
+        )
         self.profiler.start()
 
     def _write(self, profiler: torch.profiler.profile) -> None:
@@ -79,8 +85,11 @@ class Profile:
             shutil.copyfile(trace, self.folder / "trace.json")
         if self.config.top:
             sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-            print(f"profile of {self.config.active} steps (after {self.steps - self.config.active}), "
-                  f"top {self.config.top} operators by {sort.replace('_', ' ')}:", flush=True)
+            print(
+                f"profile of {self.config.active} steps (after {self.steps - self.config.active}), "
+                f"top {self.config.top} operators by {sort.replace('_', ' ')}:",
+                flush=True,
+            )
             print(profiler.key_averages().table(sort_by=sort, row_limit=self.config.top), flush=True)
         if self.folder is not None:
             print(f"profile: wrote {self.folder / 'trace.json'} and {self.folder / 'tensorboard'}", flush=True)

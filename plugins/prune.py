@@ -20,6 +20,7 @@ plugin sends a ``report`` after every validation and waits for the answer (prune
 an ``end`` when the fit ends. Messages are JSON objects. Only the sweep talks to Optuna, so a
 trial needs neither Optuna nor the study's storage (nor its password).
 """
+
 from __future__ import annotations
 
 import json
@@ -80,12 +81,16 @@ class Prune:
         declared = trainer.metric_mode(monitor)
         if declared is not None and declared != self.config.direction:
             better = "higher" if declared == "max" else "lower"
-            raise MinitrainError(f"prune: the study {'maximises' if self.config.direction == 'max' else 'minimises'} "
-                                 f"{monitor}, but for this recipe {better} is better; use --direction {declared}")
+            raise MinitrainError(
+                f"prune: the study {'maximises' if self.config.direction == 'max' else 'minimises'} "
+                f"{monitor}, but for this recipe {better} is better; use --direction {declared}"
+            )
         self.conn = connect()
         if self.conn is None:
-            raise MinitrainError("prune: this plugin reports to the study of a `minitrain sweep`, which enables it in "
-                                 "the trials it starts; a run of its own has no study (leave --plugin prune out)")
+            raise MinitrainError(
+                "prune: this plugin reports to the study of a `minitrain sweep`, which enables it in "
+                "the trials it starts; a run of its own has no study (leave --plugin prune out)"
+            )
 
     @hookimpl
     def on_epoch_end(self, event, trainer) -> None:
@@ -101,14 +106,18 @@ class Prune:
             trainer.request_stop("the sweep that started this trial is gone")
             return
         if answer.get("prune"):
-            trainer.request_stop(f"pruned by the sweep's {answer.get('pruner', '')} pruner: "
-                                 f"{self.config.monitor} {value:.4g} after epoch {event.epoch}".replace("  ", " "))
+            trainer.request_stop(
+                f"pruned by the sweep's {answer.get('pruner', '')} pruner: "
+                f"{self.config.monitor} {value:.4g} after epoch {event.epoch}".replace("  ", " ")
+            )
 
     @hookimpl
     def on_fit_end(self, event) -> None:
         value = event.metrics.get(self.config.monitor, self.last)
         try:
-            send(self.conn, {"kind": "end", "epochs": event.epochs_completed, "value": value,
-                                     "stop_reason": event.stop_reason})
+            send(
+                self.conn,
+                {"kind": "end", "epochs": event.epochs_completed, "value": value, "stop_reason": event.stop_reason},
+            )
         except OSError:
             pass  # the sweep is gone; it records nothing either way

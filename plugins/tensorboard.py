@@ -12,6 +12,7 @@
 All against the global step, so per-step and per-epoch curves share one x axis. It reads only
 events, so ``minitrain replay RUN --plugin tensorboard`` writes the same files after the fact.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ class TensorBoard:
         self.writer.add_text("config", f"```\n{json.dumps(event.config, indent=2)}\n```", event.global_step)
         if event.resumed_from or event.restart:
             where = f"resumed from {event.resumed_from}" if event.resumed_from else "started afresh (no checkpoint yet)"
-            self.writer.add_text("resumes", f"{f'restart {event.restart}: ' if event.restart else ''}{where} at step "
-                                            f"{event.global_step}", event.global_step)
+            self.writer.add_text(
+                "resumes",
+                f"{f'restart {event.restart}: ' if event.restart else ''}{where} at step {event.global_step}",
+                event.global_step,
+            )
 
     @hookimpl
     def on_batch_end(self, event, trainer) -> None:

@@ -3,14 +3,15 @@ small translations of each image (:mod:`minitrain.kit.augment`). Overrides the `
 pipeline hook, so it composes with anything that wraps it (mixed precision). ``minitrain export
 --tta`` builds the same views into an exported model.
 """
+
 from __future__ import annotations
 
 import torch
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.kit.augment import augmented_logits
 from minitrain.engine.device import to_device
+from minitrain.kit.augment import augmented_logits
 
 __all__ = ["TestTimeAugmentation", "augmented_logits"]
 

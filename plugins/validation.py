@@ -5,6 +5,7 @@ whose test-time-augmented evaluation takes as long as several epochs should eval
 the end. The plugin hides the validation loader from the trainer in the epochs it skips and
 gives it back when the fit ends, however it ends.
 """
+
 from __future__ import annotations
 
 from pydantic import Field

@@ -26,6 +26,7 @@ already there.
 Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas, never
 pyplot, so no global backend is switched and no window opens.
 """
+
 from __future__ import annotations
 
 import html
@@ -38,11 +39,11 @@ from matplotlib.figure import Figure
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
-from minitrain.records.curves import epoch_axis, smooth
 from minitrain.engine.device import HostCopy
+from minitrain.engine.files import read_json
+from minitrain.records.curves import epoch_axis, smooth
 from minitrain.records.formats import format_duration
 from minitrain.records.rundir import read_run
-from minitrain.engine.files import read_json
 
 PLOTS = "plots"
 HOLD = 256  # per-step losses held before they go to the host together
@@ -52,7 +53,14 @@ CURVES = {  # file -> (title, y label, [(metric, legend label)])
     "lr.png": ("Learning rate (end of epoch)", "learning rate", [("lr", "lr")]),
 }
 OTHER_METRICS = "metrics.png"  # every validation metric the curves above leave out
-FIGURES = ["loss.png", "accuracy.png", OTHER_METRICS, "lr.png", "confusion.png", "misclassified.png"]  # the report's order
+FIGURES = [
+    "loss.png",
+    "accuracy.png",
+    OTHER_METRICS,
+    "lr.png",
+    "confusion.png",
+    "misclassified.png",
+]  # the report's order
 
 
 class Visualization:
@@ -98,8 +106,14 @@ class Visualization:
         self.steps_per_epoch = event.steps_per_epoch
         self.plugins = sorted(trainer.plugin_options())
         if event.resumed_from or event.restart:  # (after load_state_dict: the run's earlier starts are in)
-            self.starts.append({"restart": event.restart, "resumed_from": event.resumed_from,
-                                "epoch": event.start_epoch, "global_step": event.global_step})
+            self.starts.append(
+                {
+                    "restart": event.restart,
+                    "resumed_from": event.resumed_from,
+                    "epoch": event.start_epoch,
+                    "global_step": event.global_step,
+                }
+            )
         self._group()
         self._forget_steps_after(event.global_step)  # a resume from an earlier step redoes the later ones
 
@@ -129,11 +143,14 @@ class Visualization:
         return out
 
     def _forget_steps_after(self, step: int) -> None:
-        kept = [(first, losses if isinstance(losses, torch.Tensor) else losses.get())
-                for first, losses in self.step_losses if first <= step]
+        kept = [
+            (first, losses if isinstance(losses, torch.Tensor) else losses.get())
+            for first, losses in self.step_losses
+            if first <= step
+        ]
         if kept and kept[-1][0] + len(kept[-1][1]) - 1 > step:
             first, losses = kept[-1]
-            kept[-1] = (first, losses[:step - first + 1])
+            kept[-1] = (first, losses[: step - first + 1])
         self.step_losses = kept
 
     @hookimpl
@@ -151,8 +168,14 @@ class Visualization:
     def _collect(self, images, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Keep the first ``max_images`` wrong predictions seen so far; every shape is fixed in
         advance, so nothing waits for the device."""
-        if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] in (1, 3)
-                and logits.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()):
+        if not (
+            isinstance(images, torch.Tensor)
+            and images.dim() == 4
+            and images.shape[1] in (1, 3)
+            and logits.dim() == 2
+            and targets.dim() == 1
+            and not targets.is_floating_point()
+        ):
             return  # not images, or not a classifier's outputs
         preds = logits.argmax(1)
         parts = (images.to(logits.device, non_blocking=True), targets, preds, preds != targets)
@@ -194,10 +217,14 @@ class Visualization:
     def state_dict(self) -> dict:
         """The curves so far, so that a resumed run's plots start at epoch 1 and step 1."""
         steps = self.steps()
-        return {"epochs": self.epochs, "confusion": self.confusion, "confusion_epoch": self.confusion_epoch,
-                "starts": [dict(start) for start in self.starts],
-                "loss_steps": torch.tensor([s for s, _ in steps], dtype=torch.int64),
-                "losses": torch.tensor([v for _, v in steps], dtype=torch.float32)}
+        return {
+            "epochs": self.epochs,
+            "confusion": self.confusion,
+            "confusion_epoch": self.confusion_epoch,
+            "starts": [dict(start) for start in self.starts],
+            "loss_steps": torch.tensor([s for s, _ in steps], dtype=torch.int64),
+            "losses": torch.tensor([v for _, v in steps], dtype=torch.float32),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs = {int(k): dict(v) for k, v in state["epochs"].items()}
@@ -209,7 +236,7 @@ class Visualization:
             if steps == list(range(steps[0], steps[0] + len(steps))):
                 self.step_losses = [(steps[0], state["losses"].float())]
             else:
-                self.step_losses = [(s, state["losses"][i:i + 1].float()) for i, s in enumerate(steps)]
+                self.step_losses = [(s, state["losses"][i : i + 1].float()) for i, s in enumerate(steps)]
 
     # --- drawing ------------------------------------------------------------------------------
 
@@ -227,8 +254,13 @@ class Visualization:
                 plot_curve(epochs, series, title, ylabel, plots / name)
         shown = {key for _, _, series in CURVES.values() for key, _ in series}
         others = sorted({key for m in epochs for key in m if key.startswith("val_") and key not in shown})
-        plot_curve(epochs, [(key, key.removeprefix("val_")) for key in others], "Validation metrics", "value",
-                   plots / OTHER_METRICS)
+        plot_curve(
+            epochs,
+            [(key, key.removeprefix("val_")) for key in others],
+            "Validation metrics",
+            "value",
+            plots / OTHER_METRICS,
+        )
         if self.confusion is not None:
             plot_confusion(self.confusion, self.class_names, self.confusion_epoch, plots / "confusion.png")
         if self.misclassified is not None:
@@ -241,14 +273,25 @@ class Visualization:
         if self.replaying:  # the run's own times, from its files (minitrain.commands.runs), not the replay's
             duration = read_run(self.run_dir).duration
         else:  # this start's wall time, and the training time of the epochs of earlier starts
-            duration = time.time() - self.started + sum(
-                m.get("epoch_time", 0.0) for e, m in self.epochs.items() if e < self.start_epoch)
+            duration = (
+                time.time()
+                - self.started
+                + sum(m.get("epoch_time", 0.0) for e, m in self.epochs.items() if e < self.start_epoch)
+            )
         info = read_json(self.run_dir / "run.json")
         recipe = info.get("recipe")
         errors = self.run_dir / "errors.log"
-        return {"recipe": Path(recipe).stem if recipe else None, "status": self.status, "duration": duration,
-                "device": self.device, "plugins": self.plugins, "stop_reason": self.stop_reason, "error": self.error,
-                "error_log": _error_titles(errors) if errors.is_file() else [], "starts": self.starts}
+        return {
+            "recipe": Path(recipe).stem if recipe else None,
+            "status": self.status,
+            "duration": duration,
+            "device": self.device,
+            "plugins": self.plugins,
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+            "error_log": _error_titles(errors) if errors.is_file() else [],
+            "starts": self.starts,
+        }
 
 
 def _first_wrong(parts: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
@@ -314,16 +357,31 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str] | None, epoch
         ax.set_yticks(range(n), names)
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if fractions[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if fractions[i, j] > 0.5 else "black",
+                )
     accuracy = counts.diagonal().sum() / counts.sum().clamp(min=1)
-    ax.set(title=f"Validation confusion matrix (epoch {epoch}, accuracy {accuracy:.1%})",
-           xlabel="predicted", ylabel="true")
+    ax.set(
+        title=f"Validation confusion matrix (epoch {epoch}, accuracy {accuracy:.1%})", xlabel="predicted", ylabel="true"
+    )
     fig.savefig(path, dpi=100)
 
 
-def plot_misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, wrong: torch.Tensor,
-                       class_names: list[str] | None, total_wrong: int, path: Path) -> None:
+def plot_misclassified(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    preds: torch.Tensor,
+    wrong: torch.Tensor,
+    class_names: list[str] | None,
+    total_wrong: int,
+    path: Path,
+) -> None:
     """A grid of wrongly classified images, each stretched to its own value range (the inputs
     are normalised, and the plugin does not know how)."""
     images, targets, preds = images[wrong].float(), targets[wrong], preds[wrong]
@@ -344,43 +402,60 @@ def plot_misclassified(images: torch.Tensor, targets: torch.Tensor, preds: torch
     fig.savefig(path, dpi=100)
 
 
-def write_report(run_dir: Path, config: dict, epochs: list[dict], stop_reason: str | None,
-                 summary: dict | None = None) -> None:
+def write_report(
+    run_dir: Path, config: dict, epochs: list[dict], stop_reason: str | None, summary: dict | None = None
+) -> None:
     """``report.html``: what the run was and how it ended (``summary``: recipe, status, duration,
     device, plugins, error, errors.log's entries), whichever plots exist, the final metrics and the
     config. Links are relative, so the run directory can be copied or opened offline as it is."""
     esc = html.escape
     summary = summary or {}
-    figures = [f'<figure><img src="{PLOTS}/{name}" alt="{esc(name)}"></figure>'
-               for name in FIGURES if (run_dir / PLOTS / name).is_file()]
+    figures = [
+        f'<figure><img src="{PLOTS}/{name}" alt="{esc(name)}"></figure>'
+        for name in FIGURES
+        if (run_dir / PLOTS / name).is_file()
+    ]
     final = epochs[-1] if epochs else {}
     recipe = summary.get("recipe")
     title = f"{recipe}: {run_dir.name}" if recipe else run_dir.name
     status = summary.get("status", "finished" if not stop_reason else "stopped")
-    facts = [("status", f'<span class="status-{esc(status)}">{esc(status)}</span>'),
-             ("epochs", f"{len(epochs)} recorded"),
-             ("duration", esc(format_duration(summary.get("duration")))),
-             ("device", esc(summary.get("device") or "-")),
-             ("plugins", esc(", ".join(summary.get("plugins") or []) or "-")),
-             ("run directory", esc(str(run_dir.absolute())))]
+    facts = [
+        ("status", f'<span class="status-{esc(status)}">{esc(status)}</span>'),
+        ("epochs", f"{len(epochs)} recorded"),
+        ("duration", esc(format_duration(summary.get("duration")))),
+        ("device", esc(summary.get("device") or "-")),
+        ("plugins", esc(", ".join(summary.get("plugins") or []) or "-")),
+        ("run directory", esc(str(run_dir.absolute()))),
+    ]
     if stop_reason:
         facts.insert(1, ("stop reason", esc(stop_reason)))
     if summary.get("error"):
         facts.insert(1, ("error", f'<span class="status-failed">{esc(summary["error"])}</span>'))
     if summary.get("starts"):
-        facts.append(("resumed", "<ul>" + "".join(f"<li>{esc(_start_line(start))}</li>" for start in summary["starts"])
-                      + "</ul>the steps after each checkpoint were done again"))
+        facts.append(
+            (
+                "resumed",
+                "<ul>"
+                + "".join(f"<li>{esc(_start_line(start))}</li>" for start in summary["starts"])
+                + "</ul>the steps after each checkpoint were done again",
+            )
+        )
     if summary.get("error_log"):
         entries = "".join(f"<li>{esc(line)}</li>" for line in summary["error_log"])
         facts.append(("errors.log", f'<a href="errors.log">full tracebacks</a><ul>{entries}</ul>'))
     about = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in facts)
     metrics = "".join(f"<tr><th>{esc(k)}</th><td>{v:.4g}</td></tr>" for k, v in final.items())
-    settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>" for k, v in config.items())
-    (run_dir / "report.html").write_text(f"""<!doctype html>
+    settings = "".join(
+        f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
+        for k, v in config.items()
+    )
+    (run_dir / "report.html").write_text(
+        f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
-table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }}
 figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 .status-failed, .status-interrupted, .status-killed {{ color: #b00; font-weight: bold; }}
 .status-running {{ color: #a60; }}
@@ -396,7 +471,9 @@ ul {{ margin: 0.2em 0; padding-left: 1.2em; }} .sub {{ color: #666; margin-top: 
 <h2>Config</h2>
 <table>{settings}</table>
 </body></html>
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
 
 
 def _start_line(start: dict) -> str:
@@ -409,8 +486,11 @@ def _start_line(start: dict) -> str:
 def _error_titles(path: Path, limit: int = 20) -> list[str]:
     """The heading line of each entry of a run's errors.log (``--- TIME step N: what failed``)."""
     try:
-        lines = [line[4:].strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                 if line.startswith("--- ")]
+        lines = [
+            line[4:].strip()
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.startswith("--- ")
+        ]
     except OSError:
         return []
     return lines[-limit:]

@@ -19,6 +19,7 @@ is the same as::
 Add ``--set freeze=whiten,blocks.0`` to the fine-tuning run to keep the first layers as
 pre-trained.
 """
+
 import argparse
 import sys
 import time
@@ -62,20 +63,33 @@ def build_model(config: Config) -> ConvNet:
 
 def build(config: Config, device: torch.device) -> minitrain.Components:
     images, labels = _first_classes(*load_cifar10(config.data_dir, train=True), config.classes)
-    images, labels = images[:config.train_size], labels[:config.train_size]
-    train = ImageLoader(images, labels, config.batch_size, device=device, shuffle=True, crop=4, flip="random",
-                        seed=config.seed)
-    test = ImageLoader(*_first_classes(*load_cifar10(config.data_dir, train=False), config.classes), 1000,
-                       device=device)
+    images, labels = images[: config.train_size], labels[: config.train_size]
+    train = ImageLoader(
+        images, labels, config.batch_size, device=device, shuffle=True, crop=4, flip="random", seed=config.seed
+    )
+    test = ImageLoader(
+        *_first_classes(*load_cifar10(config.data_dir, train=False), config.classes), 1000, device=device
+    )
     model = build_model(config)
     model.whiten.init_from(train.normalize(train.images[:5000]))
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=True, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.trainable_parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+        weight_decay=config.weight_decay,
+    )
     scheduler = triangular(optimizer, total_steps=config.epochs * len(train), warmup=0.2)
     return minitrain.Components(
-        model=model, optimizer=optimizer, train_loader=train, val_loader=test,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), eval_loss_fn=F.cross_entropy,
-        scheduler=scheduler, scheduler_interval="step", class_names=CIFAR10_CLASSES[:config.classes],
+        model=model,
+        optimizer=optimizer,
+        train_loader=train,
+        val_loader=test,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        eval_loss_fn=F.cross_entropy,
+        scheduler=scheduler,
+        scheduler_interval="step",
+        class_names=CIFAR10_CLASSES[: config.classes],
     )
 
 
@@ -84,24 +98,41 @@ def _first_classes(images: torch.Tensor, labels: torch.Tensor, classes: int) -> 
     return images[keep], labels[keep]
 
 
-def compare(root: str | Path | None = None, pretrain_epochs: int = 4, epochs: int = 2, train_size: int = 5000,
-            overrides: list[str] = ()) -> dict[str, float]:
+def compare(
+    root: str | Path | None = None,
+    pretrain_epochs: int = 4,
+    epochs: int = 2,
+    train_size: int = 5000,
+    overrides: list[str] = (),
+) -> dict[str, float]:
     """Pre-train, fine-tune and train from scratch (the commands in this file's docstring);
     print and return both final accuracies and the gain."""
     from minitrain.commands.start import RunRequest, prepare
 
     root = Path(root or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")  # new each time: run dirs hold one run
     recipe = Path(__file__)
-    prepare(RunRequest(recipe, [*overrides, "classes=5", f"epochs={pretrain_epochs}"], ["checkpoint"],
-            run_dir=root / "pretrain")).fit()
+    prepare(
+        RunRequest(
+            recipe, [*overrides, "classes=5", f"epochs={pretrain_epochs}"], ["checkpoint"], run_dir=root / "pretrain"
+        )
+    ).fit()
     task = [*overrides, f"train_size={train_size}", f"epochs={epochs}"]
-    tuned = prepare(RunRequest(recipe, task, run_dir=root / "finetune", init_from=root / "pretrain" / "checkpoints" / "last.pt",
-                    init_skip_mismatched=True)).fit()
+    tuned = prepare(
+        RunRequest(
+            recipe,
+            task,
+            run_dir=root / "finetune",
+            init_from=root / "pretrain" / "checkpoints" / "last.pt",
+            init_skip_mismatched=True,
+        )
+    ).fit()
     scratch = prepare(RunRequest(recipe, task, run_dir=root / "scratch")).fit()
     result = {"finetune": tuned["val_acc"], "scratch": scratch["val_acc"]}
     result["gain"] = result["finetune"] - result["scratch"]
-    print(f"10-class test accuracy after {epochs} epochs on {train_size} images: fine-tuned {result['finetune']:.4f}, "
-          f"from scratch {result['scratch']:.4f}, gain {result['gain']:+.4f}")
+    print(
+        f"10-class test accuracy after {epochs} epochs on {train_size} images: fine-tuned {result['finetune']:.4f}, "
+        f"from scratch {result['scratch']:.4f}, gain {result['gain']:+.4f}"
+    )
     return result
 
 
@@ -111,8 +142,14 @@ if __name__ == "__main__":
     parser.add_argument("--pretrain-epochs", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of fine-tuning, and of training from scratch")
     parser.add_argument("--train-size", type=int, default=5000, help="training images of the 10-class task")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for all three runs (e.g. widths=16,32,64); repeatable")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for all three runs (e.g. widths=16,32,64); repeatable",
+    )
     args = parser.parse_args()
     try:
         compare(args.root, args.pretrain_epochs, args.epochs, args.train_size, args.overrides)

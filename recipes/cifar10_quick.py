@@ -9,6 +9,7 @@ channels-last bf16 compute (the ``amp`` plugin) and flip test-time augmentation.
     minitrain run recipes/cifar10_quick.py --set epochs=4 --set widths=[32,64,128]
     minitrain sweep recipes/cifar10_quick.py --trials 12 --workers 2 --set epochs=2   # searches SPACE
 """
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
@@ -52,16 +53,34 @@ def build_model(config: Config) -> ConvNet:
 
 
 def build(config: Config, device: torch.device) -> minitrain.Components:
-    train, test = cifar10_loaders(config.data_dir, config.batch_size, device=device, seed=config.seed,
-                                  crop=4, flip="random", eval_batch_size=1000,
-                                  channels_last=config.channels_last)
+    train, test = cifar10_loaders(
+        config.data_dir,
+        config.batch_size,
+        device=device,
+        seed=config.seed,
+        crop=4,
+        flip="random",
+        eval_batch_size=1000,
+        channels_last=config.channels_last,
+    )
     model = build_model(config)
     model.whiten.init_from(train.normalize(train.images[:5000]))
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=True, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.trainable_parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+        weight_decay=config.weight_decay,
+    )
     scheduler = triangular(optimizer, total_steps=config.epochs * len(train), warmup=config.warmup)
     return minitrain.Components(
-        model=model, optimizer=optimizer, train_loader=train, val_loader=test,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), eval_loss_fn=F.cross_entropy,
-        scheduler=scheduler, scheduler_interval="step", class_names=CIFAR10_CLASSES,
+        model=model,
+        optimizer=optimizer,
+        train_loader=train,
+        val_loader=test,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        eval_loss_fn=F.cross_entropy,
+        scheduler=scheduler,
+        scheduler_interval="step",
+        class_names=CIFAR10_CLASSES,
     )

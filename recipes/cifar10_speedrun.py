@@ -3,7 +3,8 @@
 plugins.
 
 The data set lives on the device, normalised once, in bf16 and channels-last, and the model
-computes in bf16 (the ``amp`` plugin, mode pure: BatchNorm stays fp32); each batch is translated by up to 2 pixels (reflect padding) and flipped, the flips alternating
+computes in bf16 (the ``amp`` plugin, mode pure: BatchNorm stays fp32); each batch is translated by
+up to 2 pixels (reflect padding) and flipped, the flips alternating
 between epochs. The net (``minitrain.kit.nets.ConvNet``, ~2M parameters) starts with a frozen 2×2
 patch-whitening conv built from the training images, whose bias trains for the first
 ``whiten_bias_epochs`` only. Nesterov SGD at batch 1024 on a summed, label-smoothed loss, with
@@ -25,6 +26,7 @@ own plugin. ``torch.compile`` is the ``compile`` plugin.
 
 On a CPU it runs too (slowly); ``data_dtype=auto`` then keeps the inputs fp32.
 """
+
 from typing import Literal
 
 import torch
@@ -84,8 +86,9 @@ PLUGINS = [
 def build(config: Config, device: torch.device) -> minitrain.Components:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    train, test = make_loaders(config, device, load_cifar10(config.data_dir, train=True),
-                               load_cifar10(config.data_dir, train=False))
+    train, test = make_loaders(
+        config, device, load_cifar10(config.data_dir, train=True), load_cifar10(config.data_dir, train=False)
+    )
     return make_training(config, device, make_model(config, device), train, test)
 
 
@@ -93,8 +96,17 @@ def make_loaders(config: Config, device: torch.device, train_data, test_data) ->
     """Device-resident loaders over ``(uint8 images, labels)`` pairs, normalised once."""
     dtype = DTYPES.get(config.data_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     common = dict(device=device, resident=True, normalize_once=True, dtype=dtype, channels_last=True)
-    train = ImageLoader(*train_data, config.batch_size, shuffle=True, drop_last=True, crop=config.translate,
-                        pad_mode="reflect", flip="alternate", seed=config.seed, **common)
+    train = ImageLoader(
+        *train_data,
+        config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        crop=config.translate,
+        pad_mode="reflect",
+        flip="alternate",
+        seed=config.seed,
+        **common,
+    )
     test = ImageLoader(*test_data, config.eval_batch_size, **common)
     return train, test
 
@@ -109,17 +121,22 @@ def make_model(config: Config, device: torch.device) -> ConvNet:
     return build_model(config).to(device, memory_format=torch.channels_last)
 
 
-def make_training(config: Config, device: torch.device, model: ConvNet, train: ImageLoader,
-                  test: ImageLoader) -> minitrain.Components:
+def make_training(
+    config: Config, device: torch.device, model: ConvNet, train: ImageLoader, test: ImageLoader
+) -> minitrain.Components:
     """Whitening from the training images, optimizer and schedule: the start of a run."""
     model.whiten.init_from(train.normalize(train.images[:5000]))
     optimizer = make_optimizer(config, model, device)
     return minitrain.Components(
-        model=model, optimizer=optimizer, train_loader=train, val_loader=test,
+        model=model,
+        optimizer=optimizer,
+        train_loader=train,
+        val_loader=test,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum"),
         eval_loss_fn=F.cross_entropy,
         scheduler=triangular(optimizer, config.epochs * len(train), warmup=0.2, start=0.2, end=0.07),
-        scheduler_interval="step", class_names=CIFAR10_CLASSES,
+        scheduler_interval="step",
+        class_names=CIFAR10_CLASSES,
     )
 
 
@@ -136,10 +153,27 @@ def make_optimizer(config: Config, model: ConvNet, device: torch.device) -> torc
     others = [p for p in model.trainable_parameters() if all(p is not b for b in bn_biases)]
     biases = dict(params=bn_biases, lr=bias_lr, weight_decay=wd / bias_lr)
     if not config.muon:
-        return torch.optim.SGD([biases, dict(params=others, lr=lr, weight_decay=wd / lr)], momentum=config.momentum,
-                               nesterov=True, fused=device.type == "cuda")
+        return torch.optim.SGD(
+            [biases, dict(params=others, lr=lr, weight_decay=wd / lr)],
+            momentum=config.momentum,
+            nesterov=True,
+            fused=device.type == "cuda",
+        )
     filters = [p for p in others if p.ndim == 4]
     rest = [p for p in others if p.ndim != 4]
-    return Muon([dict(params=filters, lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=0.0,
-                      orthogonalize=True, normalize=True),
-                 biases, dict(params=rest, lr=lr, weight_decay=wd / lr)], lr=lr, momentum=config.momentum)
+    return Muon(
+        [
+            dict(
+                params=filters,
+                lr=config.muon_lr,
+                momentum=config.muon_momentum,
+                weight_decay=0.0,
+                orthogonalize=True,
+                normalize=True,
+            ),
+            biases,
+            dict(params=rest, lr=lr, weight_decay=wd / lr),
+        ],
+        lr=lr,
+        momentum=config.momentum,
+    )

@@ -4,6 +4,7 @@ mean and std, shuffled every epoch, and evaluated on the test set after every ep
 
     minitrain run recipes/cifar10_tutorial.py --set epochs=5
 """
+
 import torch
 from torch import nn
 
@@ -22,11 +23,20 @@ class TutorialNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, 10),
         )
 
     def forward(self, x):
@@ -39,9 +49,20 @@ def build_model(config: Config) -> TutorialNet:
 
 
 def build(config: Config, device: torch.device) -> minitrain.Components:
-    train, test = cifar10_loaders(config.data_dir, config.batch_size, device=device, seed=config.seed,
-                                  crop=4 if config.augment else 0, flip="random" if config.augment else "none",
-                                  eval_batch_size=500)
+    train, test = cifar10_loaders(
+        config.data_dir,
+        config.batch_size,
+        device=device,
+        seed=config.seed,
+        crop=4 if config.augment else 0,
+        flip="random" if config.augment else "none",
+        eval_batch_size=500,
+    )
     model = build_model(config)
-    return minitrain.Components(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=config.lr),
-                                train_loader=train, val_loader=test, class_names=CIFAR10_CLASSES)
+    return minitrain.Components(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=config.lr),
+        train_loader=train,
+        val_loader=test,
+        class_names=CIFAR10_CLASSES,
+    )

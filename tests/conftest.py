@@ -1,6 +1,7 @@
 """Shared fixtures for the core test-suite: tiny fake CIFAR-10 on disk, a tiny recipe, an
 installable throw-away third-party plugin distribution, and isolation from first-party plugins
 that are not part of the core (they are developed separately and may be missing or broken)."""
+
 from __future__ import annotations
 
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import minitrain.kit.data
 import minitrain.engine.registry
+import minitrain.kit.data
 from minitrain.testing import make_fake_cifar10
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core machine
@@ -27,12 +28,17 @@ _real_discover = minitrain.engine.registry.discover
 def _discover_only(wanted: set[str]):
     """The real discovery (real entry points, real importlib.metadata), minus first-party plugins
     not in ``wanted``; third-party plugins pass through."""
+
     def discover(autoload_third_party: bool | None = None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             found = _real_discover(autoload_third_party)
-        return {name: info for name, info in found.items()
-                if info.distribution != minitrain.engine.registry.FIRST_PARTY or name in wanted}
+        return {
+            name: info
+            for name, info in found.items()
+            if info.distribution != minitrain.engine.registry.FIRST_PARTY or name in wanted
+        }
+
     return discover
 
 
@@ -110,10 +116,12 @@ def recipe(tmp_path, fake_cifar) -> Path:
 @pytest.fixture
 def write_recipe(tmp_path):
     """Write a recipe file from source text; returns its path."""
+
     def write(source: str, name: str = "custom_recipe.py") -> Path:
         path = tmp_path / name
         path.write_text(textwrap.dedent(source))
         return path
+
     return write
 
 

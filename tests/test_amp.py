@@ -1,5 +1,6 @@
 """The amp plugin on CPU: bf16 autocast tracks fp32, fp16 uses a grad scaler (or falls back with
 one warning), pure mode keeps BatchNorm in fp32, and the scaler's state survives a checkpoint."""
+
 from __future__ import annotations
 
 import io
@@ -8,11 +9,11 @@ import warnings
 import pytest
 import torch
 
-from minitrain.testing import EpochLog
 from minitrain.commands.start import RunRequest, prepare
+from minitrain.testing import EpochLog
 from minitrain_plugins import amp
 
-RECIPE = '''
+RECIPE = """
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +39,7 @@ def build(config, device):
                           nn.Linear(8 * 64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     return minitrain.Components(model=model, optimizer=optimizer, train_loader=train, val_loader=test)
-'''
+"""
 
 
 FIRST_PARTY_PLUGINS = {"amp"}
@@ -75,7 +76,7 @@ def assert_tracks(metrics, reference, loss_rtol):
 def assert_same(metrics, reference):
     """Trained in fp32 after all: the same numbers as the fp32 run, to the bit, but the timings."""
     untimed = [{k: v for k, v in m.items() if k not in ("epoch_time", "samples_per_s")} for m in (*metrics, *reference)]
-    assert untimed[:len(metrics)] == untimed[len(metrics):]
+    assert untimed[: len(metrics)] == untimed[len(metrics) :]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The checkpoint plugin and ``--resume``: exact resume (bit for bit, mid-epoch included), atomic
 writes, safe and clear loading, top-k bookkeeping, and the plugin's own CheckpointSaved event."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,13 @@ import pytest
 import torch
 
 from minitrain import hookimpl
-from minitrain.engine import checkpointing
 from minitrain.commands.cli import main
+from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine import checkpointing
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.state import RunState
 from minitrain.engine.events import Event
 from minitrain.engine.registry import check_hooks, register_plugin
-from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine.state import RunState
 from minitrain.testing import EpochLog
 from minitrain_plugins.checkpoint import CheckpointSaved
 
@@ -26,7 +27,7 @@ FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"
 
 # Shuffling, random crops and flips, dropout, momentum and a schedule: resuming exactly needs the
 # data order, the augmentation and dropout generators, and optimizer and scheduler state.
-RANDOM_RECIPE = '''
+RANDOM_RECIPE = """
 import torch
 from torch import nn
 
@@ -49,9 +50,7 @@ def build(config, device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.95 ** step)  # reads its step count
     return minitrain.Components(model=model, optimizer=optimizer, train_loader=train, val_loader=test,
                                 scheduler=scheduler, scheduler_interval="step")
-'''
-
-
+"""
 
 
 @pytest.fixture
@@ -61,12 +60,21 @@ def start(tmp_path, fake_cifar):
     recipe.write_text(RANDOM_RECIPE)
 
     def make(run_dir, plugins=(), epochs=3, resume=None, extra=(), disabled=()):
-        trainer = prepare(RunRequest(recipe, ["device=cpu", f"data_dir={fake_cifar}", f"epochs={epochs}"], list(plugins),
-                          ["console", *disabled], run_dir, resume=resume))
+        trainer = prepare(
+            RunRequest(
+                recipe,
+                ["device=cpu", f"data_dir={fake_cifar}", f"epochs={epochs}"],
+                list(plugins),
+                ["console", *disabled],
+                run_dir,
+                resume=resume,
+            )
+        )
         for plugin in extra:
             register_plugin(trainer.pm, plugin)
         check_hooks(trainer.pm)
         return trainer
+
     return make
 
 
@@ -135,6 +143,7 @@ def events(run_dir, name):
 
 # --- exact resume --------------------------------------------------------------------------------
 
+
 @pytest.mark.filterwarnings("ignore:checkpoint. this run starts at step")  # later files set aside
 @pytest.mark.filterwarnings("ignore:--resume. this run leaves out the plugin")  # the test's Interrupt
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, start):
@@ -201,8 +210,20 @@ def test_cli_resume(tmp_path, fake_cifar, capsys):
     recipe = tmp_path / "random_recipe.py"
     recipe.write_text(RANDOM_RECIPE)
     run = str(tmp_path / "run")
-    args = ["run", str(recipe), "--set", "device=cpu", "--set", f"data_dir={fake_cifar}", "--no-plugin", "console",
-            "--plugin", "checkpoint", "--run-dir", run]
+    args = [
+        "run",
+        str(recipe),
+        "--set",
+        "device=cpu",
+        "--set",
+        f"data_dir={fake_cifar}",
+        "--no-plugin",
+        "console",
+        "--plugin",
+        "checkpoint",
+        "--run-dir",
+        run,
+    ]
     assert main(args + ["--set", "epochs=1"]) == 0
     assert main(args + ["--set", "epochs=2", "--resume", "auto"]) == 0
     assert "done: 2 epochs, 10 steps" in capsys.readouterr().out
@@ -212,6 +233,7 @@ def test_cli_resume(tmp_path, fake_cifar, capsys):
 
 
 # --- writing and reading files -------------------------------------------------------------------
+
 
 def _fake_trainer():
     return SimpleNamespace(state=RunState(epoch=2, global_step=10), config={}, recorded_plugins=None)
@@ -232,20 +254,24 @@ def test_a_failed_write_raises_and_leaves_the_previous_files(tmp_path, start, mo
     def disk_full_save(obj, file):
         file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
+
     real_replace = os.replace
 
     def disk_full_replace(src, dst):
         if pathlib.Path(dst).parent == folder:
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
+
     if failing == "torch.save":
         monkeypatch.setattr(torch, "save", disk_full_save)
     else:
         monkeypatch.setattr(os, "replace", disk_full_replace)
 
     trainer = start(run, ["checkpoint"], epochs=2, resume="auto")
-    with pytest.raises(MinitrainError, match=r"could not write checkpoint .*\.pt \(OSError: .*No space left") as err, \
-            pytest.warns(UserWarning, match="checkpoint: could not write"):  # the save on failure, too
+    with (
+        pytest.raises(MinitrainError, match=r"could not write checkpoint .*\.pt \(OSError: .*No space left") as err,
+        pytest.warns(UserWarning, match="checkpoint: could not write"),
+    ):  # the save on failure, too
         trainer.fit()
     assert "\n" not in str(err.value)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file left either
@@ -264,6 +290,7 @@ def test_a_failed_run_file_write_raises_and_leaves_the_previous_file(tmp_path, s
         if pathlib.Path(dst) == run / name:
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
+
     monkeypatch.setattr(os, "replace", disk_full_replace)
 
     with pytest.raises(MinitrainError, match=rf"could not write run file .*{name} \(OSError: .*No space left"):
@@ -282,6 +309,7 @@ def test_permission_denied_raises_and_leaves_the_previous_file(tmp_path, monkeyp
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
+
     monkeypatch.setattr("minitrain.engine.files.tempfile.mkstemp", denied)
     with pytest.raises(MinitrainError, match=f"cannot write checkpoint {path}: Permission denied"):
         _write(path, SimpleNamespace(state=RunState(epoch=3, global_step=15), config={}, recorded_plugins=None))
@@ -303,8 +331,7 @@ def test_a_save_killed_before_its_rename_leaves_the_previous_file(tmp_path):
 def test_an_unreadable_checkpoint_is_one_clear_error_naming_the_file(tmp_path, damage):
     good, path = tmp_path / "good.pt", tmp_path / "last.pt"
     _write(good)
-    content = {"truncated": good.read_bytes()[: good.stat().st_size // 2], "garbage": b"not a checkpoint",
-               "empty": b""}
+    content = {"truncated": good.read_bytes()[: good.stat().st_size // 2], "garbage": b"not a checkpoint", "empty": b""}
     if damage == "foreign":
         torch.save({"weights": torch.ones(2)}, path)
     else:
@@ -340,6 +367,7 @@ def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path, monkeypatch):
 
 
 # --- what is kept --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["min", "max"])
 def test_top_k_keeps_exactly_the_k_best_across_a_resume(tmp_path, start, mode):
@@ -407,8 +435,11 @@ def test_defaults_keep_last_and_best_only(tmp_path, start):
 
 
 def test_a_missing_monitor_is_refused_before_anything_is_written(tmp_path, start):
-    with pytest.raises(MinitrainError, match=r"checkpoint: monitor 'f1' is not a metric this run reports \(it "
-                                             r"reports train_loss, lr, epoch_time, samples_per_s, val_loss, val_acc\)"):
+    with pytest.raises(
+        MinitrainError,
+        match=r"checkpoint: monitor 'f1' is not a metric this run reports \(it "
+        r"reports train_loss, lr, epoch_time, samples_per_s, val_loss, val_acc\)",
+    ):
         start(tmp_path / "run", ["checkpoint:monitor=f1"], epochs=1)
     assert not (tmp_path / "run").exists()
 
@@ -420,6 +451,7 @@ def test_every_steps_needs_last(tmp_path, start):
 
 # --- the plugin-defined event ---------------------------------------------------------------------
 
+
 def test_checkpoint_saved_reaches_other_plugins_and_the_event_log(tmp_path, start):
     run = tmp_path / "run"
     saved = Saved()
@@ -429,8 +461,9 @@ def test_checkpoint_saved_reaches_other_plugins_and_the_event_log(tmp_path, star
     assert kinds[:3] == ["topk", "best", "last"]  # epoch 1: first of its kind, so best too
     assert kinds.count("last") == 2 and kinds.count("topk") == 2
     assert all(e.monitor == "val_loss" and e.metric is not None for e in saved.events)
-    logged = [Event.from_json(line) for line in (run / "events.jsonl").read_text().splitlines()
-              if '"CheckpointSaved"' in line]
+    logged = [
+        Event.from_json(line) for line in (run / "events.jsonl").read_text().splitlines() if '"CheckpointSaved"' in line
+    ]
     assert logged == saved.events and all(isinstance(e, CheckpointSaved) for e in logged)
 
 

@@ -1,5 +1,6 @@
 """User errors: exit code 2, one stderr line ``minitrain: error: ...`` naming the culprit, no
 traceback. (Warnings, if any, are separate ``minitrain: warning:`` lines.)"""
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,11 @@ import pytest
 import torch
 
 import minitrain.engine.registry
-from minitrain.engine import checkpointing
 from minitrain.commands import cli
-from minitrain.kit.data import CIFAR10_FOLDER
+from minitrain.engine import checkpointing
 from minitrain.engine.registry import DISABLE_AUTOLOAD_ENV
 from minitrain.engine.state import RunState
+from minitrain.kit.data import CIFAR10_FOLDER
 
 
 def run_cli(capsys, *argv) -> str:
@@ -68,7 +69,7 @@ def test_recipe_without_build(capsys, write_recipe):
     assert str(path) in line and "build" in line
 
 
-RAISING_BUILD = '''
+RAISING_BUILD = """
 import minitrain
 
 class Config(minitrain.RecipeConfig):
@@ -76,14 +77,18 @@ class Config(minitrain.RecipeConfig):
 
 def build(config, device):
     raise {error}
-'''
+"""
 
 
-@pytest.mark.parametrize("error, expected", [
-    ('ValueError("the model is too big")', "ValueError: the model is too big"),
-    ('RuntimeError("first line\\nsecond line")', "first line"),
-    ("__import__('pydantic').TypeAdapter(int).validate_python('x')", "ValidationError"),
-], ids=["one-line", "multi-line", "pydantic"])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        ('ValueError("the model is too big")', "ValueError: the model is too big"),
+        ('RuntimeError("first line\\nsecond line")', "first line"),
+        ("__import__('pydantic').TypeAdapter(int).validate_python('x')", "ValidationError"),
+    ],
+    ids=["one-line", "multi-line", "pydantic"],
+)
 def test_recipe_whose_build_raises(capsys, write_recipe, tmp_path, error, expected):
     path = write_recipe(RAISING_BUILD.format(error=error), "raising.py")
     line = run_cli(capsys, "run", path, "--run-dir", tmp_path / "run")
@@ -101,10 +106,19 @@ def test_unknown_set_key(capsys, recipe):
     assert "learning_rate" in line and "unknown key" in line
 
 
-@pytest.mark.parametrize("override, key", [("lr=fast", "lr"), ("epochs=1.5", "epochs"), ("augment=sometimes", "augment"),
-                                           # the recipe redeclares these to change defaults: the
-                                           # base class's bounds must still hold
-                                           ("epochs=0", "epochs"), ("batch_size=-1", "batch_size"), ("lr=0", "lr")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("lr=fast", "lr"),
+        ("epochs=1.5", "epochs"),
+        ("augment=sometimes", "augment"),
+        # the recipe redeclares these to change defaults: the
+        # base class's bounds must still hold
+        ("epochs=0", "epochs"),
+        ("batch_size=-1", "batch_size"),
+        ("lr=0", "lr"),
+    ],
+)
 def test_bad_set_value(capsys, recipe, override, key):
     line = run_cli(capsys, "run", recipe, "--set", override)
     assert line.startswith(f"minitrain: error: --set: {key}:")
@@ -127,10 +141,15 @@ def test_unknown_plugin(capsys, recipe):
     assert "unknown plugin 'no_such_plugin'" in line and "jsonl" in line  # and what is known
 
 
-@pytest.mark.parametrize("spec, key", [("jsonl:flush_every=often", "flush_every"),
-                                       ("jsonl:flush_every=0", "flush_every"),
-                                       ("jsonl:colour=red", "colour"),
-                                       ("console:refresh_every", "refresh_every")])
+@pytest.mark.parametrize(
+    "spec, key",
+    [
+        ("jsonl:flush_every=often", "flush_every"),
+        ("jsonl:flush_every=0", "flush_every"),
+        ("jsonl:colour=red", "colour"),
+        ("console:refresh_every", "refresh_every"),
+    ],
+)
 def test_bad_plugin_option(capsys, recipe, spec, key):
     line = run_cli(capsys, "run", recipe, "--plugin", spec)
     assert spec.split(":")[0] in line and key in line
@@ -149,14 +168,18 @@ def test_unwritable_run_dir(capsys, recipe, tmp_path):
 
 
 def test_bad_plugin_hook_through_cli(capsys, recipe, install_dist):
-    install_dist("typo_cli_plugin", '''
+    install_dist(
+        "typo_cli_plugin",
+        """
         import minitrain
 
         class Typo:
             @minitrain.hookimpl
             def on_epoch_end(self, evnt):
                 pass
-    ''', {"typo": "typo_cli_plugin:Typo"})
+    """,
+        {"typo": "typo_cli_plugin:Typo"},
+    )
     line = run_cli(capsys, "run", recipe, "--plugin", "typo")
     assert "'typo'" in line and "on_epoch_end" in line and "evnt" in line
 
@@ -182,14 +205,18 @@ def test_truncated_data_file(capsys, recipe, fake_cifar, tmp_path):
     assert str(target) in line and "not a readable CIFAR-10 batch" in line
 
 
-@pytest.mark.parametrize("content, hint", [
-    ({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, "shape"),
-    ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1]}, "labels"),
-    ({"data": np.zeros((4, 3072), np.float32), "labels": [0, 1, 2, 3]}, "uint8"),
-    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 42]}, "0..9"),
-    ({"labels": [0]}, "not a readable"),
-    ([1, 2, 3], "not a readable"),
-], ids=["wrong-shape", "label-count", "dtype", "label-range", "no-data", "not-a-dict"])
+@pytest.mark.parametrize(
+    "content, hint",
+    [
+        ({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, "shape"),
+        ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1]}, "labels"),
+        ({"data": np.zeros((4, 3072), np.float32), "labels": [0, 1, 2, 3]}, "uint8"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 42]}, "0..9"),
+        ({"labels": [0]}, "not a readable"),
+        ([1, 2, 3], "not a readable"),
+    ],
+    ids=["wrong-shape", "label-count", "dtype", "label-range", "no-data", "not-a-dict"],
+)
 def test_malformed_data_file(capsys, recipe, fake_cifar, tmp_path, content, hint):
     target = fake_cifar / CIFAR10_FOLDER / "test_batch"
     target.write_bytes(pickle.dumps(content))
@@ -199,6 +226,7 @@ def test_malformed_data_file(capsys, recipe, fake_cifar, tmp_path, content, hint
 
 def test_debug_shows_the_traceback(recipe):
     from minitrain.engine.errors import MinitrainError
+
     with pytest.raises(MinitrainError, match="learning_rate"):
         cli.main(["--debug", "run", str(recipe), "--set", "learning_rate=1"])
 
@@ -209,28 +237,39 @@ def test_plugins_order_with_bad_option(capsys):
 
 
 def test_misspelled_hook_of_a_third_party_plugin(capsys, recipe, install_dist):
-    install_dist("misspelled_cli_plugin", '''
+    install_dist(
+        "misspelled_cli_plugin",
+        """
         import minitrain
 
         class Typo:
             @minitrain.hookimpl
             def on_epoch_ned(self, event):
                 pass
-    ''', {"typo": "misspelled_cli_plugin:Typo"})
+    """,
+        {"typo": "misspelled_cli_plugin:Typo"},
+    )
     line = run_cli(capsys, "run", recipe, "--plugin", "typo")
     assert "plugin 'typo' implements unknown hook 'on_epoch_ned'" in line and "on_epoch_end" in line
 
 
-def test_a_plugin_that_fails_to_import_is_skipped_and_the_run_goes_on(capsys, recipe, install_dist, real_discover,
-                                                                     monkeypatch, tmp_path):
+def test_a_plugin_that_fails_to_import_is_skipped_and_the_run_goes_on(
+    capsys, recipe, install_dist, real_discover, monkeypatch, tmp_path
+):
     monkeypatch.setattr(minitrain.engine.registry, "discover", real_discover)  # as installed: third party included
-    install_dist("half_installed", "raise ImportError('libfoo.so: cannot open shared object file')\n",
-                 {"half": "half_installed:Plugin"})
+    install_dist(
+        "half_installed",
+        "raise ImportError('libfoo.so: cannot open shared object file')\n",
+        {"half": "half_installed:Plugin"},
+    )
     assert cli.main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
     out, err = capsys.readouterr()
     assert "done: 1 epochs" in out
-    assert "minitrain: warning: skipping plugin 'half': failed to import half_installed:Plugin: ImportError: " \
-           "libfoo.so" in err and "Traceback" not in err
+    assert (
+        "minitrain: warning: skipping plugin 'half': failed to import half_installed:Plugin: ImportError: libfoo.so"
+        in err
+        and "Traceback" not in err
+    )
 
 
 def test_disable_plugin_autoload_flag(capsys, install_dist, recipe, tmp_path):
@@ -240,8 +279,20 @@ def test_disable_plugin_autoload_flag(capsys, install_dist, recipe, tmp_path):
     assert "autoloaded_plugin" not in sys.modules and DISABLE_AUTOLOAD_ENV in rows["autoloaded"]["error"]
     assert DISABLE_AUTOLOAD_ENV not in os.environ  # only for that command
     # named explicitly, it still loads
-    assert cli.main(["--disable-plugin-autoload", "run", str(recipe), "--plugin", "autoloaded",
-                     "--run-dir", str(tmp_path / "run")]) == 0
+    assert (
+        cli.main(
+            [
+                "--disable-plugin-autoload",
+                "run",
+                str(recipe),
+                "--plugin",
+                "autoloaded",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     assert "autoloaded_plugin" in sys.modules
 
 
@@ -272,8 +323,9 @@ def test_checkpoint_of_a_different_model_lists_each_tensor(capsys, recipe, tmp_p
     assert "2.weight (10, 12) in the checkpoint, (10, 48) in the model; 3.weight (5) not in the model" in line
 
 
-@pytest.mark.parametrize("content", [b"", b"definitely not a checkpoint", b"PK\x03\x04truncated zip"],
-                         ids=["empty", "text", "truncated"])
+@pytest.mark.parametrize(
+    "content", [b"", b"definitely not a checkpoint", b"PK\x03\x04truncated zip"], ids=["empty", "text", "truncated"]
+)
 def test_file_that_is_not_a_checkpoint(capsys, recipe, tmp_path, content):
     path = tmp_path / "notes.pt"
     path.write_bytes(content)
@@ -309,17 +361,25 @@ def test_event_log_is_read_as_json_only(capsys, tmp_path):
     marker, run = tmp_path / "pwned", tmp_path / "run"
     run.mkdir()
     payload = pickle.dumps(Payload(marker), protocol=0).decode("latin1")
-    (run / "events.jsonl").write_text(json.dumps({"event": "FitEnd", "epochs_completed": 1, "global_step": 5,
-                                                  "metrics": {}}) + "\n" + payload.replace("\n", " ") + "\n")
+    (run / "events.jsonl").write_text(
+        json.dumps({"event": "FitEnd", "epochs_completed": 1, "global_step": 5, "metrics": {}})
+        + "\n"
+        + payload.replace("\n", " ")
+        + "\n"
+    )
     line = run_cli(capsys, "replay", run, "--plugin", "jsonl:filename=copy.jsonl")
     assert f"{run / 'events.jsonl'}:2" in line and not marker.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run"], "minitrain run: the following arguments are required: recipe"),
-    (["run", "r.py", "--nproc", "x"], "argument --nproc: invalid int value: 'x'"),
-    (["nosuch"], "argument command: invalid choice: 'nosuch'"),
-], ids=["missing", "wrong-type", "unknown-command"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run"], "minitrain run: the following arguments are required: recipe"),
+        (["run", "r.py", "--nproc", "x"], "argument --nproc: invalid int value: 'x'"),
+        (["nosuch"], "argument command: invalid choice: 'nosuch'"),
+    ],
+    ids=["missing", "wrong-type", "unknown-command"],
+)
 def test_usage_errors_are_one_line_too(capsys, argv, message):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

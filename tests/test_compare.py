@@ -1,6 +1,7 @@
 """``minitrain compare``: one self-contained page from the runs' event logs, checked as a browser
 sees it (headless Chromium: the page renders, every image loads, the console shows no error), and
 the viz report checked the same way."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,12 @@ from minitrain.commands.cli import main
 from minitrain.records.curves import smooth
 
 FIRST_PARTY_PLUGINS = {"viz"}
-BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
-               None)
-needs_browser = pytest.mark.skipif(BROWSER is None, reason="headless Chromium not installed (Debian: apt-get install "
-                                   "chromium; .ci/run installs it)")
+BROWSER = next(
+    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+)
+needs_browser = pytest.mark.skipif(
+    BROWSER is None, reason="headless Chromium not installed (Debian: apt-get install chromium; .ci/run installs it)"
+)
 
 PROBE = """<script>
 (function () {  /* first in <head>: hears every error the page raises, then reports at load */
@@ -50,15 +53,30 @@ def browse(page, tmp_path) -> dict:
     probed = page.with_name(f".probe-{page.name}")
     probed.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
     result = subprocess.run(
-        [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--log-level=0",
-         "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-        capture_output=True, text=True, timeout=300)
+        [
+            BROWSER,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--enable-logging=stderr",
+            "--log-level=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     probed.unlink()
     found = re.search(r'<pre id="minitrain-probe">(.*?)</pre>', result.stdout, re.S)
     assert found, f"the page never finished loading; chromium said: {result.stderr[-2000:]}"
-    seen = json.loads(found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">")
-                      .replace("&amp;", "&"))
+    seen = json.loads(
+        found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    )
     seen["console"] = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
     return seen
 
@@ -70,8 +88,10 @@ def fit(recipe, run_dir, *args):
 
 @pytest.fixture
 def two_runs(recipe, tmp_path):
-    return [fit(recipe, tmp_path / "runs" / "fast", "--set", "epochs=2", "--set", "lr=0.3"),
-            fit(recipe, tmp_path / "runs" / "slow", "--set", "epochs=3", "--set", "lr=0.05")]
+    return [
+        fit(recipe, tmp_path / "runs" / "fast", "--set", "epochs=2", "--set", "lr=0.3"),
+        fit(recipe, tmp_path / "runs" / "slow", "--set", "epochs=3", "--set", "lr=0.05"),
+    ]
 
 
 def test_compare_writes_one_page_from_the_event_logs(two_runs, tmp_path, capsys):
@@ -84,7 +104,7 @@ def test_compare_writes_one_page_from_the_event_logs(two_runs, tmp_path, capsys)
     images = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)"', page)
     assert images == ["Training loss", "Validation loss", "Validation acc", "Learning rate (end of epoch)"]
     assert "Comparing 2 runs" in page and page.count("tiny_recipe") == 2
-    differ = page[page.index("Settings that differ"):page.index("Final metrics")]
+    differ = page[page.index("Settings that differ") : page.index("Final metrics")]
     assert re.search(r"<th>lr</th><td>0.3</td><td>0.05</td>", differ)
     assert re.search(r"<th>epochs</th><td>2</td><td>3</td>", differ) and "batch_size" not in differ
     assert page.count(">finished<") == 2
@@ -108,7 +128,7 @@ def test_compare_gives_each_run_its_own_status_metrics_and_curves(two_runs, tmp_
     page = out.read_text()
     runs = [read_run(path, steps=True) for path in (fast, slow, killed)]
     assert [run.status for run in runs] == ["finished", "finished", "killed"]
-    finals = page[page.index("Final metrics"):]
+    finals = page[page.index("Final metrics") :]
     names = re.findall(r"<th>([a-z_]+)</th>", finals)[1:]  # after "run"
     for run in runs:
         status = re.search(rf">{run.name}</span></td><td>tiny_recipe</td><td class=\"status-(\w+)\">", page).group(1)
@@ -163,8 +183,10 @@ def test_the_report_renders_in_a_browser(recipe, tmp_path):
 @needs_browser
 def test_the_browser_check_sees_a_broken_page(tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text('<!doctype html><html><head><title>t</title></head><body><p>text</p>'
-                    '<img src="missing.png"><script>console.error("boom")</script></body></html>')
+    page.write_text(
+        "<!doctype html><html><head><title>t</title></head><body><p>text</p>"
+        '<img src="missing.png"><script>console.error("boom")</script></body></html>'
+    )
     seen = browse(page, tmp_path)
     assert seen["images"][0]["width"] == 0
     assert "boom" in seen["errors"] and any("failed to load IMG" in e for e in seen["errors"])

@@ -2,6 +2,7 @@
 defaults and under ``--set``; what a run would use is printed as TOML that names each value's
 source and is itself a valid ``--config`` file; a bad file is one line naming it; the config a run
 used is the one in its config.json."""
+
 import json
 import tomllib
 
@@ -43,8 +44,9 @@ def test_a_run_uses_the_file_under_its_set_and_records_it_in_config_json(capsys,
     file = tmp_path / "run.toml"
     file.write_text("epochs = 2\nlr = 0.05\nlimit_train_batches = 2\n")
     run_dir = tmp_path / "runs" / "a"
-    code, out, err = call(capsys, "run", recipe, "--config", file, "--set", "lr=0.1", "--run-dir", run_dir,
-                          "--no-plugin", "console")
+    code, out, err = call(
+        capsys, "run", recipe, "--config", file, "--set", "lr=0.1", "--run-dir", run_dir, "--no-plugin", "console"
+    )
     assert code == 0, (out, err)
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["epochs"], saved["lr"], saved["limit_train_batches"]) == (2, 0.1, 2)
@@ -52,11 +54,14 @@ def test_a_run_uses_the_file_under_its_set_and_records_it_in_config_json(capsys,
     assert sum(e["event"] == "EpochEnd" for e in events) == 2
 
 
-@pytest.mark.parametrize("text, message", [
-    ("epocs = 2\n", "--config {file}: epocs: unknown key"),
-    ("epochs = 0\n", "--config {file}: epochs: must be at least 1"),
-    ("epochs = \n", "--config {file}: not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epocs = 2\n", "--config {file}: epocs: unknown key"),
+        ("epochs = 0\n", "--config {file}: epochs: must be at least 1"),
+        ("epochs = \n", "--config {file}: not valid TOML"),
+    ],
+)
 def test_a_bad_file_is_one_line_naming_it(capsys, recipe, tmp_path, text, message):
     file = tmp_path / "bad.toml"
     file.write_text(text)

@@ -1,6 +1,7 @@
 """The training controls: accumulate, clip, ema, compile and profile plugins, the run limits every
 recipe has (max_steps, max_time, limit_*_batches), and the commands around a run (--smoke,
 summary, lr-find)."""
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,27 @@ import torch
 from torch import nn
 
 from minitrain import hookimpl
-from minitrain.engine import checkpointing
 from minitrain.commands import cli
 from minitrain.commands.export import export, load
-from minitrain.engine.registry import register_plugin
 from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine import checkpointing
+from minitrain.engine.registry import register_plugin
 
-FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "amp", "accumulate", "clip", "ema", "compile",
-                       "profile"}
+FIRST_PARTY_PLUGINS = {
+    "console",
+    "jsonl",
+    "csv",
+    "checkpoint",
+    "amp",
+    "accumulate",
+    "clip",
+    "ema",
+    "compile",
+    "profile",
+}
 
 # No BatchNorm and no shuffling: K batches of b are exactly one batch of K·b, split in K.
-PLAIN = '''
+PLAIN = """
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,7 +64,7 @@ def build(config, device):
     return minitrain.Components(model=model, optimizer=optimizer, train_loader=train, val_loader=val,
                                 scheduler=scheduler, scheduler_interval="step",
                                 inputs={"size": [4, 4], "mean": [0.0] * 3, "std": [1.0] * 3})
-'''
+"""
 
 
 @pytest.fixture
@@ -75,6 +86,7 @@ def weights(trainer):
 
 # --- accumulate ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("extra", [[], ["schedule=true"]], ids=["constant-lr", "per-step-schedule"])
 def test_k_accumulated_batches_train_like_one_batch_k_times_larger(plain, extra):
     with pytest.warns(UserWarning, match="advances once per optimizer step") if extra else warnings.catch_warnings():
@@ -89,7 +101,10 @@ def test_k_accumulated_batches_train_like_one_batch_k_times_larger(plain, extra)
 def test_accumulation_with_the_fp16_grad_scaler(plain):
     small = train(plain, ["batch_size=4"], ["accumulate:steps=3", "amp:dtype=fp16"])
     large = train(plain, ["batch_size=12"], ["amp:dtype=fp16"])
-    assert small.shared.grad_scaler is not None and small.shared.grad_scaler.get_scale() == large.shared.grad_scaler.get_scale()
+    assert (
+        small.shared.grad_scaler is not None
+        and small.shared.grad_scaler.get_scale() == large.shared.grad_scaler.get_scale()
+    )
     for name, tensor in weights(small).items():
         torch.testing.assert_close(tensor, weights(large)[name], rtol=1e-3, atol=1e-4)  # fp16 forward
 
@@ -129,6 +144,7 @@ def test_resume_inside_or_at_the_end_of_a_window_is_bit_exact(plain, tmp_path, s
 
 
 # --- clip ----------------------------------------------------------------------------------------
+
 
 class Grads:
     """Records the gradients the optimizer steps with, and the norm clip published."""
@@ -173,6 +189,7 @@ def test_clip_needs_exactly_one_limit(plain, capsys):
 
 # --- ema -----------------------------------------------------------------------------------------
 
+
 def test_ema_averages_on_the_device_resumes_exactly_validates_and_exports(plain, tmp_path, capsys):
     run = tmp_path / "run"
     trainer = train(plain, ["epochs=1"], ["ema:decay=0.5", "checkpoint"], run)
@@ -192,12 +209,33 @@ def test_ema_averages_on_the_device_resumes_exactly_validates_and_exports(plain,
         loss = sum(nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in averaged.val_loader) / 16
     assert averaged.state.metrics["val_loss"] == pytest.approx(float(loss), rel=1e-6)
 
-    assert cli.main(["run", str(plain), "--plugin", "ema:decay=0.5", "--plugin", "checkpoint", "--no-plugin", "console",
-                     "--run-dir", str(run), "--resume", "auto", "--set", "epochs=2"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(plain),
+                "--plugin",
+                "ema:decay=0.5",
+                "--plugin",
+                "checkpoint",
+                "--no-plugin",
+                "console",
+                "--run-dir",
+                str(run),
+                "--resume",
+                "auto",
+                "--set",
+                "epochs=2",
+            ]
+        )
+        == 0
+    )
     straight = train(plain, [], ["ema:decay=0.5"])
     resumed = checkpointing.load(run / "checkpoints" / "last.pt")["trainer"]["plugins"]["ema"]
-    assert all(torch.equal(resumed["ema_weights"][n], a) for n, a in zip(
-        straight.pm.get_plugin("ema").names, straight.pm.get_plugin("ema").average))
+    assert all(
+        torch.equal(resumed["ema_weights"][n], a)
+        for n, a in zip(straight.pm.get_plugin("ema").names, straight.pm.get_plugin("ema").average)
+    )
 
     exported, _ = load(export(run, ema=True, out=tmp_path / "ema.pt2"))
     with torch.no_grad():
@@ -208,7 +246,9 @@ def test_ema_averages_on_the_device_resumes_exactly_validates_and_exports(plain,
 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_warms_up_so_that_a_short_run_averages_trained_weights(plain, warmup):
-    trainer = prepare(RunRequest(plain, ["max_steps=2"], [f"ema:decay=0.999,warmup={str(warmup).lower()}"], ["console"]))
+    trainer = prepare(
+        RunRequest(plain, ["max_steps=2"], [f"ema:decay=0.999,warmup={str(warmup).lower()}"], ["console"])
+    )
     seen = [weights(trainer)]
 
     class After:
@@ -234,6 +274,7 @@ def test_export_ema_without_the_plugin_says_so(plain, tmp_path, capsys):
 
 # --- compile -------------------------------------------------------------------------------------
 
+
 @pytest.mark.filterwarnings("ignore:--resume. this run leaves out the plugin")  # resumed without compile, on purpose
 def test_compile_changes_no_tensor_name_and_trains_like_eager(plain, tmp_path):
     eager = train(plain, ["epochs=1"], ["checkpoint"], tmp_path / "eager")
@@ -243,7 +284,9 @@ def test_compile_changes_no_tensor_name_and_trains_like_eager(plain, tmp_path):
     assert list(saved) == list(eager.module.state_dict())  # no _orig_mod. anywhere
     for name, tensor in weights(compiled).items():
         torch.testing.assert_close(tensor, weights(eager)[name], rtol=1e-5, atol=1e-6)
-    resumed = prepare(RunRequest(plain, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "compiled", resume="auto"))
+    resumed = prepare(
+        RunRequest(plain, ["epochs=2"], ["checkpoint"], ["console"], tmp_path / "compiled", resume="auto")
+    )
     assert resumed.state.global_step == 12  # a compiled run's checkpoint resumes without the plugin
     assert load(export(tmp_path / "compiled"))[1]["num_classes"] == 10
 
@@ -290,6 +333,7 @@ def test_inductor_gives_amax_over_bf16_the_gradient_eager_gives():
 
 # --- profile -------------------------------------------------------------------------------------
 
+
 def test_profile_writes_a_trace_over_its_window_and_then_leaves_the_run(plain, tmp_path, capsys):
     trainer = train(plain, ["epochs=1"], ["profile:wait=2,warmup=1,active=3,top=5"], tmp_path / "run")
     out = capsys.readouterr().out
@@ -301,6 +345,7 @@ def test_profile_writes_a_trace_over_its_window_and_then_leaves_the_run(plain, t
 
 
 # --- limits --------------------------------------------------------------------------------------
+
 
 class Batches:
     def __init__(self):
@@ -364,12 +409,15 @@ def test_max_time_reads_clock_times(plain):
 
 # --- commands around a run -----------------------------------------------------------------------
 
+
 def test_smoke_runs_every_plugin_twice_and_cleans_up(plain, tmp_path, capsys):
     assert cli.main(["run", str(plain), "--smoke", "--plugin", "checkpoint", "--plugin", "ema"]) == 0
     out = capsys.readouterr().out
     assert "smoke test of" in out and "trained 2 batches of the 12 an epoch has" in out
-    assert "validated 2 batches: val_loss" in out and "plugin ema: on_validation_end, on_validation_start, " \
-                                                       "optimizer_step, setup" in out
+    assert (
+        "validated 2 batches: val_loss" in out
+        and "plugin ema: on_validation_end, on_validation_start, optimizer_step, setup" in out
+    )
     assert "checkpoint last.pt: loads and fits the model" in out and "removed its run directory" in out
     removed = Path(out.split("removed its run directory ")[1].split(" (")[0])
     assert not removed.exists() and not Path("runs").exists()
@@ -389,8 +437,9 @@ def test_summary_prints_each_module_with_its_output_shape(plain, capsys):
 
 def test_lr_find_suggests_a_rate_and_touches_no_run(plain, tmp_path, capsys):
     out = tmp_path / "lr.png"
-    assert cli.main(["lr-find", str(plain), "--steps", "40", "--min-lr", "1e-4", "--max-lr", "10",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["lr-find", str(plain), "--steps", "40", "--min-lr", "1e-4", "--max-lr", "10", "--out", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     suggested = float(printed.split("suggested lr: ")[1].split()[0])
     assert 1e-4 < suggested < 10 and f"--set=lr={suggested:.3g}" in printed
@@ -403,8 +452,10 @@ def test_lr_find_suggests_where_the_loss_falls_fastest():
     from minitrain.commands.lr_find import steepest
 
     lrs = [10 ** (-4 + 4 * i / 80) for i in range(81)]  # 1e-4 .. 1
-    losses = [2.3 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 2))) if lr <= 0.1 else 0.9 + 8 * (math.log10(lr) + 1)
-              for lr in lrs]
+    losses = [
+        2.3 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 2))) if lr <= 0.1 else 0.9 + 8 * (math.log10(lr) + 1)
+        for lr in lrs
+    ]
     assert steepest(lrs, losses) == pytest.approx(1e-2, rel=0.06)
 
 
@@ -431,6 +482,19 @@ def test_lr_find_trains_each_step_at_the_rate_it_reports(plain):
 
 
 def test_accumulate_refuses_to_skip_non_finite_batches(plain, tmp_path, capsys):
-    assert cli.main(["run", str(plain), "--plugin", "accumulate:steps=2", "--set", "nonfinite_loss=skip",
-                     "--run-dir", str(tmp_path / "run")]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                str(plain),
+                "--plugin",
+                "accumulate:steps=2",
+                "--set",
+                "nonfinite_loss=skip",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "accumulate: nonfinite_loss=skip would drop a batch" in capsys.readouterr().err

@@ -18,6 +18,7 @@ cli_in_child), so each starts in milliseconds, yet is a separate process that SI
 real: no ``finally``, no flush, no atexit. ``benchmarks/crash_soak.py`` runs more trials of the
 same harness.
 """
+
 from __future__ import annotations
 
 import csv
@@ -72,8 +73,12 @@ def build(config, device):
     return minitrain.Components(model=model, optimizer=optimizer, train_loader=train, val_loader=test,
                                 scheduler=schedule, scheduler_interval="step")
 '''
-PLUGINS = ["--plugin", "checkpoint:every_steps=1,top_k=2",  # a save after every step: many to aim a kill at
-           "--plugin", "csv"]
+PLUGINS = [
+    "--plugin",
+    "checkpoint:every_steps=1,top_k=2",  # a save after every step: many to aim a kill at
+    "--plugin",
+    "csv",
+]
 
 
 @dataclass
@@ -105,7 +110,9 @@ class Harness:
         self.ctx = multiprocessing.get_context("forkserver")
         plugins = {ep.module for ep in importlib.metadata.entry_points(group="minitrain")}
         # torch._dynamo: what the first optimizer built imports, for over a second
-        self.ctx.set_forkserver_preload(["torch", "torch._dynamo", "minitrain.commands.start", "minitrain.commands.cli", *sorted(plugins)])
+        self.ctx.set_forkserver_preload(
+            ["torch", "torch._dynamo", "minitrain.commands.start", "minitrain.commands.cli", *sorted(plugins)]
+        )
         self.tally = Tally()
 
     def launch(self, run_dir: Path, *extra: str) -> multiprocessing.Process:
@@ -222,6 +229,7 @@ def freeze_mid_save(process: multiprocessing.Process, folder: Path, old: set[Pat
     it (SIGSTOP) as soon as a new temporary file appears in ``folder``, and leave it frozen if the
     file is still there, its rename not done yet; otherwise let it go on to its next save. Returns
     with the process frozen mid-save, for the caller to kill, or ended."""
+
     def saving() -> bool:
         return bool(set(folder.glob(".*.tmp")) - old)
 
@@ -267,8 +275,9 @@ def same_state(a: dict, b: dict) -> bool:
     hold timings, which differ)."""
     keys = ("model", "optimizer", "scheduler", "rng")
     progress = ("epoch", "batch_idx", "global_step", "loss_sum")
-    return (equal([a[k] for k in keys], [b[k] for k in keys])
-            and equal([a["progress"][k] for k in progress], [b["progress"][k] for k in progress]))
+    return equal([a[k] for k in keys], [b[k] for k in keys]) and equal(
+        [a["progress"][k] for k in progress], [b["progress"][k] for k in progress]
+    )
 
 
 def equal(a, b) -> bool:
@@ -368,9 +377,11 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_as_complete(tmp_path):
         process.join(600)
         assert process.exitcode == 0
         assert read_from(run_dir.with_suffix(".log"), said)[-1] == (
-            f"minitrain: run already complete: 3 of 3 epochs ({run_dir}); raise epochs to train more (--set epochs=N)")
-        assert {path: (path.read_bytes(), path.stat().st_mtime_ns)
-                for path in run_dir.rglob("*") if path.is_file()} == files  # no checkpoint or log rewritten
+            f"minitrain: run already complete: 3 of 3 epochs ({run_dir}); raise epochs to train more (--set epochs=N)"
+        )
+        assert {
+            path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()
+        } == files  # no checkpoint or log rewritten
     assert same_state(checkpointing.load(last)["trainer"], expected)
 
 

@@ -1,5 +1,6 @@
 """Custom hooks: a plugin declares its own event and hookspec, emits it through the trainer, and
 other plugins (and the JSONL log, through on_event) receive it."""
+
 from __future__ import annotations
 
 import json
@@ -56,15 +57,25 @@ class Listener:
 
 def _jsonl_plugin():
     from minitrain_plugins.jsonl import JsonlLog
+
     return JsonlLog(JsonlLog.Config())
 
 
 def _trainer(fake_cifar, plugins, run_dir=None, epochs=2):
     from minitrain.kit.data import cifar10_loaders
+
     train, test = cifar10_loaders(fake_cifar, 16, crop=0, flip="none")
     model = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Flatten(), torch.nn.Linear(48, 10))
-    return minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, test, epochs=epochs,
-                             device="cpu", plugins=plugins, run_dir=None if run_dir is None else str(run_dir))
+    return minitrain.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        train,
+        test,
+        epochs=epochs,
+        device="cpu",
+        plugins=plugins,
+        run_dir=None if run_dir is None else str(run_dir),
+    )
 
 
 @pytest.mark.parametrize("listener_first", [False, True], ids=["spec-first", "impl-first"])
@@ -92,7 +103,8 @@ def test_custom_event_reaches_other_plugin_and_jsonl(fake_cifar, tmp_path, liste
 
 def test_custom_hook_declared_from_recipe(write_recipe, fake_cifar, tmp_path):
     """A recipe enables plugin objects (its PLUGINS list) that publish and consume a custom hook."""
-    path = write_recipe(f'''
+    path = write_recipe(
+        f"""
         from pathlib import Path
         import torch
         import minitrain
@@ -134,8 +146,11 @@ def test_custom_hook_declared_from_recipe(write_recipe, fake_cifar, tmp_path):
             model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10))
             return minitrain.Components(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.8),
                                         train_loader=train, val_loader=test)
-    ''', name="halving_recipe.py")
+    """,
+        name="halving_recipe.py",
+    )
     from minitrain.commands.start import RunRequest, prepare
+
     trainer = prepare(RunRequest(path, disabled=["console"], run_dir=tmp_path / "run"))
     watcher = trainer.pm.get_plugin("watcher")
     trainer.fit()
@@ -163,6 +178,7 @@ def test_custom_hook_without_its_spec_is_unknown(fake_cifar):
 def test_two_plugins_sharing_one_hookspec_source(fake_cifar):
     """Two instances of a spec-declaring plugin (or a listener that declares the spec it listens
     to, so it also works alone) must not make the second registration fail."""
+
     class SecondInspector(Inspector):
         name = "inspector2"
 

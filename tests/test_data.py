@@ -1,5 +1,6 @@
 """CIFAR-10 on disk and the ImageLoader: exact reads, batching, normalisation, deterministic
 order and augmentation, and set_position (what exact resume relies on)."""
+
 from __future__ import annotations
 
 import pickle
@@ -9,10 +10,16 @@ import pytest
 import torch
 
 import minitrain.kit.data
-from minitrain.kit.data import (
-    CIFAR10_FOLDER, CIFAR10_MEAN, CIFAR10_STD, ImageLoader, cifar10_loaders, load_cifar10, random_crop,
-)
 from minitrain.engine.errors import MinitrainError
+from minitrain.kit.data import (
+    CIFAR10_FOLDER,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ImageLoader,
+    cifar10_loaders,
+    load_cifar10,
+    random_crop,
+)
 from minitrain.testing import make_fake_cifar10
 
 REAL_DOWNLOAD = minitrain.kit.data._download  # conftest swaps it for a no-op in every test
@@ -79,6 +86,7 @@ def test_failed_download_warns_then_says_where_files_belong(tmp_path, monkeypatc
 
 # --- ImageLoader -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def data():
     gen = torch.Generator().manual_seed(0)
@@ -120,8 +128,9 @@ def test_unshuffled_batches_are_normalised_images_in_order(data):
 
 def test_custom_normalisation_dtype_and_memory_format(data):
     images, labels = data
-    x, _ = next(iter(ImageLoader(images, labels, 8, mean=(0, 0, 0), std=(1, 1, 1), dtype=torch.float64,
-                                 channels_last=True)))
+    x, _ = next(
+        iter(ImageLoader(images, labels, 8, mean=(0, 0, 0), std=(1, 1, 1), dtype=torch.float64, channels_last=True))
+    )
     assert x.dtype == torch.float64 and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x, images[:8].double() / 255)
 
@@ -129,12 +138,17 @@ def test_custom_normalisation_dtype_and_memory_format(data):
 def test_resident_loader_matches_host_loader(data):
     images, labels = data
     options = dict(shuffle=True, crop=4, flip="random", seed=3)
-    assert _equal(_batches(ImageLoader(images, labels, 16, resident=True, **options)),
-                  _batches(ImageLoader(images, labels, 16, **options)))
+    assert _equal(
+        _batches(ImageLoader(images, labels, 16, resident=True, **options)),
+        _batches(ImageLoader(images, labels, 16, **options)),
+    )
 
 
-@pytest.mark.parametrize("augment", [{}, {"crop": 4, "flip": "random"}, {"crop": 2, "pad_mode": "reflect", "flip": "alternate"}],
-                         ids=["plain", "crop-flip", "reflect-alternate"])
+@pytest.mark.parametrize(
+    "augment",
+    [{}, {"crop": 4, "flip": "random"}, {"crop": 2, "pad_mode": "reflect", "flip": "alternate"}],
+    ids=["plain", "crop-flip", "reflect-alternate"],
+)
 def test_same_seed_and_epoch_give_same_batches(data, augment):
     images, labels = data
     a = ImageLoader(images, labels, 16, shuffle=True, seed=5, **augment)
@@ -185,8 +199,12 @@ def test_random_crop_keeps_shape_and_cuts_a_shifted_window(data):
     padded = torch.nn.functional.pad(images, (pad,) * 4)
     shifts = set()
     for i in range(len(images)):
-        matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                   if torch.equal(cropped[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        matches = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.equal(cropped[i], padded[i, :, dy : dy + 32, dx : dx + 32])
+        ]
         assert len(matches) == 1, i  # exactly one window (the pixels are never 0, the padding is)
         shifts.add(matches[0])
     assert len(shifts) > 1  # each image gets its own offset
@@ -232,9 +250,14 @@ def test_alternate_flip_is_opposite_in_consecutive_epochs(data):
     assert 5 < sum(flipped_in_e0) < 45  # a random half, not all or none
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 0}, "batch_size"), ({"flip": "sometimes"}, "flip"), ({"pad_mode": "wrap"}, "pad_mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"flip": "sometimes"}, "flip"),
+        ({"pad_mode": "wrap"}, "pad_mode"),
+    ],
+)
 def test_bad_loader_options(data, kwargs, message):
     options = {"batch_size": 8, **kwargs}
     with pytest.raises(MinitrainError, match=message):

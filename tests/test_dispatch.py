@@ -1,10 +1,11 @@
 """minitrain.engine.dispatch: the loop's resolved hook calls do what pluggy's own calls do."""
+
 from __future__ import annotations
 
 import pytest
 
-from minitrain.engine import events as ev
 from minitrain import hookimpl
+from minitrain.engine import events as ev
 from minitrain.engine.registry import guard_observers, make_plugin_manager
 
 EVENT = ev.ValidationStart(epoch=1, global_step=0)
@@ -13,6 +14,7 @@ EVENT = ev.ValidationStart(epoch=1, global_step=0)
 def recorder(name: str, log: list, **opts):
     """A plugin implementing on_validation_start (marked with ``opts``; its arguments in another
     order than the spec's) and on_event (with no arguments at all)."""
+
     class Recorder:
         @hookimpl(**opts)
         def on_validation_start(self, trainer, event):  # the spec's order is (event, trainer)
@@ -21,6 +23,7 @@ def recorder(name: str, log: list, **opts):
         @hookimpl
         def on_event(self):
             log.append((name, "event"))
+
     return Recorder()
 
 
@@ -54,7 +57,7 @@ def test_a_hook_nobody_implements_resolves_to_none():
     pm = make_plugin_manager()
     assert pm.calls.on_validation_start is None
     with pytest.raises(AttributeError, match="no hookspec 'on_no_such_thing'"):
-        pm.calls.on_no_such_thing
+        _ = pm.calls.on_no_such_thing
 
 
 def test_registering_and_unregistering_are_seen_at_once():

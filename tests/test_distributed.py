@@ -2,6 +2,7 @@
 README's 3·10⁻⁷), the writing plugins write one set of files, a resume on every rank goes on bit
 for bit; and the pieces (sharded loader, rank-0-only registration, the ddp plugin, ``--nproc``) on
 their own."""
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,11 @@ import torch
 
 import minitrain.engine.registry
 from minitrain import hookimpl, hookspec
-from minitrain.engine import checkpointing, distributed
 from minitrain.commands.cli import main
-from minitrain.kit.data import ImageLoader
-from minitrain.engine.registry import make_plugin_manager, register_plugin
 from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine import checkpointing, distributed
+from minitrain.engine.registry import make_plugin_manager, register_plugin
+from minitrain.kit.data import ImageLoader
 
 WRITERS = {"console", "jsonl", "csv", "tensorboard", "viz", "checkpoint"}
 FIRST_PARTY_PLUGINS = WRITERS | {"ddp"}
@@ -31,7 +32,7 @@ AGREE = 3e-7  # the README's figure: 2 ranks x 8 and 1 rank x 16 differ by at mo
 # No BatchNorm (its statistics are per rank), no dropout, no augmentation: with the data in the
 # same order, 2 ranks × 8 images must take the same steps as 1 rank × 16. StepLosses is a test
 # probe: it all-reduces every step's loss, which no real plugin should do.
-RECIPE = '''
+RECIPE = """
 import json
 from pathlib import Path
 
@@ -79,13 +80,14 @@ def build(config, device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.97 ** step)
     return minitrain.Components(model=model, optimizer=optimizer, train_loader=train, val_loader=test,
                                 scheduler=scheduler, scheduler_interval="step", class_names=CIFAR10_CLASSES)
-'''
+"""
 
 
 def _torchrun(args: list[str], cwd: Path, launcher: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_ENV}
-    done = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)  # a guard against a hang, with room for a slow machine
+    done = subprocess.run(
+        [sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )  # a guard against a hang, with room for a slow machine
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -107,15 +109,37 @@ def runs(tmp_path_factory):
     single.fit()
 
     plugins = ["--plugin", "csv", "--plugin", "tensorboard", "--plugin", "viz", "--plugin", "checkpoint:top_k=3"]
-    two = _torchrun(["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--run-dir", "two", *plugins],
-                    root, ["-m", "minitrain"])
+    two = _torchrun(
+        ["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--run-dir", "two", *plugins],
+        root,
+        ["-m", "minitrain"],
+    )
     resumed = root / "resumed" / "checkpoints"
     resumed.mkdir(parents=True)
     first_epoch = next((root / "two" / "checkpoints").glob("epoch=1-*.pt"))
     shutil.copy(first_epoch, resumed / "last.pt")
-    _torchrun(["--standalone", "--nproc_per_node=2", "-m", "minitrain", "run", str(recipe), "--set", "batch_size=8",
-               "--run-dir", "resumed", "--resume", "auto", "--plugin", "checkpoint", "--no-plugin", "console"],
-              root, ["-m", "torch.distributed.run"])
+    _torchrun(
+        [
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "minitrain",
+            "run",
+            str(recipe),
+            "--set",
+            "batch_size=8",
+            "--run-dir",
+            "resumed",
+            "--resume",
+            "auto",
+            "--plugin",
+            "checkpoint",
+            "--no-plugin",
+            "console",
+        ],
+        root,
+        ["-m", "torch.distributed.run"],
+    )
     return root, two
 
 
@@ -163,7 +187,10 @@ def test_writing_plugins_write_one_set_of_files(runs):
     assert {p.name for p in root.iterdir()} - {"__pycache__"} == {"data", "one", "recipe.py", "resumed", "two"}
     saved = json.loads((run / "run.json").read_text())
     assert saved["world_size"] == 2 and saved["plugins"]["ddp"] == {
-        "find_unused_parameters": False, "static_graph": False, "bucket_cap_mb": 25.0}
+        "find_unused_parameters": False,
+        "static_graph": False,
+        "bucket_cap_mb": 25.0,
+    }
 
 
 def test_resume_auto_under_ddp_continues_exactly(runs):
@@ -198,8 +225,11 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_epoch_end(runs, tmp_pa
     root, _ = runs
     recipe = tmp_path / "stopper.py"
     recipe.write_text(RECIPE.format(epochs=EPOCHS, data_dir=str(root / "data")) + STOPPER)
-    _torchrun(["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--run-dir", "stopped"], tmp_path,
-              ["-m", "minitrain"])  # a rank left behind would wait at its next collective: a timeout here
+    _torchrun(
+        ["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--run-dir", "stopped"],
+        tmp_path,
+        ["-m", "minitrain"],
+    )  # a rank left behind would wait at its next collective: a timeout here
     events = [json.loads(line) for line in (tmp_path / "stopped" / "events.jsonl").read_text().splitlines()]
     end = events[-1]
     assert end["event"] == "FitEnd" and end["stop_reason"] == "asked on rank 0 only"
@@ -254,19 +284,38 @@ def test_no_rank_runs_ahead_of_the_checkpoint_rank_0_writes(runs, tmp_path):
     root, _ = runs
     recipe = tmp_path / "slow_saves.py"
     recipe.write_text(RECIPE.format(epochs=1, data_dir=str(root / "data")) + SLOW_SAVES)
-    _torchrun(["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--plugin", "checkpoint:every_steps=1",
-               "--no-plugin", "console", "--run-dir", "slow"], tmp_path, ["-m", "minitrain"])
+    _torchrun(
+        [
+            "run",
+            str(recipe),
+            "--nproc",
+            "2",
+            "--set",
+            "batch_size=8",
+            "--plugin",
+            "checkpoint:every_steps=1",
+            "--no-plugin",
+            "console",
+            "--run-dir",
+            "slow",
+        ],
+        tmp_path,
+        ["-m", "minitrain"],
+    )
     checked, behind = json.loads((tmp_path / "slow" / "rank1.json").read_text())
     assert checked == STEPS - 1 and behind == []
 
 
 # --- the pieces, in one process ------------------------------------------------------------------
 
+
 def _loaders(n: int, batch: int, world: int, shuffle: bool, **options) -> list[ImageLoader]:
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
     labels = torch.arange(n)
-    return [ImageLoader(images, labels, batch, shuffle=shuffle, seed=3, rank=r, world_size=world, **options)
-            for r in range(world)]
+    return [
+        ImageLoader(images, labels, batch, shuffle=shuffle, seed=3, rank=r, world_size=world, **options)
+        for r in range(world)
+    ]
 
 
 def test_sharded_batches_together_are_the_single_process_batches():
@@ -294,8 +343,19 @@ def test_training_shards_are_even_and_evaluation_shards_exact():
 
 def test_augmentation_differs_between_ranks():
     image = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    shards = [ImageLoader(image.expand(32, 3, 8, 8), torch.zeros(32, dtype=torch.int64), 16, shuffle=True, crop=2,
-                          flip="random", rank=r, world_size=2) for r in range(2)]
+    shards = [
+        ImageLoader(
+            image.expand(32, 3, 8, 8),
+            torch.zeros(32, dtype=torch.int64),
+            16,
+            shuffle=True,
+            crop=2,
+            flip="random",
+            rank=r,
+            world_size=2,
+        )
+        for r in range(2)
+    ]
     first = [next(iter(loader))[0] for loader in shards]  # one image 16 times per rank: only augmentation differs
     assert not torch.equal(first[0], first[1])
 
@@ -401,12 +461,30 @@ def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(runs, tmp_pa
     root, _ = runs
     recipe = tmp_path / "counted.py"
     recipe.write_text(RECIPE.format(epochs=1, data_dir=str(root / "data")) + ALLREDUCES)
-    _torchrun(["run", str(recipe), "--nproc", "2", "--set", "batch_size=8", "--plugin", "accumulate:steps=2",
-               "--plugin", "checkpoint", "--run-dir", "accumulated"], tmp_path, ["-m", "minitrain"])
+    _torchrun(
+        [
+            "run",
+            str(recipe),
+            "--nproc",
+            "2",
+            "--set",
+            "batch_size=8",
+            "--plugin",
+            "accumulate:steps=2",
+            "--plugin",
+            "checkpoint",
+            "--run-dir",
+            "accumulated",
+        ],
+        tmp_path,
+        ["-m", "minitrain"],
+    )
     assert json.loads((tmp_path / "accumulated" / "allreduces.json").read_text()) == 3  # 5 batches: 2 + 2 + 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = prepare(RunRequest(recipe, ["batch_size=32"], [], ["console"], tmp_path / "single"))  # 32 + 32 + 16 images
+        single = prepare(
+            RunRequest(recipe, ["batch_size=32"], [], ["console"], tmp_path / "single")
+        )  # 32 + 32 + 16 images
     single.fit()
     for name, tensor in _weights(tmp_path / "accumulated").items():
         torch.testing.assert_close(tensor, single.module.state_dict()[name], rtol=0, atol=3e-7)

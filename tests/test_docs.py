@@ -11,6 +11,7 @@ lists exactly the members of the plugin surface (``RunView``, ``TrainerView``, `
 default; docs/cli.md every command the parser has, each with exactly its options;
 docs/plugin-reference.md every first-party plugin with exactly its options. The README stays a
 short guide, and no relative link in the docs points nowhere."""
+
 import argparse
 import ast
 import dataclasses
@@ -45,7 +46,9 @@ def _all_hookspecs():
 
 
 HOOKS = _all_hookspecs()  # importing the first-party plugins has also declared their events
-EVENTS = {name: cls for name, cls in EVENT_TYPES.items() if cls.__module__.startswith(("minitrain.", "minitrain_plugins."))}
+EVENTS = {
+    name: cls for name, cls in EVENT_TYPES.items() if cls.__module__.startswith(("minitrain.", "minitrain_plugins."))
+}
 
 
 def _table(*header: str, page: str = PAGE, where: str = "docs/plugins.md") -> dict[str, list[str]]:
@@ -55,7 +58,7 @@ def _table(*header: str, page: str = PAGE, where: str = "docs/plugins.md") -> di
     starts = [i for i, line in enumerate(lines) if _cells(line) == list(header)]
     assert len(starts) == 1, f"{where}: expected one table headed {' | '.join(header)}"
     rows: dict[str, list[str]] = {}
-    for line in lines[starts[0] + 2:]:
+    for line in lines[starts[0] + 2 :]:
         if not line.startswith("|"):
             break
         cells = _cells(line)
@@ -129,7 +132,8 @@ def test_every_event_is_documented_with_its_fields(name):
     assert name in table, f"docs/plugins.md does not document event {name} in its table"
     listed = _names(_listed(table[name][1]))
     assert len(listed) == len(set(listed)) and set(listed) == set(cls.model_fields), (
-        f"docs/plugins.md lists {listed} as the fields of {name}, which has {list(cls.model_fields)}")
+        f"docs/plugins.md lists {listed} as the fields of {name}, which has {list(cls.model_fields)}"
+    )
 
 
 def _listed_after(pattern: str) -> set[str]:
@@ -143,33 +147,45 @@ def test_the_page_says_what_each_first_party_plugin_is(real_discover):
     """Which first-party plugins are on by default, on rank 0 only, critical or observers."""
     plugins = {name: info.target for name, info in _first_party_plugins(real_discover).items()}
     assert _listed_after(r"`enabled_by_default = True` is on in every run \(first party: ([^)]*)\)") == {
-        name for name, target in plugins.items() if getattr(target, "enabled_by_default", False)}
+        name for name, target in plugins.items() if getattr(target, "enabled_by_default", False)
+    }
     assert _listed_after(r"write each file N times: first party, ([^(]*)\(") == {
-        name for name, target in plugins.items() if getattr(target, "main_process_only", False)}
-    for role, pattern in (("critical", r"First party: ([^;]*) are critical;"),
-                          ("observer", r"are critical; ([^.]*) are observers\.")):
+        name for name, target in plugins.items() if getattr(target, "main_process_only", False)
+    }
+    for role, pattern in (
+        ("critical", r"First party: ([^;]*) are critical;"),
+        ("observer", r"are critical; ([^.]*) are observers\."),
+    ):
         assert _listed_after(pattern) == {name for name, target in plugins.items() if role_of(target) == role}, role
 
 
 # --- the plugin surface (docs/plugins.md) --------------------------------------------------------
+
 
 def _declared(cls) -> set[str]:
     """The members a class of the plugin surface declares itself: its fields (a dataclass's) or
     annotated attributes (a protocol's), and its public methods and properties; not what it
     inherits, so that ``TrainerView`` gives only what it adds to ``RunView``."""
     own = inspect.get_annotations(cls)
-    fields = ({f.name for f in dataclasses.fields(cls) if f.name in own} if dataclasses.is_dataclass(cls)
-              else set(own))
-    calls = {name for name, value in vars(cls).items()
-             if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, property))}
+    fields = {f.name for f in dataclasses.fields(cls) if f.name in own} if dataclasses.is_dataclass(cls) else set(own)
+    calls = {
+        name
+        for name, value in vars(cls).items()
+        if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, property))
+    }
     return fields | calls
 
 
 def _surface():
     from minitrain.engine.state import RunState
     from minitrain.engine.surface import RunView, Shared, TrainerView
-    return {"RunView": (RunView, "member"), "TrainerView": (TrainerView, "member"),
-            "Shared": (Shared, "field"), "RunState": (RunState, "field")}
+
+    return {
+        "RunView": (RunView, "member"),
+        "TrainerView": (TrainerView, "member"),
+        "Shared": (Shared, "field"),
+        "RunState": (RunState, "field"),
+    }
 
 
 @pytest.mark.parametrize("name", ["RunView", "TrainerView", "Shared", "RunState"])
@@ -178,17 +194,31 @@ def test_the_surface_tables_list_exactly_the_declared_members(name):
     declared = _declared(cls)
     assert declared, f"{name} declares nothing: is it still where the test looks?"
     assert set(_table(f"`{name}` {kind}", "type", "meaning")) == declared, (
-        f"docs/plugins.md: the {name} table lists other members than {name} declares ({sorted(declared)})")
+        f"docs/plugins.md: the {name} table lists other members than {name} declares ({sorted(declared)})"
+    )
 
 
 def test_the_page_names_no_trainer_attribute_that_left_the_surface():
     """Old prose told plugins to read these on the trainer itself; they are on ``state`` and
     ``shared`` now (``trainer.state.epoch``, ``trainer.shared.stepping``)."""
-    gone = ("stepping", "grad_scaler", "step_metrics", "epoch", "batch_idx", "global_step", "stop_reason",
-            "in_step", "metrics", "epoch_number", "max_steps", "max_time")
+    gone = (
+        "stepping",
+        "grad_scaler",
+        "step_metrics",
+        "epoch",
+        "batch_idx",
+        "global_step",
+        "stop_reason",
+        "in_step",
+        "metrics",
+        "epoch_number",
+        "max_steps",
+        "max_time",
+    )
     pages = {path.name: path.read_text() for path in (ROOT / "docs").glob("*.md")}
-    found = {(page, match) for page, text in pages.items()
-             for match in re.findall(rf"\btrainer\.({'|'.join(gone)})\b", text)}
+    found = {
+        (page, match) for page, text in pages.items() for match in re.findall(rf"\btrainer\.({'|'.join(gone)})\b", text)
+    }
     assert not found, f"docs name trainer attributes that are not on the plugin surface: {sorted(found)}"
 
 
@@ -204,7 +234,9 @@ def _shown_default(cell: str):
     as a Python literal where it is one (``1e-3``, ``"auto"``, ``None``, ``[]``), else as text."""
     values = _names(cell)
     if not values:
-        assert cell == "required", f"docs/recipes.md: a default cell must show a value in backticks, or say required: {cell!r}"
+        assert cell == "required", (
+            f"docs/recipes.md: a default cell must show a value in backticks, or say required: {cell!r}"
+        )
         return dataclasses.MISSING
     try:
         return ast.literal_eval(values[0])
@@ -226,11 +258,15 @@ def _same_default(shown, default) -> bool:
 
 def test_the_recipe_config_table_has_a_row_for_each_field_and_no_other():
     import minitrain
-    assert set(_table(*RECIPE_CONFIG, page=RECIPES, where="docs/recipes.md")) == set(minitrain.RecipeConfig.model_fields)
+
+    assert set(_table(*RECIPE_CONFIG, page=RECIPES, where="docs/recipes.md")) == set(
+        minitrain.RecipeConfig.model_fields
+    )
 
 
 def test_the_recipe_config_table_shows_each_default(monkeypatch):
     import minitrain
+
     monkeypatch.delenv("MINITRAIN_DATA", raising=False)  # data_dir's default as the page states it
     rows = _table(*RECIPE_CONFIG, page=RECIPES, where="docs/recipes.md")
     wrong = {}
@@ -247,12 +283,15 @@ def test_the_recipe_config_table_shows_each_default(monkeypatch):
 
 def test_the_components_table_has_a_row_for_each_field_and_no_other():
     import minitrain
+
     assert set(_table(*COMPONENTS, page=RECIPES, where="docs/recipes.md")) == {
-        f.name for f in dataclasses.fields(minitrain.Components)}
+        f.name for f in dataclasses.fields(minitrain.Components)
+    }
 
 
 def test_the_components_table_shows_each_default():
     import minitrain
+
     rows = _table(*COMPONENTS, page=RECIPES, where="docs/recipes.md")
     wrong = {}
     for field in dataclasses.fields(minitrain.Components):
@@ -309,7 +348,7 @@ def _listed_options(lines: list[str], where: str) -> set[str]:
     tables = [i for i, line in enumerate(lines) if _cells(line) == list(OPTIONS)]
     assert len(tables) <= 1, f"docs/cli.md: {where} has more than one option table"
     listed: set[str] = set()
-    for line in lines[tables[0] + 2:] if tables else []:
+    for line in lines[tables[0] + 2 :] if tables else []:
         if not line.startswith("|"):
             break
         names = [name.split()[0] for name in _names(_cells(line)[0])]
@@ -321,6 +360,7 @@ def _listed_options(lines: list[str], where: str) -> set[str]:
 
 def _parser():
     from minitrain.commands import cli
+
     return cli.parser()
 
 
@@ -356,8 +396,12 @@ def test_the_cli_page_lists_the_options_of_minitrain_itself():
 
 # --- the README and links ------------------------------------------------------------------------
 
-DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md",
-        *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "CHANGELOG.md",
+    ROOT / "benchmarks" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 
 
 def test_the_readme_is_a_short_guide():
@@ -409,8 +453,11 @@ def test_the_plugin_reference_lists_each_first_party_plugin_with_exactly_its_opt
     plugins = {name: info.target for name, info in _first_party_plugins(real_discover).items()}
     rows = _table("plugin", "what", "options", page=REFERENCE, where="docs/plugin-reference.md")
     assert set(rows) == set(plugins)
-    wrong = {name: _names(rows[name][2]) for name, target in plugins.items()
-             if _names(rows[name][2]) != list(getattr(getattr(target, "Config", None), "model_fields", {}))}
+    wrong = {
+        name: _names(rows[name][2])
+        for name, target in plugins.items()
+        if _names(rows[name][2]) != list(getattr(getattr(target, "Config", None), "model_fields", {}))
+    }
     assert not wrong, f"docs/plugin-reference.md lists other options than these plugins' Config has: {wrong}"
     default = {name for name, target in plugins.items() if getattr(target, "enabled_by_default", False)}
     for where, text in (("docs/plugin-reference.md", REFERENCE), ("README.md", (ROOT / "README.md").read_text())):

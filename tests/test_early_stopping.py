@@ -1,25 +1,25 @@
 """The early_stopping plugin: stops after ``patience`` epochs without improvement, says why, and
 keeps counting across a resume."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from minitrain.engine.errors import MinitrainError
 from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine.errors import MinitrainError
 from minitrain_plugins._metric import improves, resolve_monitor
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping"}
 NEVER_BETTER = "min_delta=1e9"  # after the first epoch nothing counts as an improvement
 
 
-
-
 @pytest.fixture
 def start(recipe, tmp_path):
     def make(plugins, epochs, resume=None):
         return prepare(RunRequest(recipe, [f"epochs={epochs}"], plugins, ["console"], tmp_path / "run", resume=resume))
+
     return make
 
 
@@ -56,15 +56,19 @@ def test_a_run_it_stopped_stays_stopped_when_resumed(start):
 
 def test_a_larger_patience_lets_a_stopped_run_go_on(start):
     start([f"early_stopping:monitor=train_loss,patience=2,{NEVER_BETTER}", "checkpoint"], epochs=10).fit()
-    resumed = start([f"early_stopping:monitor=train_loss,patience=3,{NEVER_BETTER}", "checkpoint"], epochs=10,
-                    resume="auto")
+    resumed = start(
+        [f"early_stopping:monitor=train_loss,patience=3,{NEVER_BETTER}", "checkpoint"], epochs=10, resume="auto"
+    )
     resumed.fit()
     assert resumed.state.epoch == 4  # two bad epochs counted before, one more now
 
 
 def test_a_missing_monitor_is_refused_before_the_run_starts(start, tmp_path):
-    with pytest.raises(MinitrainError, match="early_stopping: monitor 'val_f1' is not a metric this run reports "
-                                             r"\(it reports train_loss, lr, epoch_time, samples_per_s, val_loss, val_acc\)"):
+    with pytest.raises(
+        MinitrainError,
+        match="early_stopping: monitor 'val_f1' is not a metric this run reports "
+        r"\(it reports train_loss, lr, epoch_time, samples_per_s, val_loss, val_acc\)",
+    ):
         start(["early_stopping:monitor=val_f1"], epochs=1)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 

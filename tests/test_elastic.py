@@ -11,6 +11,7 @@ Each failed attempt costs a new pair of processes (seconds of imports each on a 
 so one run takes all the failures: ``MINITRAIN_ELASTIC_KILLS`` (default 5) kills, aimed by
 ``MINITRAIN_ELASTIC_SEED``, for longer trials.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -126,13 +127,19 @@ class Tally:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_ENV and not k.startswith("MINITRAIN_TEST")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_ENV and not k.startswith("MINITRAIN_TEST")
+    }
     return env | {"OMP_NUM_THREADS": "1"} | extra  # every process computes alike
 
 
 def _launch(root: Path, recipe: Path, run_dir: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    return _start([sys.executable, "-m", "minitrain", "run", str(recipe), "--nproc", "2", *PLUGINS,
-                   "--run-dir", run_dir, *extra], root, root / f"{run_dir}.log", env or _env())
+    return _start(
+        [sys.executable, "-m", "minitrain", "run", str(recipe), "--nproc", "2", *PLUGINS, "--run-dir", run_dir, *extra],
+        root,
+        root / f"{run_dir}.log",
+        env or _env(),
+    )
 
 
 def _start(argv: list[str], cwd: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -175,6 +182,7 @@ def reference(tmp_path_factory) -> Reference:
 
 
 # --- what the runs leave -------------------------------------------------------------------------
+
 
 def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
@@ -235,6 +243,7 @@ def _resumed_inside(starts: list[dict]) -> list[int]:
 
 # --- the processes ---------------------------------------------------------------------------------
 
+
 def _workers(launcher: int) -> dict[int, tuple[int, int]]:
     """The launcher's worker processes: rank -> (pid, restart count)."""
     found = {}
@@ -245,8 +254,9 @@ def _workers(launcher: int) -> dict[int, tuple[int, int]]:
             continue
         for pid in map(int, pids):
             try:
-                env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
-                           if "=" in item)
+                env = dict(
+                    item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
+                )
             except OSError:
                 continue
             if "RANK" in env:
@@ -282,8 +292,14 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
     ref, rng, tally = reference, random.Random(SEED), Tally()
     run = ref.root / "trials"
     restarts = 1 + KILLS
-    process = _launch(ref.root, ref.recipe, "trials", "--max-restarts", str(restarts),
-                      env=_env(MINITRAIN_TEST_FAIL=f"{FAILURE[0]}:{FAILURE[1]}:0"))
+    process = _launch(
+        ref.root,
+        ref.recipe,
+        "trials",
+        "--max-restarts",
+        str(restarts),
+        env=_env(MINITRAIN_TEST_FAIL=f"{FAILURE[0]}:{FAILURE[1]}:0"),
+    )
     try:
         for attempt in range(restarts):
             if attempt:  # a kill
@@ -294,8 +310,11 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
                 def reached() -> bool:
                     nonlocal workers
                     workers = _workers(process.pid)
-                    return ((_newest_step(run) or 0) >= target and len(workers) == 2
-                            and all(restart == attempt for _, restart in workers.values()))
+                    return (
+                        (_newest_step(run) or 0) >= target
+                        and len(workers) == 2
+                        and all(restart == attempt for _, restart in workers.values())
+                    )
 
                 assert _wait(reached, process), (ref.root / "trials.log").read_text()[-3000:]
                 time.sleep(rng.uniform(0, 0.05))  # somewhere in the next step: computing, saving or waiting
@@ -305,7 +324,8 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
             # the launcher stops the other worker before it starts the next attempt: what is on
             # disk once that attempt's workers exist is what it must resume from
             assert _wait(lambda: any(r == attempt + 1 for _, r in _workers(process.pid).values()), process), (
-                (ref.root / "trials.log").read_text()[-3000:])
+                ref.root / "trials.log"
+            ).read_text()[-3000:]
             tally.resumed_at.append(_newest_step(run) or 0)
         code = _finish(process)
     finally:
@@ -321,12 +341,16 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
     history = json.loads((run / "run.json").read_text())["history"]
     assert [h["restart"] for h in history] == list(range(restarts + 1))
     for start in starts[1:]:
-        assert (f"restart {start['restart']} of {restarts}: resuming from trials/checkpoints/last.pt: "
-                f"epoch {start['start_epoch']}, step {start['global_step']}") in log
+        assert (
+            f"restart {start['restart']} of {restarts}: resuming from trials/checkpoints/last.pt: "
+            f"epoch {start['start_epoch']}, step {start['global_step']}"
+        ) in log
     tally.inside = _resumed_inside(starts)
     assert 1 in tally.inside  # resumed at step 4: its metrics.csv row (and EpochEnd, if logged) compared above
-    print(f"exception on rank {FAILURE[0]} at step {FAILURE[1]}; kills (rank, step): {tally.kills}; "
-          f"resumed at steps {tally.resumed_at}; epochs resumed in their middle: {tally.inside}")
+    print(
+        f"exception on rank {FAILURE[0]} at step {FAILURE[1]}; kills (rank, step): {tally.kills}; "
+        f"resumed at steps {tally.resumed_at}; epochs resumed in their middle: {tally.inside}"
+    )
 
 
 def test_a_rank_killed_after_the_last_checkpoint_restarts_into_a_complete_run(reference):
@@ -334,8 +358,9 @@ def test_a_rank_killed_after_the_last_checkpoint_restarts_into_a_complete_run(re
     which finds the run complete, trains nothing, rewrites nothing, and the launch succeeds."""
     ref = reference
     run = ref.root / "killed-at-end"
-    process = _launch(ref.root, ref.recipe, "killed-at-end", "--max-restarts", "1",
-                      env=_env(MINITRAIN_TEST_KILL_AT_END="1:0"))
+    process = _launch(
+        ref.root, ref.recipe, "killed-at-end", "--max-restarts", "1", env=_env(MINITRAIN_TEST_KILL_AT_END="1:0")
+    )
     assert _finish(process) == 0, (ref.root / "killed-at-end.log").read_text()[-3000:]
     log = (ref.root / "killed-at-end.log").read_text()
     assert log.count(f"minitrain: run already complete: {EPOCHS} of {EPOCHS} epochs (killed-at-end)") == 1  # rank 0
@@ -353,17 +378,35 @@ def test_when_the_restarts_are_spent_one_line_says_so(reference):
     enough to show it, and starts twice as fast; alone, it saves last.pt as it fails between two
     steps (step 3, which the restart resumes from and fails after)."""
     ref = reference
-    process = _start([sys.executable, "-m", "minitrain", "run", str(ref.recipe), "--nproc", "1", *PLUGINS,
-                      "--max-restarts", "1", "--run-dir", "spent"], ref.root, ref.root / "spent.log",
-                     _env(MINITRAIN_TEST_FAIL="0:3:*"))
+    process = _start(
+        [
+            sys.executable,
+            "-m",
+            "minitrain",
+            "run",
+            str(ref.recipe),
+            "--nproc",
+            "1",
+            *PLUGINS,
+            "--max-restarts",
+            "1",
+            "--run-dir",
+            "spent",
+        ],
+        ref.root,
+        ref.root / "spent.log",
+        _env(MINITRAIN_TEST_FAIL="0:3:*"),
+    )
     assert _finish(process) == 1
     lines = (ref.root / "spent.log").read_text().splitlines()
     assert sum("RuntimeError: planned failure on rank 0" in line for line in lines) == 2, lines  # try, restart
     assert "restart 1 of 1: resuming from spent/checkpoints/last.pt: epoch 1, step 3" in lines
-    assert re.fullmatch(r"minitrain: error: rank 0 of 1 failed \(exit code 1; its output is above\) and 1 restart "
-                        r"happened \(--max-restarts 1\); the last checkpoint is spent/checkpoints/last\.pt \(step 4\); "
-                        r"resume with: minitrain run .* --nproc=1 --max-restarts=1 --run-dir spent --resume auto",
-                        lines[-1]), lines[-1]
+    assert re.fullmatch(
+        r"minitrain: error: rank 0 of 1 failed \(exit code 1; its output is above\) and 1 restart "
+        r"happened \(--max-restarts 1\); the last checkpoint is spent/checkpoints/last\.pt \(step 4\); "
+        r"resume with: minitrain run .* --nproc=1 --max-restarts=1 --run-dir spent --resume auto",
+        lines[-1],
+    ), lines[-1]
 
 
 def _free_port() -> int:
@@ -381,16 +424,42 @@ def test_two_launches_as_two_nodes_train_as_one_launch_of_two_processes(referenc
     env = _env(**{distributed.SHARED_STORE_ENV: "1"})
     nodes = []
     for node in range(2):
-        nodes.append(_start(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--max-restarts=1",
-             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
-             "--local-addr=127.0.0.1", "-m", "minitrain", "run", str(ref.recipe), *PLUGINS, "--run-dir", "nodes"],
-            ref.root, ref.root / f"node{node}.log", env))
+        nodes.append(
+            _start(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    "--nproc_per_node=1",
+                    "--max-restarts=1",
+                    "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint=127.0.0.1:{port}",
+                    "--rdzv-id=elastic-test",
+                    "--local-addr=127.0.0.1",
+                    "-m",
+                    "minitrain",
+                    "run",
+                    str(ref.recipe),
+                    *PLUGINS,
+                    "--run-dir",
+                    "nodes",
+                ],
+                ref.root,
+                ref.root / f"node{node}.log",
+                env,
+            )
+        )
     run = ref.root / "nodes"
     try:
+
         def second_node_worker() -> int | None:
-            workers = {rank: pid for launcher in nodes for rank, (pid, restart) in _workers(launcher.pid).items()
-                       if restart == 0}
+            workers = {
+                rank: pid
+                for launcher in nodes
+                for rank, (pid, restart) in _workers(launcher.pid).items()
+                if restart == 0
+            }
             return workers.get(1) if len(workers) == 2 else None
 
         assert _wait(lambda: (_newest_step(run) or 0) >= 7 and second_node_worker(), nodes[0])
@@ -400,7 +469,9 @@ def test_two_launches_as_two_nodes_train_as_one_launch_of_two_processes(referenc
 
         def restarted() -> bool:
             for n, launcher in enumerate(nodes):
-                counts.update({n: restart for pid, restart in _workers(launcher.pid).values() if pid not in first})
+                for pid, restart in _workers(launcher.pid).values():
+                    if pid not in first:
+                        counts[n] = restart
             return len(counts) == 2
 
         assert _wait(restarted, nodes[0])
@@ -417,6 +488,7 @@ def test_two_launches_as_two_nodes_train_as_one_launch_of_two_processes(referenc
 
 
 # --- the pieces, in one process ------------------------------------------------------------------
+
 
 def _restarted(monkeypatch, count: int, budget: int = 3) -> None:
     """Make this process look like torchrun's ``count``-th restart (the process group itself is
@@ -455,10 +527,14 @@ def test_a_restart_goes_on_from_the_newest_checkpoint_in_its_run_directory(recip
 def test_a_restart_before_any_checkpoint_starts_afresh_in_the_same_directory(recipe, tmp_path, monkeypatch, capsys):
     from minitrain.commands.start import RunRequest, prepare
 
-    prepare(RunRequest(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True))  # run files written, no checkpoint
+    prepare(
+        RunRequest(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True)
+    )  # run files written, no checkpoint
     _restarted(monkeypatch, 1)
     with pytest.warns(UserWarning, match="no checkpoint in .* starting it again from step 0"):
-        trainer = prepare(RunRequest(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True))  # not moved aside again
+        trainer = prepare(
+            RunRequest(recipe, [], ["checkpoint"], [], tmp_path / "run", move_aside=True)
+        )  # not moved aside again
     assert trainer.restart == 1 and trainer.resumed_from is None
     assert not list(tmp_path.glob("run.aside-*"))
     trainer.fit()
@@ -486,8 +562,8 @@ def test_a_restart_of_a_run_resumed_from_a_file_prefers_its_own_newer_checkpoint
 def test_a_checkpoint_restores_each_rank_its_own_loss_sum_and_generators(recipe, monkeypatch):
     """``state_dict(gather=True)`` under 2 ranks (the collective faked): rank 1 gets back its own
     partial loss sum and random state, not rank 0's; with another number of ranks, rank 0's."""
-    from minitrain.engine.device import get_rng_state
     from minitrain.commands.start import RunRequest, prepare
+    from minitrain.engine.device import get_rng_state
 
     trainer = prepare(RunRequest(recipe, [], [], ["console"]))
     torch.manual_seed(1)

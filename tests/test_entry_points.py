@@ -1,6 +1,7 @@
 """Entry points not loaded under --disable-plugin-autoload are recognised whatever class
 importlib.metadata hands them out as: once a package imports the importlib_metadata backport
 (MLflow does), the standard library's entry_points() returns the backport's EntryPoint objects."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -24,12 +25,34 @@ class ForeignEntryPoint:
 
 
 def test_a_plugin_named_under_disabled_autoload_loads_from_any_entry_point_class(
-        install_dist, recipe, tmp_path, monkeypatch, real_discover, capsys):
+    install_dist, recipe, tmp_path, monkeypatch, real_discover, capsys
+):
     install_dist("deferred_plugin", "import minitrain\nLOADED = True\n", {"deferred": "deferred_plugin"})
     real = importlib.metadata.entry_points
-    monkeypatch.setattr(registry.importlib.metadata, "entry_points", lambda **kw: (
-        [ForeignEntryPoint(ep) for ep in real(**kw)] if kw.get("group") == registry.ENTRY_POINT_GROUP else real(**kw)))
+    monkeypatch.setattr(
+        registry.importlib.metadata,
+        "entry_points",
+        lambda **kw: (
+            [ForeignEntryPoint(ep) for ep in real(**kw)]
+            if kw.get("group") == registry.ENTRY_POINT_GROUP
+            else real(**kw)
+        ),
+    )
     monkeypatch.setattr(registry, "discover", real_discover)
-    assert cli.main(["--disable-plugin-autoload", "run", str(recipe), "--plugin", "deferred",
-                     "--no-plugin", "console", "--run-dir", str(tmp_path / "run")]) == 0
+    assert (
+        cli.main(
+            [
+                "--disable-plugin-autoload",
+                "run",
+                str(recipe),
+                "--plugin",
+                "deferred",
+                "--no-plugin",
+                "console",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     assert "done: 1 epochs" in capsys.readouterr().out

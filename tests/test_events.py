@@ -1,4 +1,5 @@
 """Events: validated, frozen, one JSON line each, a JSON Schema each, tensors kept as given."""
+
 from __future__ import annotations
 
 import json
@@ -11,19 +12,34 @@ from minitrain.engine import events as ev
 
 # One valid instance of every core event (ExceptionRaised's traceback has newlines on purpose).
 SAMPLES: dict[type[ev.Event], dict] = {
-    ev.FitStart: dict(epochs=5, start_epoch=3, global_step=10, steps_per_epoch=5, device="cpu",
-                      run_dir="runs/demo", config={"lr": 0.1, "nested": {"a": [1, 2]}}, class_names=["a", "b"],
-                      resumed_from="runs/demo/checkpoints/last.pt", changed={"epochs": [3, 5]}),
+    ev.FitStart: dict(
+        epochs=5,
+        start_epoch=3,
+        global_step=10,
+        steps_per_epoch=5,
+        device="cpu",
+        run_dir="runs/demo",
+        config={"lr": 0.1, "nested": {"a": [1, 2]}},
+        class_names=["a", "b"],
+        resumed_from="runs/demo/checkpoints/last.pt",
+        changed={"epochs": [3, 5]},
+    ),
     ev.EpochStart: dict(epoch=1, global_step=5, steps=5),
     ev.BatchStart: dict(epoch=1, batch_idx=2, global_step=7, batch_size=16),
     ev.BatchEnd: dict(epoch=1, batch_idx=2, global_step=8, batch_size=16, loss=torch.tensor(0.25)),
     ev.ValidationStart: dict(epoch=1, global_step=10),
-    ev.ValidationEnd: dict(epoch=1, global_step=10, metrics={"val_loss": 0.5, "val_acc": 0.75},
-                           confusion=[[3, 1], [0, 4]]),
+    ev.ValidationEnd: dict(
+        epoch=1, global_step=10, metrics={"val_loss": 0.5, "val_acc": 0.75}, confusion=[[3, 1], [0, 4]]
+    ),
     ev.EpochEnd: dict(epoch=1, global_step=10, metrics={"train_loss": 0.4, "lr": 0.1}),
     ev.FitEnd: dict(epochs_completed=2, global_step=10, metrics={"train_loss": 0.4}, stop_reason="patience"),
-    ev.ExceptionRaised: dict(epoch=1, global_step=3, error_type="RuntimeError", message="boom\nsecond line",
-                             traceback='Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: boom\n'),
+    ev.ExceptionRaised: dict(
+        epoch=1,
+        global_step=3,
+        error_type="RuntimeError",
+        message="boom\nsecond line",
+        traceback='Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: boom\n',
+    ),
     ev.Interrupted: dict(epoch=1, global_step=3, signal="SIGTERM"),
 }
 
@@ -83,16 +99,20 @@ def test_trusted_event_is_the_validated_one(cls):
     assert copied.global_step == 99 and trusted.global_step == validated.global_step
 
 
-@pytest.mark.parametrize("cls, kwargs, field", [
-    (ev.EpochStart, dict(epoch=-1, global_step=0, steps=5), "epoch"),
-    (ev.BatchStart, dict(epoch=1, batch_idx=0, global_step=0, batch_size=-4), "batch_size"),
-    (ev.EpochStart, dict(epoch="1", global_step=0, steps=5), "epoch"),          # wrong type (strict)
-    (ev.EpochStart, dict(epoch=1.5, global_step=0, steps=5), "epoch"),          # wrong type
-    (ev.EpochEnd, dict(epoch=1, global_step=0, metrics="high"), "metrics"),     # wrong type
-    (ev.FitEnd, dict(epochs_completed=1, metrics={}), "global_step"),           # missing
-    (ev.ValidationStart, dict(epoch=1, global_step=0, colour="red"), "colour"),  # extra
-    (ev.Interrupted, dict(epoch=1, global_step=0, signal="SIGKILL"), "signal"),  # not an allowed value
-], ids=["negative", "negative-size", "str-for-int", "float-for-int", "str-for-dict", "missing", "extra", "literal"])
+@pytest.mark.parametrize(
+    "cls, kwargs, field",
+    [
+        (ev.EpochStart, dict(epoch=-1, global_step=0, steps=5), "epoch"),
+        (ev.BatchStart, dict(epoch=1, batch_idx=0, global_step=0, batch_size=-4), "batch_size"),
+        (ev.EpochStart, dict(epoch="1", global_step=0, steps=5), "epoch"),  # wrong type (strict)
+        (ev.EpochStart, dict(epoch=1.5, global_step=0, steps=5), "epoch"),  # wrong type
+        (ev.EpochEnd, dict(epoch=1, global_step=0, metrics="high"), "metrics"),  # wrong type
+        (ev.FitEnd, dict(epochs_completed=1, metrics={}), "global_step"),  # missing
+        (ev.ValidationStart, dict(epoch=1, global_step=0, colour="red"), "colour"),  # extra
+        (ev.Interrupted, dict(epoch=1, global_step=0, signal="SIGKILL"), "signal"),  # not an allowed value
+    ],
+    ids=["negative", "negative-size", "str-for-int", "float-for-int", "str-for-dict", "missing", "extra", "literal"],
+)
 def test_validation_error_names_event_and_field(cls, kwargs, field):
     with pytest.raises(ValidationError) as info:
         cls(**kwargs)
@@ -110,8 +130,8 @@ def test_bool_is_not_a_count():
 def test_tensor_loss_is_kept_not_copied():
     loss = torch.tensor(1.5)
     event = ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=loss)
-    assert event.loss is loss                      # no copy, no conversion
-    assert event.model_dump()["loss"] is loss      # python-mode dump keeps it too
+    assert event.loss is loss  # no copy, no conversion
+    assert event.model_dump()["loss"] is loss  # python-mode dump keeps it too
     assert json.loads(event.to_json())["loss"] == 1.5  # a float only once serialised
     assert isinstance(event.model_dump(mode="json")["loss"], float)
 
@@ -141,18 +161,28 @@ def test_plain_number_loss_is_a_float():
     assert ev.BatchEnd(epoch=1, batch_idx=0, global_step=1, batch_size=8, loss=2).loss == 2.0
 
 
-@pytest.mark.parametrize("cls, hook", [
-    (ev.FitStart, "on_fit_start"), (ev.EpochStart, "on_epoch_start"), (ev.BatchStart, "on_batch_start"),
-    (ev.BatchEnd, "on_batch_end"), (ev.ValidationStart, "on_validation_start"),
-    (ev.ValidationEnd, "on_validation_end"), (ev.EpochEnd, "on_epoch_end"), (ev.FitEnd, "on_fit_end"),
-    (ev.ExceptionRaised, "on_exception_raised"), (ev.Interrupted, "on_interrupted"),
-])
+@pytest.mark.parametrize(
+    "cls, hook",
+    [
+        (ev.FitStart, "on_fit_start"),
+        (ev.EpochStart, "on_epoch_start"),
+        (ev.BatchStart, "on_batch_start"),
+        (ev.BatchEnd, "on_batch_end"),
+        (ev.ValidationStart, "on_validation_start"),
+        (ev.ValidationEnd, "on_validation_end"),
+        (ev.EpochEnd, "on_epoch_end"),
+        (ev.FitEnd, "on_fit_end"),
+        (ev.ExceptionRaised, "on_exception_raised"),
+        (ev.Interrupted, "on_interrupted"),
+    ],
+)
 def test_hook_name_derivation(cls, hook):
     assert cls.hook == hook
 
 
 def test_every_core_event_has_a_hookspec():
     from minitrain.engine import hookspecs
+
     for cls in ev.CORE_EVENTS:
         assert callable(getattr(hookspecs, cls.hook)), cls.hook
 
@@ -184,6 +214,7 @@ def test_from_json_validates():
 
 def test_cli_events_lists_catalogue_and_schemas(capsys):
     from minitrain.commands import cli
+
     assert cli.main(["events"]) == 0
     out = capsys.readouterr().out
     assert "BatchEnd -> on_batch_end(" in out and "ExceptionRaised -> on_exception_raised(" in out

@@ -1,6 +1,7 @@
 """``minitrain export`` and ``minitrain predict``: a trained tiny model exported in both formats
 predicts exactly what the in-memory model predicts, from image files of any size, with no
 recipe code; bad files give one clear line."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,13 @@ import torch
 from PIL import Image
 
 from minitrain.commands.cli import main
-from minitrain.kit.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from minitrain.commands.export import export, load
 from minitrain.commands.predict import normalize, predict, read
 from minitrain.commands.start import RunRequest, prepare
+from minitrain.kit.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "tta"}
+
 
 @pytest.fixture
 def trained(recipe, tmp_path):
@@ -30,8 +32,13 @@ def images(tmp_path, fake_cifar):
     """A test image as a 32×32 PNG, and images of other sizes and modes (PNG, JPEG, grey, RGBA)."""
     pictures, _ = load_cifar10(fake_cifar, train=False)
     rng = np.random.default_rng(0)
-    paths = [tmp_path / "test0.png", tmp_path / "big.png", tmp_path / "small.jpg", tmp_path / "grey.png",
-             tmp_path / "alpha.png"]
+    paths = [
+        tmp_path / "test0.png",
+        tmp_path / "big.png",
+        tmp_path / "small.jpg",
+        tmp_path / "grey.png",
+        tmp_path / "alpha.png",
+    ]
     Image.fromarray(pictures[0].permute(1, 2, 0).numpy()).save(paths[0])
     Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(paths[1])
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(paths[2], quality=90)
@@ -71,8 +78,10 @@ def test_predict_command_prints_top_k_and_json(trained, images, capsys):
     out = export(run_dir / "checkpoints" / "last.pt", out=run_dir / "exported" / "m.pt2")
     assert main(["predict", str(out), str(paths[0]), str(paths[1]), "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-                     for r in predict(out, paths[:2], top_k=2)]  # each image's two most probable classes
+    assert lines == [
+        f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+        for r in predict(out, paths[:2], top_k=2)
+    ]  # each image's two most probable classes
     assert main(["predict", str(out), str(paths[2]), "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert result["image"] == str(paths[2]) and len(result["top"]) == 5  # the default top-k
@@ -186,11 +195,14 @@ def test_export_of_a_recipe_with_its_own_loader_from_another_directory(write_rec
 
 
 def test_export_does_not_need_the_data_set_when_the_recipe_builds_its_model_alone(recipe, tmp_path, fake_cifar):
-    source = recipe.read_text().replace("def build(config", '''def build_model(config):
+    source = recipe.read_text().replace(
+        "def build(config",
+        """def build_model(config):
     return nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10))
 
 
-def build(config''')
+def build(config""",
+    )
     path = tmp_path / "with_model.py"
     path.write_text(source)
     prepare(RunRequest(path, [], ["checkpoint"], ["console"], tmp_path / "run")).fit()
@@ -222,8 +234,10 @@ def test_predict_names_an_image_too_large_to_decode_and_classifies_the_others(ex
     assert main(["predict", str(exported), str(paths[0]), str(bomb), str(paths[1])]) == 2
     out, err = capsys.readouterr()
     assert [line.split(":")[0] for line in out.splitlines()] == [str(paths[0]), str(paths[1])]
-    assert err == (f"minitrain: error: cannot read image {bomb}: too large to decode safely (400,000,000 pixels, over "
-                   f"the limit of {Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)\n")
+    assert err == (
+        f"minitrain: error: cannot read image {bomb}: too large to decode safely (400,000,000 pixels, over "
+        f"the limit of {Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)\n"
+    )
 
 
 def test_predict_turns_images_upright_by_their_exif_orientation(exported, tmp_path, fake_cifar):

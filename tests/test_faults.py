@@ -1,6 +1,7 @@
 """Faults injected into running training: plugins that raise (observers are disabled, critical
 plugins stop the run cleanly), SIGINT/SIGTERM (stop at a step boundary, checkpoint, resume
 exactly; a second signal aborts at once), and NaN/inf losses (stop without saving them, or skip)."""
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,12 @@ import torch
 
 import minitrain
 import minitrain.engine.registry
-from minitrain.engine import checkpointing
 from minitrain.commands import cli
+from minitrain.engine import checkpointing
 from minitrain.engine import events as ev
-from minitrain.kit.data import cifar10_loaders
 from minitrain.engine.errors import MinitrainError, NonFiniteError, TrainingInterrupted
 from minitrain.engine.registry import ObserverFailed, PluginInfo, instantiate, role_of
+from minitrain.kit.data import cifar10_loaders
 from minitrain_plugins.checkpoint import Checkpoint
 from minitrain_plugins.jsonl import JsonlLog
 
@@ -30,8 +31,17 @@ def make_trainer(data_dir, plugins=(), epochs=2, run_dir=None, **kwargs) -> mini
     train, test = cifar10_loaders(data_dir, 16, device="cpu", seed=0, crop=2, flip="random")
     model = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Flatten(), torch.nn.Linear(48, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    return minitrain.Trainer(model, optimizer, train, test, epochs=epochs, device="cpu", plugins=plugins,
-                             run_dir=None if run_dir is None else str(run_dir), **kwargs)
+    return minitrain.Trainer(
+        model,
+        optimizer,
+        train,
+        test,
+        epochs=epochs,
+        device="cpu",
+        plugins=plugins,
+        run_dir=None if run_dir is None else str(run_dir),
+        **kwargs,
+    )
 
 
 def checkpoint(**options) -> Checkpoint:
@@ -85,6 +95,7 @@ class Recorder:
 
 # --- roles ---------------------------------------------------------------------------------------
 
+
 def test_default_roles_follow_the_hooks_implemented():
     class Watches:
         @minitrain.hookimpl
@@ -106,9 +117,18 @@ def test_first_party_roles(real_discover):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         found = real_discover()
-    expected = {"checkpoint": "critical", "amp": "critical", "tta": "critical", "early_stopping": "critical",
-                "lookahead": "critical", "console": "observer", "jsonl": "observer", "csv": "observer",
-                "tensorboard": "observer", "viz": "observer"}
+    expected = {
+        "checkpoint": "critical",
+        "amp": "critical",
+        "tta": "critical",
+        "early_stopping": "critical",
+        "lookahead": "critical",
+        "console": "observer",
+        "jsonl": "observer",
+        "csv": "observer",
+        "tensorboard": "observer",
+        "viz": "observer",
+    }
     assert {name: role_of(found[name].target) for name in expected if found[name].error is None} == expected
 
 
@@ -119,12 +139,14 @@ def test_role_option_is_taken_out_before_the_plugin_config():
 
     class NoConfig:
         pass
+
     assert instantiate(PluginInfo("bare", target=NoConfig), {"role": "critical"}).role == "critical"
     with pytest.raises(MinitrainError, match=r"plugin 'jsonl': role must be 'critical' or 'observer' \(got 'boss'\)"):
         instantiate(PluginInfo("jsonl", target=JsonlLog), {"role": "boss"})
 
 
 # --- an observer that raises ---------------------------------------------------------------------
+
 
 def test_a_failing_observer_is_disabled_and_training_goes_on(fake_cifar, tmp_path):
     failing, recorder = Failing(step=3), Recorder()
@@ -133,8 +155,13 @@ def test_a_failing_observer_is_disabled_and_training_goes_on(fake_cifar, tmp_pat
         trainer.fit()
     assert len(caught) == 1  # one warning, naming plugin, hook and error, and where the traceback is
     message = str(caught[0].message)
-    for part in ("'failing'", "on_batch_end", "ValueError: lost the connection at step 3",
-                 "disabled for the rest of the run", str(tmp_path / "errors.log")):
+    for part in (
+        "'failing'",
+        "on_batch_end",
+        "ValueError: lost the connection at step 3",
+        "disabled for the rest of the run",
+        str(tmp_path / "errors.log"),
+    ):
         assert part in message
     log = (tmp_path / "errors.log").read_text()
     assert "Traceback" in log and "lost the connection at step 3" in log and "'failing'" in log
@@ -149,17 +176,20 @@ def test_a_failing_observer_is_disabled_and_training_goes_on(fake_cifar, tmp_pat
 
 @pytest.mark.filterwarnings("always::minitrain.engine.registry.ObserverFailed")  # printed by the CLI, not raised
 def test_observer_failing_through_the_cli(install_dist, recipe, tmp_path, capsys):
-    install_dist("flaky_logger", '''
+    install_dist(
+        "flaky_logger",
+        """
         import minitrain
 
         class FlakyLogger:
             @minitrain.hookimpl
             def on_epoch_end(self, event):
                 raise ConnectionError("metrics server unreachable")
-    ''', {"flaky": "flaky_logger:FlakyLogger"})
+    """,
+        {"flaky": "flaky_logger:FlakyLogger"},
+    )
     run = tmp_path / "run"
-    assert cli.main(["run", str(recipe), "--plugin", "flaky", "--set", "epochs=2",
-                               "--run-dir", str(run)]) == 0
+    assert cli.main(["run", str(recipe), "--plugin", "flaky", "--set", "epochs=2", "--run-dir", str(run)]) == 0
     out, err = capsys.readouterr()
     assert "done: 2 epochs" in out
     assert err.count("minitrain: warning:") == 1 and "Traceback" not in err
@@ -168,22 +198,29 @@ def test_observer_failing_through_the_cli(install_dist, recipe, tmp_path, capsys
 
 
 def test_an_observer_made_critical_stops_the_run(install_dist, recipe, tmp_path, capsys):
-    install_dist("flaky_logger2", '''
+    install_dist(
+        "flaky_logger2",
+        """
         import minitrain
 
         class FlakyLogger:
             @minitrain.hookimpl
             def on_epoch_end(self, event):
                 raise ConnectionError("metrics server unreachable")
-    ''', {"flaky2": "flaky_logger2:FlakyLogger"})
+    """,
+        {"flaky2": "flaky_logger2:FlakyLogger"},
+    )
     assert cli.main(["run", str(recipe), "--plugin", "flaky2:role=critical", "--run-dir", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("minitrain: error: training failed in epoch 1, step 5: ConnectionError: metrics server unreachable "
-                   f"(traceback in {tmp_path / 'r' / 'errors.log'}); --debug shows the traceback")
+    assert err == (
+        "minitrain: error: training failed in epoch 1, step 5: ConnectionError: metrics server unreachable "
+        f"(traceback in {tmp_path / 'r' / 'errors.log'}); --debug shows the traceback"
+    )
     assert "ConnectionError: metrics server unreachable" in (tmp_path / "r" / "errors.log").read_text()
 
 
 # --- a critical plugin that raises ---------------------------------------------------------------
+
 
 class BrokenOnBatchStart:
     """A critical plugin failing between two batches (as the batch after ``step`` begins)."""
@@ -211,11 +248,19 @@ class BrokenOnFailure:
 
 def test_a_failing_critical_plugin_stops_the_run_cleanly(fake_cifar, tmp_path):
     recorder = Recorder()
-    trainer = make_trainer(fake_cifar, [BrokenOnBatchStart(7), BrokenOnFailure(), recorder, checkpoint(),
-                                        JsonlLog(JsonlLog.Config())], run_dir=tmp_path)
-    with pytest.warns(UserWarning, match="'brokenonfailure' failed in on_exception_raised while the run was "
-                                         "stopping \\(OSError: cannot flush\\)"), \
-            pytest.raises(RuntimeError, match="disk quota exceeded"):
+    trainer = make_trainer(
+        fake_cifar,
+        [BrokenOnBatchStart(7), BrokenOnFailure(), recorder, checkpoint(), JsonlLog(JsonlLog.Config())],
+        run_dir=tmp_path,
+    )
+    with (
+        pytest.warns(
+            UserWarning,
+            match="'brokenonfailure' failed in on_exception_raised while the run was "
+            "stopping \\(OSError: cannot flush\\)",
+        ),
+        pytest.raises(RuntimeError, match="disk quota exceeded"),
+    ):
         trainer.fit()
     # every plugin saw the failure, even though one of them failed again on it
     assert isinstance(recorder.events[-1], ev.ExceptionRaised) and recorder.events[-1].global_step == 7
@@ -227,6 +272,7 @@ def test_a_failing_critical_plugin_stops_the_run_cleanly(fake_cifar, tmp_path):
 
 
 # --- signals -------------------------------------------------------------------------------------
+
 
 class SendSignal:
     """Sends itself a signal ``times`` times when ``step`` steps are done, or inside the next
@@ -278,8 +324,11 @@ def test_a_signal_stops_at_the_step_boundary_saves_and_resumes_exactly(fake_cifa
 
 def test_a_second_signal_aborts_at_once(fake_cifar, tmp_path):
     recorder = Recorder()
-    trainer = make_trainer(fake_cifar, [SendSignal(2, signal.SIGINT, times=2, inside_step=True), recorder,
-                                        checkpoint(every=0)], run_dir=tmp_path)
+    trainer = make_trainer(
+        fake_cifar,
+        [SendSignal(2, signal.SIGINT, times=2, inside_step=True), recorder, checkpoint(every=0)],
+        run_dir=tmp_path,
+    )
     with pytest.warns(UserWarning, match="inside a batch"), pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
     assert info.value.graceful is False and isinstance(info.value, KeyboardInterrupt)
@@ -304,6 +353,7 @@ def _collect_errors(errors, function):
 
 # --- non-finite losses ---------------------------------------------------------------------------
 
+
 class PoisonLoss:
     """Turns the loss of chosen steps (1-based) into NaN, as an overflow would."""
 
@@ -327,10 +377,11 @@ def test_a_nan_loss_stops_the_run_at_the_epoch_end_read(fake_cifar, tmp_path):
 
 def test_a_checkpoint_never_holds_a_nan_state(fake_cifar, tmp_path):
     recorder = Recorder()
-    trainer = make_trainer(fake_cifar, [PoisonLoss(7), recorder, checkpoint(every_steps=2)], epochs=3,
-                           run_dir=tmp_path)
-    with pytest.warns(UserWarning, match="not saving a state with non-finite values; last.pt holds step 6"), \
-            pytest.raises(NonFiniteError, match=r"epoch 2, steps 7-8"):
+    trainer = make_trainer(fake_cifar, [PoisonLoss(7), recorder, checkpoint(every_steps=2)], epochs=3, run_dir=tmp_path)
+    with (
+        pytest.warns(UserWarning, match="not saving a state with non-finite values; last.pt holds step 6"),
+        pytest.raises(NonFiniteError, match=r"epoch 2, steps 7-8"),
+    ):
         trainer.fit()
     assert trainer.state.global_step == 8  # found at the save after step 8, stopped right there
     assert isinstance(recorder.events[-1], ev.ExceptionRaised) and recorder.events[-1].error_type == "NonFiniteError"
@@ -354,8 +405,10 @@ class PoisonWeights:
 
 def test_non_finite_weights_are_not_saved_either(fake_cifar, tmp_path):
     trainer = make_trainer(fake_cifar, [PoisonWeights(), checkpoint(every_steps=1)], run_dir=tmp_path)
-    with pytest.warns(UserWarning, match="last.pt holds step 3"), \
-            pytest.raises(NonFiniteError, match=r"non-finite weights after step 4 \(2.bias\)"):
+    with (
+        pytest.warns(UserWarning, match="last.pt holds step 3"),
+        pytest.raises(NonFiniteError, match=r"non-finite weights after step 4 \(2.bias\)"),
+    ):
         trainer.fit()
     assert checkpointing.load(tmp_path / "checkpoints" / "last.pt")["header"]["global_step"] == 3
 
@@ -387,7 +440,7 @@ def test_nonfinite_policy_is_validated(fake_cifar, recipe, capsys):
     assert "nonfinite_loss" in capsys.readouterr().err
 
 
-NAN_RECIPE = '''
+NAN_RECIPE = """
 import math
 
 import torch
@@ -415,7 +468,7 @@ def build(config, device):
 
     return minitrain.Components(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                 train_loader=train, val_loader=test, loss_fn=loss_fn)
-'''
+"""
 
 
 def test_nonfinite_through_the_cli(write_recipe, fake_cifar, tmp_path, capsys):
@@ -430,7 +483,9 @@ def test_nonfinite_through_the_cli(write_recipe, fake_cifar, tmp_path, capsys):
 
 def test_cli_interrupted_without_a_checkpoint_says_so(recipe, tmp_path, capsys):
     path = tmp_path / "ctrl_c_recipe.py"
-    path.write_text(recipe.read_text() + """
+    path.write_text(
+        recipe.read_text()
+        + """
 import signal
 
 
@@ -442,7 +497,8 @@ class CtrlC:
 
 
 PLUGINS = [CtrlC()]
-""")
+"""
+    )
     assert cli.main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "minitrain: stopped by SIGINT at step 2; no checkpoint was written" in err

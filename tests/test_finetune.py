@@ -1,6 +1,7 @@
 """Fine-tuning: ``--init-from`` takes a checkpoint's weights and nothing else, names every misfit
 (with shapes) or skips them on request; ``freeze`` patterns stop training of matching layers;
 the fine-tuning recipe's comparison runs end to end."""
+
 from __future__ import annotations
 
 import warnings
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitrain.engine import checkpointing
 from minitrain.commands.cli import main
+from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine import checkpointing
 from minitrain.engine.errors import MinitrainError
 from minitrain.kit.recipe import load_recipe
-from minitrain.commands.start import RunRequest, prepare
 
 FINETUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_finetune.py"
 TINY = ["data_dir={data}", "device=cpu", "widths=4,8,8", "batch_size=16", "epochs=1"]
@@ -41,29 +42,53 @@ def test_a_mismatched_head_is_listed_with_shapes(tiny, pretrained, capsys):
     message = str(info.value)
     assert "1 tensor(s) do not fit" in message and "--init-skip-mismatched" in message
     assert "head.weight (5, 8) in the checkpoint, (10, 8) in the model" in message
-    assert main(["run", str(FINETUNE_RECIPE), *sum((["--set", s] for s in tiny), []), "--run-dir", "cli",
-                 "--init-from", str(checkpoint)]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(FINETUNE_RECIPE),
+                *sum((["--set", s] for s in tiny), []),
+                "--run-dir",
+                "cli",
+                "--init-from",
+                str(checkpoint),
+            ]
+        )
+        == 2
+    )
     assert "head.weight (5, 8) in the checkpoint" in capsys.readouterr().err
 
 
 def test_init_from_takes_weights_only(tiny, pretrained):
     before, checkpoint = pretrained
     with pytest.warns(UserWarning, match=r"recipe's initialisation for head.weight \(5, 8\)"):
-        trainer = prepare(RunRequest(FINETUNE_RECIPE, tiny, [], ["console"], "new", init_from=checkpoint,
-                          init_skip_mismatched=True))
+        trainer = prepare(
+            RunRequest(FINETUNE_RECIPE, tiny, [], ["console"], "new", init_from=checkpoint, init_skip_mismatched=True)
+        )
     old, new = before.module.state_dict(), trainer.module.state_dict()
     assert all(torch.equal(new[name], old[name]) for name in old if name != "head.weight")
     assert new["head.weight"].shape == (10, 8)
     assert (trainer.state.epoch, trainer.state.global_step) == (0, 0) and not trainer.optimizer.state  # fresh progress
     assert trainer.scheduler.last_epoch == 0 < before.scheduler.last_epoch  # fresh schedule
     trainer.fit()
-    assert (trainer.state.epoch, trainer.state.global_step) == (1, len(trainer.train_loader))  # its own epoch, from step 0
+    assert (trainer.state.epoch, trainer.state.global_step) == (
+        1,
+        len(trainer.train_loader),
+    )  # its own epoch, from step 0
 
 
 def test_freeze_patterns_keep_layers_as_loaded(tiny, pretrained):
     _, checkpoint = pretrained
-    trainer = prepare(RunRequest(FINETUNE_RECIPE, [*tiny, "classes=5", "freeze=whiten,blocks.0"], [], ["console"], "frozen",
-                      init_from=checkpoint))
+    trainer = prepare(
+        RunRequest(
+            FINETUNE_RECIPE,
+            [*tiny, "classes=5", "freeze=whiten,blocks.0"],
+            [],
+            ["console"],
+            "frozen",
+            init_from=checkpoint,
+        )
+    )
     loaded = {name: p.detach().clone() for name, p in trainer.module.named_parameters()}
     trainer.fit()
     for name, parameter in trainer.module.named_parameters():
@@ -91,10 +116,17 @@ def test_the_recipe_compares_fine_tuning_with_scratch(fake_cifar, tmp_path, caps
     recipe = load_recipe(FINETUNE_RECIPE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = recipe.compare(tmp_path / "demo", pretrain_epochs=1, epochs=1, train_size=48,
-                                overrides=[f"data_dir={fake_cifar}", "device=cpu", "widths=4,8,8", "batch_size=16"])
+        result = recipe.compare(
+            tmp_path / "demo",
+            pretrain_epochs=1,
+            epochs=1,
+            train_size=48,
+            overrides=[f"data_dir={fake_cifar}", "device=cpu", "widths=4,8,8", "batch_size=16"],
+        )
     assert set(result) == {"finetune", "scratch", "gain"}
     assert result["gain"] == pytest.approx(result["finetune"] - result["scratch"])
     assert "fine-tuned" in capsys.readouterr().out
-    head = checkpointing.load(tmp_path / "demo" / "pretrain" / "checkpoints" / "last.pt")["trainer"]["model"]["head.weight"]
+    head = checkpointing.load(tmp_path / "demo" / "pretrain" / "checkpoints" / "last.pt")["trainer"]["model"][
+        "head.weight"
+    ]
     assert head.shape[0] == 5

@@ -1,6 +1,7 @@
 """A run does what its user asked and records only what it did: one run per directory, a resume
 that applies or refuses each changed setting (and says where it starts), no trace of a start that
 failed, and one line with a distinct exit code for a run that fails or trains nothing."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 from minitrain import Trainer, hookimpl
-from minitrain.engine import checkpointing, lock
 from minitrain.commands import cli
+from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine import checkpointing, lock
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.lock import LOCK_FILE
-from minitrain.commands.start import RunRequest, prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "viz", "early_stopping"}
 
@@ -24,8 +25,11 @@ FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "viz", "early_st
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file of the run under ``folder`` with its bytes and modification time (the run
     directory's lock file is not the run's: a start that moves the run aside holds it first)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != LOCK_FILE}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 def error_line(capsys, *argv, code: int = 2) -> str:
@@ -40,13 +44,33 @@ def error_line(capsys, *argv, code: int = 2) -> str:
 def trained(recipe, tmp_path, capsys):
     """A finished two-epoch run with checkpoints, trained at lr 0.1."""
     run = tmp_path / "run"
-    assert cli.main(["run", str(recipe), "--set", "epochs=2", "--set", "lr=0.1", "--plugin", "checkpoint",
-                     "--plugin", "csv", "--no-plugin", "console", "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "--set",
+                "epochs=2",
+                "--set",
+                "lr=0.1",
+                "--plugin",
+                "checkpoint",
+                "--plugin",
+                "csv",
+                "--no-plugin",
+                "console",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     return run
 
 
 # --- one run per directory ------------------------------------------------------------------------
+
 
 def test_a_fresh_run_refuses_a_used_directory_and_changes_nothing_there(recipe, trained, capsys):
     before = snapshot(trained)
@@ -73,7 +97,9 @@ def test_move_aside_refuses_a_directory_that_holds_no_run(recipe, tmp_path, caps
     folder.mkdir()
     (folder / "notes.txt").write_text("my notes")
     line = error_line(capsys, "run", recipe, "--move-aside", "--run-dir", folder)
-    assert line == f"--move-aside: {folder} holds files that are not a minitrain run (notes.txt); choose another --run-dir"
+    assert (
+        line == f"--move-aside: {folder} holds files that are not a minitrain run (notes.txt); choose another --run-dir"
+    )
     assert (folder / "notes.txt").read_text() == "my notes"
 
 
@@ -97,17 +123,35 @@ BAD_STARTS = {
 def test_a_start_that_fails_leaves_no_run_directory(recipe, tmp_path, capsys, case, write_recipe):
     args, expected = BAD_STARTS[case]
     if "OTHER" in args:
-        other = write_recipe(recipe.read_text().replace("nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10)",
-                                                        "nn.AvgPool2d(4), nn.Flatten(), nn.Linear(192, 10)"), "other.py")
-        assert cli.main(["run", str(other), "--plugin", "checkpoint", "--no-plugin", "console",
-                         "--run-dir", str(tmp_path / "other")]) == 0
+        other = write_recipe(
+            recipe.read_text().replace(
+                "nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10)", "nn.AvgPool2d(4), nn.Flatten(), nn.Linear(192, 10)"
+            ),
+            "other.py",
+        )
+        assert (
+            cli.main(
+                [
+                    "run",
+                    str(other),
+                    "--plugin",
+                    "checkpoint",
+                    "--no-plugin",
+                    "console",
+                    "--run-dir",
+                    str(tmp_path / "other"),
+                ]
+            )
+            == 0
+        )
         args = ["--init-from", str(tmp_path / "other" / "checkpoints" / "last.pt")]
     assert expected in error_line(capsys, "run", recipe, *args, "--run-dir", tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
 
 def test_build_must_return_parts_the_loop_can_use(write_recipe, tmp_path, capsys):
-    path = write_recipe('''
+    path = write_recipe(
+        """
 import torch, minitrain
 
 class Config(minitrain.RecipeConfig):
@@ -116,15 +160,21 @@ class Config(minitrain.RecipeConfig):
 def build(config, device):
     model = torch.nn.Linear(2, 2)
     return minitrain.Components(model=model.state_dict(), optimizer="sgd", train_loader=7, scheduler=object())
-''', "wrong_parts.py")
+""",
+        "wrong_parts.py",
+    )
     line = error_line(capsys, "run", path, "--run-dir", tmp_path / "run")
-    assert line == (f"recipe {path}: build() returned model is a OrderedDict, not a torch.nn.Module; optimizer is a "
-                    "str, not a torch.optim.Optimizer; train_loader is a int, which cannot be iterated; scheduler is "
-                    "a object, which has no step()")
+    assert line == (
+        f"recipe {path}: build() returned model is a OrderedDict, not a torch.nn.Module; optimizer is a "
+        "str, not a torch.optim.Optimizer; train_loader is a int, which cannot be iterated; scheduler is "
+        "a object, which has no step()"
+    )
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("override, field", [("lr=inf", "lr"), ("lr=nan", "lr"), ("lr=-1", "lr"), ("epochs=0", "epochs")])
+@pytest.mark.parametrize(
+    "override, field", [("lr=inf", "lr"), ("lr=nan", "lr"), ("lr=-1", "lr"), ("epochs=0", "epochs")]
+)
 def test_numbers_that_cannot_train_are_refused(recipe, tmp_path, capsys, override, field):
     line = error_line(capsys, "run", recipe, "--set", override, "--run-dir", tmp_path / "run")
     assert line.startswith(f"--set: {field}: ")
@@ -133,10 +183,24 @@ def test_numbers_that_cannot_train_are_refused(recipe, tmp_path, capsys, overrid
 
 # --- resume: applied, refused, announced, recorded ------------------------------------------------
 
+
 def test_resume_refuses_a_change_the_checkpoint_cannot_take_and_changes_no_file(recipe, trained, capsys):
     before = snapshot(trained)
-    line = error_line(capsys, "run", recipe, "--set", "lr=0.5", "--set", "batch_size=8", "--set", "epochs=3",
-                      "--run-dir", trained, "--resume", "auto")
+    line = error_line(
+        capsys,
+        "run",
+        recipe,
+        "--set",
+        "lr=0.5",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "epochs=3",
+        "--run-dir",
+        trained,
+        "--resume",
+        "auto",
+    )
     assert line.startswith(f"--resume {trained / 'checkpoints'}/")
     assert ": cannot change batch_size (16 in the checkpoint, 8 now), lr (0.1 in the checkpoint, 0.5 now): " in line
     assert "epochs" not in line.split(": cannot change")[1].split(":")[0]  # epochs may change
@@ -144,8 +208,23 @@ def test_resume_refuses_a_change_the_checkpoint_cannot_take_and_changes_no_file(
 
 
 def test_resume_takes_the_checkpoint_config_and_applies_a_longer_run(recipe, trained, capsys):
-    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--plugin", "console",  # the run had none: added
-                     "--run-dir", str(trained), "--resume", "auto"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "--set",
+                "epochs=3",
+                "--plugin",
+                "console",  # the run had none: added
+                "--run-dir",
+                str(trained),
+                "--resume",
+                "auto",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     last = trained / "checkpoints" / "last.pt"
     assert f"resuming from {last}: epoch 3, step 10" in out
@@ -155,8 +234,7 @@ def test_resume_takes_the_checkpoint_config_and_applies_a_longer_run(recipe, tra
     history = json.loads((trained / "run.json").read_text())["history"]
     assert [h["resumed_from"] for h in history] == [None, str(last)]
     assert (history[1]["epoch"], history[1]["global_step"], history[1]["changed"]) == (2, 10, {"epochs": [2, 3]})
-    starts = [json.loads(line) for line in (trained / "events.jsonl").read_text().splitlines()
-              if '"FitStart"' in line]
+    starts = [json.loads(line) for line in (trained / "events.jsonl").read_text().splitlines() if '"FitStart"' in line]
     assert starts[-1]["resumed_from"] == str(last) and starts[-1]["changed"] == {"epochs": [2, 3]}
     assert [row.split(",")[0] for row in (trained / "metrics.csv").read_text().splitlines()] == ["epoch", "1", "2", "3"]
 
@@ -168,8 +246,9 @@ def test_resuming_a_finished_run_succeeds_without_training_or_writing(recipe, tr
         assert cli.main(["run", str(recipe), "--run-dir", str(trained), "--resume", str(resume)]) == 0
         out, err = capsys.readouterr()
         where = trained if resume == "auto" else resume
-        assert out == (f"minitrain: run already complete: 2 of 2 epochs ({where}); raise epochs to train more "
-                       "(--set epochs=N)\n")
+        assert out == (
+            f"minitrain: run already complete: 2 of 2 epochs ({where}); raise epochs to train more (--set epochs=N)\n"
+        )
         assert "error" not in err
         assert snapshot(trained) == before
 
@@ -179,8 +258,25 @@ def test_a_resume_goes_on_with_the_runs_plugins_and_their_options(recipe, tmp_pa
     back (here a checkpoint every 2 steps, a renamed metrics file, no console); console is not
     brought back by being on by default."""
     run = tmp_path / "run"
-    assert cli.main(["run", str(recipe), "--set", "epochs=1", "--plugin", "checkpoint:every_steps=2",
-                     "--plugin", "csv:filename=m.csv", "--no-plugin", "console", "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "--set",
+                "epochs=1",
+                "--plugin",
+                "checkpoint:every_steps=2",
+                "--plugin",
+                "csv:filename=m.csv",
+                "--no-plugin",
+                "console",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli.main(["run", str(recipe), "--set", "epochs=2", "--run-dir", str(run), "--resume", "auto"]) == 0
     out, _ = capsys.readouterr()
@@ -190,21 +286,44 @@ def test_a_resume_goes_on_with_the_runs_plugins_and_their_options(recipe, tmp_pa
     assert record["plugins"]["checkpoint"]["every_steps"] == 2 and record["plugins"]["csv"]["filename"] == "m.csv"
     assert "plugins_changed" not in record["history"][1]
     assert [row.split(",")[0] for row in (run / "m.csv").read_text().splitlines()] == ["epoch", "1", "2"]
-    saves = [e["global_step"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
-             if e["event"] == "CheckpointSaved" and e["kind"] == "last"]
+    saves = [
+        e["global_step"]
+        for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+        if e["event"] == "CheckpointSaved" and e["kind"] == "last"
+    ]
     assert saves == [2, 4, 5, 6, 8, 10, 10]  # every 2 steps and at each epoch end (a new position), in both starts
 
 
 def test_on_resume_observers_may_change_and_training_plugins_may_not(recipe, trained, capsys):
     before = snapshot(trained)
-    for argv, refused in ((["--plugin", "early_stopping"], "cannot add plugin early_stopping"),
-                          (["--no-plugin", "checkpoint", "--plugin", "early_stopping:patience=1"],
-                           "cannot add plugin early_stopping")):
+    for argv, refused in (
+        (["--plugin", "early_stopping"], "cannot add plugin early_stopping"),
+        (["--no-plugin", "checkpoint", "--plugin", "early_stopping:patience=1"], "cannot add plugin early_stopping"),
+    ):
         line = error_line(capsys, "run", recipe, "--set", "epochs=3", *argv, "--run-dir", trained, "--resume", "auto")
         assert line.startswith(f"--resume: {refused}: it changes training") and "start a new run" in line
         assert snapshot(trained) == before
-    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--no-plugin", "csv", "--plugin", "jsonl:flush_every=7",
-                     "--plugin", "viz", "--run-dir", str(trained), "--resume", "auto"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "--set",
+                "epochs=3",
+                "--no-plugin",
+                "csv",
+                "--plugin",
+                "jsonl:flush_every=7",
+                "--plugin",
+                "viz",
+                "--run-dir",
+                str(trained),
+                "--resume",
+                "auto",
+            ]
+        )
+        == 0
+    )
     record = json.loads((trained / "run.json").read_text())
     assert set(record["plugins"]) == {"checkpoint", "jsonl", "viz"}
     changed = record["history"][-1]["plugins_changed"]
@@ -216,14 +335,18 @@ def test_on_resume_observers_may_change_and_training_plugins_may_not(recipe, tra
 
 def test_resume_auto_refuses_a_run_without_checkpoints_and_changes_nothing(recipe, tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli.main(["run", str(recipe), "--no-plugin", "checkpoint", "--no-plugin", "console",
-                     "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(["run", str(recipe), "--no-plugin", "checkpoint", "--no-plugin", "console", "--run-dir", str(run)])
+        == 0
+    )
     capsys.readouterr()
     before = snapshot(run)
     line = error_line(capsys, "run", recipe, "--set", "epochs=2", "--run-dir", run, "--resume", "auto")
-    assert line == (f"--resume auto: {run} holds a run with no checkpoint to resume from (it ran with --no-plugin "
-                    "checkpoint): nothing in it was changed. Start a new run with another --run-dir, or --move-aside "
-                    f"to move {run} aside and start afresh there")
+    assert line == (
+        f"--resume auto: {run} holds a run with no checkpoint to resume from (it ran with --no-plugin "
+        "checkpoint): nothing in it was changed. Start a new run with another --run-dir, or --move-aside "
+        f"to move {run} aside and start afresh there"
+    )
     assert snapshot(run) == before
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -236,7 +359,9 @@ def test_a_run_that_ended_before_its_first_checkpoint_starts_again_with_its_conf
     """A requeue of a run whose first start died in its first epoch: the same run from step 0,
     with the config and plugins it recorded (lr 0.1, not the recipe's 0.2), its history kept."""
     run = tmp_path / "run"
-    prepare(RunRequest(recipe, ["lr=0.1"], ["csv"], ["console"], run))  # run files written, no step trained: as if killed
+    prepare(
+        RunRequest(recipe, ["lr=0.1"], ["csv"], ["console"], run)
+    )  # run files written, no step trained: as if killed
     with pytest.warns(UserWarning, match="no checkpoint in .*ended before its first save.*again from step 0"):
         again = prepare(RunRequest(recipe, [], [], [], run, resume="auto"))
     assert (again.state.global_step, again.resumed_from, again.config["lr"]) == (0, None, 0.1)
@@ -263,8 +388,23 @@ def test_two_starts_into_one_run_directory_the_second_is_refused(recipe, tmp_pat
     assert lock.in_use(run)
     first.fit()
     assert not lock.in_use(run)
-    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--no-plugin", "console", "--run-dir", str(run),
-                     "--resume", "auto"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "--set",
+                "epochs=3",
+                "--no-plugin",
+                "console",
+                "--run-dir",
+                str(run),
+                "--resume",
+                "auto",
+            ]
+        )
+        == 0
+    )
 
 
 def test_two_fresh_starts_at_once_one_wins_and_the_other_is_refused(recipe, tmp_path):
@@ -273,8 +413,19 @@ def test_two_fresh_starts_at_once_one_wins_and_the_other_is_refused(recipe, tmp_
     import sys
 
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "minitrain", "run", str(recipe), "--set", "epochs=30", "--no-plugin", "console",
-            "--run-dir", str(run)]
+    argv = [
+        sys.executable,
+        "-m",
+        "minitrain",
+        "run",
+        str(recipe),
+        "--set",
+        "epochs=30",
+        "--no-plugin",
+        "console",
+        "--run-dir",
+        str(run),
+    ]
     starts = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(300), p.stderr.read()) for p in starts]
     codes = sorted(code for code, _ in results)
@@ -296,10 +447,15 @@ def test_fit_again_on_a_finished_trainer_says_so(recipe):
 
 # --- failures while training ----------------------------------------------------------------------
 
-def test_an_error_in_the_recipe_code_is_one_line_with_the_traceback_in_errors_log(write_recipe, recipe, tmp_path, capsys):
-    path = write_recipe(recipe.read_text().replace(
-        "    model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10))",
-        "    model = Failing()") + '''
+
+def test_an_error_in_the_recipe_code_is_one_line_with_the_traceback_in_errors_log(
+    write_recipe, recipe, tmp_path, capsys
+):
+    path = write_recipe(
+        recipe.read_text().replace(
+            "    model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 10))", "    model = Failing()"
+        )
+        + """
 
 class Failing(nn.Module):
     def __init__(self):
@@ -311,17 +467,21 @@ class Failing(nn.Module):
         if self.calls == 3:
             raise ValueError("bad pixel")
         return self.linear(x.flatten(1))
-''', "failing.py")
+""",
+        "failing.py",
+    )
     run = tmp_path / "run"
     line = error_line(capsys, "run", path, "--no-plugin", "console", "--run-dir", run, code=1)
-    assert line == (f"training failed in epoch 1, step 3: ValueError: bad pixel (traceback in {run / 'errors.log'}); "
-                    "--debug shows the traceback")
+    assert line == (
+        f"training failed in epoch 1, step 3: ValueError: bad pixel (traceback in {run / 'errors.log'}); "
+        "--debug shows the traceback"
+    )
     assert 'raise ValueError("bad pixel")' in (run / "errors.log").read_text()
     with pytest.raises(ValueError, match="bad pixel"):  # --debug after the subcommand too
         cli.main(["run", str(path), "--debug", "--no-plugin", "console", "--run-dir", str(tmp_path / "again")])
 
 
-EMPTY = '''
+EMPTY = """
 import torch, minitrain
 from torch import nn
 
@@ -337,13 +497,14 @@ def build(config, device):
     model = nn.Linear(2, 2)
     loader = {loader}
     return minitrain.Components(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_loader=loader)
-'''
+"""
 
 
 def test_an_empty_training_loader_is_refused_before_work(write_recipe, tmp_path, capsys):
     path = write_recipe(EMPTY.format(loader="torch.utils.data.DataLoader([], batch_size=4)"), "empty.py")
     assert error_line(capsys, "run", path, "--run-dir", tmp_path / "run") == (
-        "the training loader has no batches (is the data set smaller than one batch with drop_last?)")
+        "the training loader has no batches (is the data set smaller than one batch with drop_last?)"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -354,14 +515,29 @@ def test_a_loader_that_yields_nothing_fails_the_run(write_recipe, tmp_path, caps
 
 
 def test_a_run_whose_every_step_was_skipped_trained_nothing(write_recipe, recipe, tmp_path, capsys):
-    path = write_recipe(recipe.read_text().replace(
-        "optimizer=optimizer,", "optimizer=optimizer, loss_fn=lambda out, y: out.sum() * float('nan'),"), "nan.py")
-    line = error_line(capsys, "run", path, "--set", "nonfinite_loss=skip", "--no-plugin", "console",
-                      "--run-dir", tmp_path / "run", code=1)
+    path = write_recipe(
+        recipe.read_text().replace(
+            "optimizer=optimizer,", "optimizer=optimizer, loss_fn=lambda out, y: out.sum() * float('nan'),"
+        ),
+        "nan.py",
+    )
+    line = error_line(
+        capsys,
+        "run",
+        path,
+        "--set",
+        "nonfinite_loss=skip",
+        "--no-plugin",
+        "console",
+        "--run-dir",
+        tmp_path / "run",
+        code=1,
+    )
     assert line.startswith("no step trained: all 5 steps had a non-finite loss and were skipped")
 
 
 # --- smaller promises -----------------------------------------------------------------------------
+
 
 def test_run_files_get_normal_permissions(recipe, tmp_path):
     old = os.umask(0o022)
@@ -386,8 +562,11 @@ def test_plugins_json_gives_options_as_json_values(capsys):
     assert cli.main(["plugins", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     options = rows["checkpoint"]["options"]
-    assert options["every"] == {"default": 1, "required": False,
-                                "description": "save at the end of every N-th epoch (0: never)"}
+    assert options["every"] == {
+        "default": 1,
+        "required": False,
+        "description": "save at the end of every N-th epoch (0: never)",
+    }
     assert options["save_last"]["default"] is True and options["monitor"]["default"] is None
 
 
@@ -427,8 +606,9 @@ def test_a_failure_in_an_epoch_end_hook_names_that_epoch(recipe, tmp_path, capsy
         trainer, parts = real(*args, **kwargs)
         trainer.pm.register(FailsAtEpochEnd(), "fails")
         return trainer, parts
-    monkeypatch.setattr(minitrain.commands.start, "build_trainer", with_failing_plugin)
-    line = error_line(capsys, "run", recipe, "--set", "epochs=3", "--no-plugin", "console",
-                      "--run-dir", tmp_path / "run", code=1)
-    assert line.startswith("training failed in epoch 2, step 10: RuntimeError: disk full")
 
+    monkeypatch.setattr(minitrain.commands.start, "build_trainer", with_failing_plugin)
+    line = error_line(
+        capsys, "run", recipe, "--set", "epochs=3", "--no-plugin", "console", "--run-dir", tmp_path / "run", code=1
+    )
+    assert line.startswith("training failed in epoch 2, step 10: RuntimeError: disk full")

@@ -1,5 +1,6 @@
 """The JSONL log on the CPU: what it holds back, when it writes, and that its own formatting of the
 per-step lines says what pydantic's serialiser says. (Accelerators: tests/test_speedrun.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -16,19 +17,22 @@ CPU = SimpleNamespace(device=torch.device("cpu"))
 
 
 def fit_start(run_dir) -> ev.FitStart:
-    return ev.FitStart(epochs=1, start_epoch=1, global_step=0, steps_per_epoch=None, device="cpu",
-                       run_dir=str(run_dir))
+    return ev.FitStart(epochs=1, start_epoch=1, global_step=0, steps_per_epoch=None, device="cpu", run_dir=str(run_dir))
 
 
 def step_events(step: int, loss) -> list[ev.Event]:
-    return [ev.BatchStart(epoch=1, batch_idx=step, global_step=step, batch_size=8),
-            ev.BatchEnd(epoch=1, batch_idx=step, global_step=step + 1, batch_size=8, loss=loss)]
+    return [
+        ev.BatchStart(epoch=1, batch_idx=step, global_step=step, batch_size=8),
+        ev.BatchEnd(epoch=1, batch_idx=step, global_step=step + 1, batch_size=8, loss=loss),
+    ]
 
 
 def same_json(a: str, b: str) -> bool:
     """Equal once parsed, NaN equal to NaN (the texts may differ in how an exponent is written)."""
+
     def normal(value):
         return "NaN" if isinstance(value, float) and math.isnan(value) else value
+
     return {k: normal(v) for k, v in json.loads(a).items()} == {k: normal(v) for k, v in json.loads(b).items()}
 
 
@@ -36,8 +40,11 @@ def same_json(a: str, b: str) -> bool:
 def test_per_step_lines_say_what_pydantic_says(tmp_path, loss):
     plugin = JsonlLog(JsonlLog.Config())
     plugin.on_fit_start(fit_start(tmp_path), CPU)
-    sent = [fit_start(tmp_path), *step_events(0, torch.tensor(loss, dtype=torch.float64)),
-            *step_events(1, torch.tensor(loss, dtype=torch.float32))]
+    sent = [
+        fit_start(tmp_path),
+        *step_events(0, torch.tensor(loss, dtype=torch.float64)),
+        *step_events(1, torch.tensor(loss, dtype=torch.float32)),
+    ]
     for event in sent:
         plugin.on_event(event)
     plugin.on_event(ev.FitEnd(epochs_completed=1, global_step=2, metrics={}))
@@ -95,7 +102,6 @@ def test_a_failed_run_writes_everything_held(tmp_path):
     for step in range(5):
         for event in step_events(step, torch.tensor(1.0)):
             plugin.on_event(event)
-    plugin.on_event(ev.ExceptionRaised(epoch=1, global_step=5, error_type="RuntimeError", message="boom",
-                                       traceback=""))
+    plugin.on_event(ev.ExceptionRaised(epoch=1, global_step=5, error_type="RuntimeError", message="boom", traceback=""))
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
     assert len(lines) == 11 and json.loads(lines[-1])["event"] == "ExceptionRaised"

@@ -1,6 +1,7 @@
 """Validation metrics are the recipe's: a regression recipe with a DataLoader of its own trains,
 validates and reports its own torchmetrics through every plugin that reads metrics; a classifier
 keeps accuracy and the confusion matrix by default; val_loss is the recipe's loss."""
+
 from __future__ import annotations
 
 import csv
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitrain import Trainer
-from minitrain.engine import checkpointing
 from minitrain.commands.cli import main
+from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine import checkpointing
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.metrics import Validation, collection
-from minitrain.commands.start import RunRequest, prepare
 
 FIRST_PARTY_PLUGINS = {"console", "jsonl", "csv", "checkpoint", "early_stopping", "viz", "tensorboard"}
 
@@ -62,8 +63,15 @@ def regression(write_recipe):
 
 def test_a_regression_recipe_runs_end_to_end_with_its_own_metrics(regression, tmp_path):
     run = tmp_path / "run"
-    trainer = prepare(RunRequest(regression, [], ["checkpoint:monitor=val_r2", "early_stopping:monitor=val_mae,patience=5",
-                                       "csv", "viz", "tensorboard"], ["console"], run))
+    trainer = prepare(
+        RunRequest(
+            regression,
+            [],
+            ["checkpoint:monitor=val_r2", "early_stopping:monitor=val_mae,patience=5", "csv", "viz", "tensorboard"],
+            ["console"],
+            run,
+        )
+    )
     assert trainer.metric_names()[-3:] == ["val_loss", "val_mae", "val_r2"]
     metrics = trainer.fit()
     assert {"val_loss", "val_mae", "val_r2"} <= set(metrics) and "val_acc" not in metrics
@@ -76,7 +84,9 @@ def test_a_regression_recipe_runs_end_to_end_with_its_own_metrics(regression, tm
         rows = list(csv.DictReader(file))
     assert [float(r["val_mae"]) for r in rows] == [e["metrics"]["val_mae"] for e in ends]
     best = checkpointing.load(run / "checkpoints" / "best.pt")["header"]
-    assert best["monitor"] == "val_r2" and best["metric"] == max(e["metrics"]["val_r2"] for e in ends)  # higher is better
+    assert best["monitor"] == "val_r2" and best["metric"] == max(
+        e["metrics"]["val_r2"] for e in ends
+    )  # higher is better
     plots = {p.name for p in (run / "plots").iterdir()}
     assert plots == {"loss.png", "metrics.png", "lr.png"}  # no accuracy, confusion or image grid
     assert len(list((run / "tensorboard").iterdir())) == 1
@@ -122,10 +132,14 @@ def test_metrics_of_the_wrong_kind_are_refused():
 
 
 def test_a_monitor_the_regression_never_reports_is_refused_naming_what_it_does(regression, tmp_path, capsys):
-    assert main(["run", str(regression), "--plugin", "checkpoint:monitor=val_acc", "--run-dir", str(tmp_path / "r")]) == 2
+    assert (
+        main(["run", str(regression), "--plugin", "checkpoint:monitor=val_acc", "--run-dir", str(tmp_path / "r")]) == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err == ("minitrain: error: checkpoint: monitor 'val_acc' is not a metric this run reports (it reports "
-                   "train_loss, lr, epoch_time, samples_per_s, val_loss, val_mae, val_r2)")
+    assert err == (
+        "minitrain: error: checkpoint: monitor 'val_acc' is not a metric this run reports (it reports "
+        "train_loss, lr, epoch_time, samples_per_s, val_loss, val_mae, val_r2)"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -155,13 +169,21 @@ def test_under_torchrun_every_rank_reports_the_whole_validation_set(which, recip
     args = ["run", str(path), "--set", "epochs=1", "--set", "lr=1e-30", "--no-plugin", "console"]
     assert main([*args, "--run-dir", str(tmp_path / "one")]) == 0
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_ENV} | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "minitrain", *args, "--nproc", "2", "--run-dir",
-                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", *args, "--nproc", "2", "--run-dir", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
     def validation(run):
-        return next(json.loads(line) for line in (tmp_path / run / "events.jsonl").read_text().splitlines()
-                    if '"ValidationEnd"' in line)
+        return next(
+            json.loads(line)
+            for line in (tmp_path / run / "events.jsonl").read_text().splitlines()
+            if '"ValidationEnd"' in line
+        )
 
     one, two = validation("one"), validation("two")
     assert one["metrics"].keys() == two["metrics"].keys()

@@ -2,6 +2,7 @@
 SQLite store: parameters, tags, per-step and per-epoch metrics, artifacts, status for each way a
 run ends, resume into the same MLflow run, replay of a run recorded without it, and a tracking
 server that is down or too slow (the plugin is disabled with a warning, training goes on)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +19,9 @@ import pytest
 import torch
 
 from minitrain.commands.cli import main
+from minitrain.commands.start import RunRequest, prepare
 from minitrain.engine.registry import ObserverFailed
 from minitrain.engine.surface import Shared
-from minitrain.commands.start import RunRequest, prepare
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip install -e '.[tracking]')")
 from mlflow import MlflowClient  # noqa: E402
@@ -29,7 +30,7 @@ FIRST_PARTY_PLUGINS = {"mlflow", "viz", "checkpoint", "csv", "clip"}
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # MLflow's own, with SQLAlchemy 2.1
 HTTP_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
 
-FAILING = '''
+FAILING = """
 
 class Boom:
     role = "critical"
@@ -49,7 +50,7 @@ class CtrlC:
 
 
 PLUGINS = [{plugin}()]
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +174,9 @@ def test_resume_continues_the_same_mlflow_run(recipe, tmp_path, store):
     # MLflow had given the run an id (the run is created in the background): either one finds it
     saved = {"run_id": run.info.run_id, "run_key": run.data.tags["minitrain.run_key"]}
     for epochs, kept in ((3, "run_id"), (4, "run_key")):
-        trainer = prepare(RunRequest(recipe, [f"epochs={epochs}"], ["mlflow", "checkpoint"], ["console"], run_dir, resume="auto"))
+        trainer = prepare(
+            RunRequest(recipe, [f"epochs={epochs}"], ["mlflow", "checkpoint"], ["console"], run_dir, resume="auto")
+        )
         plugin = trainer.pm.get_plugin("mlflow")
         plugin.resume = {key: value if key == kept else "" for key, value in saved.items()}
         trainer.fit()
@@ -181,8 +184,10 @@ def test_resume_continues_the_same_mlflow_run(recipe, tmp_path, store):
         assert only_run(store).info.run_id == run.info.run_id
 
 
-@pytest.mark.parametrize("plugin, status, tag", [("Boom", "FAILED", ("error", "RuntimeError: disk on fire")),
-                                                 ("CtrlC", "KILLED", ("interrupted_by", "SIGINT"))])
+@pytest.mark.parametrize(
+    "plugin, status, tag",
+    [("Boom", "FAILED", ("error", "RuntimeError: disk on fire")), ("CtrlC", "KILLED", ("interrupted_by", "SIGINT"))],
+)
 def test_a_run_that_fails_or_is_interrupted_says_so(recipe, tmp_path, store, plugin, status, tag):
     path = recipe.with_name(f"{plugin.lower()}.py")
     path.write_text(recipe.read_text() + FAILING.replace("{plugin}", plugin))
@@ -195,7 +200,9 @@ def test_a_run_that_fails_or_is_interrupted_says_so(recipe, tmp_path, store, plu
 
 def test_a_stopped_run_is_finished_with_its_reason(recipe, tmp_path, store):
     path = recipe.with_name("stopping.py")
-    path.write_text(recipe.read_text() + '''
+    path.write_text(
+        recipe.read_text()
+        + """
 
 class Stop:
     @minitrain.hookimpl
@@ -204,7 +211,8 @@ class Stop:
 
 
 PLUGINS = [Stop()]
-''')
+"""
+    )
     fit(path, tmp_path / "run")
     run = only_run(store)
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "enough"
@@ -226,8 +234,11 @@ def test_the_best_checkpoint_only_when_asked(recipe, tmp_path, store):
 
 def test_a_long_value_is_cut_with_a_warning(recipe, tmp_path, store):
     path = recipe.with_name("wordy.py")
-    path.write_text(recipe.read_text().replace("    augment: bool = False\n",
-                                               "    augment: bool = False\n    notes: str = 'n' * 7000\n"))
+    path.write_text(
+        recipe.read_text().replace(
+            "    augment: bool = False\n", "    augment: bool = False\n    notes: str = 'n' * 7000\n"
+        )
+    )
     with pytest.warns(UserWarning, match="parameter value.* cut to 6000 characters: notes"):
         fit(path, tmp_path / "run", overrides=["epochs=1"])
     notes = only_run(store).data.params["notes"]
@@ -243,10 +254,12 @@ def test_replay_logs_a_run_recorded_without_it(recipe, tmp_path, store, capsys):
     assert "events.jsonl" in {a.path for a in store.list_artifacts(run.info.run_id)}
     events = log_lines(run_dir)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert history(store, run, "train_loss_step") == [(e["global_step"], e["loss"]) for e in events
-                                                      if e["event"] == "BatchEnd"]
+    assert history(store, run, "train_loss_step") == [
+        (e["global_step"], e["loss"]) for e in events if e["event"] == "BatchEnd"
+    ]
     started = json.loads((run_dir / "run.json").read_text())["history"][0]["started"]
     from minitrain.records.rundir import parse_time
+
     assert run.info.start_time == int(parse_time(started) * 1000)  # the run's time, not the replay's
 
     logged = tmp_path / "logged"  # a run that had the plugin on: a replay says it logs it again
@@ -264,8 +277,20 @@ def closed_port() -> int:
 @pytest.mark.filterwarnings("always::minitrain.engine.registry.ObserverFailed")  # printed by the CLI, not raised
 def test_an_unreachable_server_disables_the_plugin_and_training_goes_on(recipe, tmp_path, capsys):
     uri = f"http://127.0.0.1:{closed_port()}"
-    code = main(["run", str(recipe), "--set", "epochs=2", "--run-dir", str(tmp_path / "run"),
-                 "--no-plugin", "console", "--plugin", f"mlflow:tracking_uri={uri},http_retries=0"])
+    code = main(
+        [
+            "run",
+            str(recipe),
+            "--set",
+            "epochs=2",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-plugin",
+            "console",
+            "--plugin",
+            f"mlflow:tracking_uri={uri},http_retries=0",
+        ]
+    )
     assert code == 0
     assert log_lines(tmp_path / "run")[-1]["event"] == "FitEnd"
     out, err = capsys.readouterr()
@@ -284,12 +309,20 @@ def test_a_server_too_slow_to_answer_does_not_hold_training_back(recipe, tmp_pat
         with contextlib.suppress(OSError):  # (until the test closes the socket)
             while True:
                 held.append(server.accept()[0])
+
     threading.Thread(target=accept, daemon=True).start()
     uri = f"http://127.0.0.1:{server.getsockname()[1]}"
     started = time.monotonic()
     with pytest.warns(ObserverFailed, match="plugin 'mlflow' failed"):
-        trainer = prepare(RunRequest(recipe, ["epochs=2"], [f"mlflow:tracking_uri={uri},http_timeout=900,finish_timeout=1"],
-                          ["console"], tmp_path / "run"))
+        trainer = prepare(
+            RunRequest(
+                recipe,
+                ["epochs=2"],
+                [f"mlflow:tracking_uri={uri},http_timeout=900,finish_timeout=1"],
+                ["console"],
+                tmp_path / "run",
+            )
+        )
         trainer.fit()
     assert time.monotonic() - started < 300  # not the 900 s a request may take (2 s here; room for a slow machine)
     assert trainer.state.epoch == 2 and trainer.pm.get_plugin("mlflow") is None  # disabled
@@ -309,8 +342,10 @@ def test_holding_the_losses_reads_no_tensor(monkeypatch):
     for name in ("item", "tolist", "cpu", "__float__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a per-step read of the loss"))
     for step, loss in enumerate(losses, 1):
-        plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4, loss=loss),
-                            SimpleNamespace(shared=Shared()))
+        plugin.on_batch_end(
+            BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4, loss=loss),
+            SimpleNamespace(shared=Shared()),
+        )
     monkeypatch.undo()
     assert [step for step, _, _, _ in plugin.held] == list(range(10, 10 * HOLD, 10))
     assert all(loss is losses[step - 1] for step, loss, _, _ in plugin.held)
@@ -322,8 +357,10 @@ def test_held_losses_go_in_groups_or_after_flush_secs():
 
     def steps(plugin, first, last):
         for step in range(first, last + 1):
-            plugin.on_batch_end(BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4,
-                                                 loss=torch.tensor(1.0)), SimpleNamespace(shared=Shared()))
+            plugin.on_batch_end(
+                BatchEnd.trusted(epoch=1, batch_idx=step - 1, global_step=step, batch_size=4, loss=torch.tensor(1.0)),
+                SimpleNamespace(shared=Shared()),
+            )
 
     plugin = MlflowLog(MlflowLog.Config(log_every=1))
     plugin.worker = SimpleNamespace(failure=None, notes=[], tasks=[])

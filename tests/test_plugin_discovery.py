@@ -1,5 +1,6 @@
 """Plugins are found through real entry points, configured through validated options, and
 rejected (naming plugin and hook) when their hook implementations do not match a spec."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ import minitrain
 from minitrain.commands import cli
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.registry import (
-    DISABLE_AUTOLOAD_ENV, PluginRequest, check_hooks, hook_order, make_plugin_manager, parse_plugin_spec,
-    register_plugin, resolve,
+    DISABLE_AUTOLOAD_ENV,
+    PluginRequest,
+    check_hooks,
+    hook_order,
+    make_plugin_manager,
+    parse_plugin_spec,
+    register_plugin,
+    resolve,
 )
 
 THIRDPARTY = '''
@@ -68,6 +75,7 @@ def _cli(capsys, *argv):
 
 # --- discovery -------------------------------------------------------------------------------
 
+
 def test_discover_finds_entry_point_with_version_and_distribution(thirdparty, real_discover):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # first-party plugins under development may warn
@@ -104,8 +112,10 @@ def test_no_plugin_disables_a_default_plugin():
 
 def test_resolved_plugin_runs_in_a_trainer(thirdparty, recipe, tmp_path):
     from minitrain.commands.start import RunRequest, prepare
-    trainer = prepare(RunRequest(recipe, plugins=["thirdparty:greeting=hey,times=2"], disabled=["console"],
-                      run_dir=tmp_path / "run"))
+
+    trainer = prepare(
+        RunRequest(recipe, plugins=["thirdparty:greeting=hey,times=2"], disabled=["console"], run_dir=tmp_path / "run")
+    )
     plugin = trainer.pm.get_plugin("thirdparty")
     trainer.fit()
     assert plugin.greeted == "heyhey"
@@ -180,12 +190,16 @@ def test_broken_plugin_is_listed_by_cli(install_dist, capsys):
 
 # --- options ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, key", [
-    ("thirdparty:times=many", "times"),
-    ("thirdparty:times=0", "times"),
-    ("thirdparty:loud=perhaps", "loud"),
-    ("thirdparty:colour=red", "colour"),
-])
+
+@pytest.mark.parametrize(
+    "spec, key",
+    [
+        ("thirdparty:times=many", "times"),
+        ("thirdparty:times=0", "times"),
+        ("thirdparty:loud=perhaps", "loud"),
+        ("thirdparty:colour=red", "colour"),
+    ],
+)
 def test_bad_option_names_plugin_and_key(thirdparty, spec, key):
     with pytest.raises(MinitrainError) as info:
         resolve([parse_plugin_spec(spec)])
@@ -198,6 +212,7 @@ def test_bad_option_names_plugin_and_key(thirdparty, spec, key):
 def test_option_given_to_plugin_without_config():
     class NoConfig:
         pass
+
     info = minitrain.engine.registry.PluginInfo("bare", target=NoConfig)
     with pytest.raises(MinitrainError, match=r"plugin 'bare' takes no options \(got x\)"):
         minitrain.engine.registry.instantiate(info, {"x": "1"})
@@ -222,6 +237,7 @@ def test_unknown_plugin_name():
 
 
 # --- hook validation -------------------------------------------------------------------------
+
 
 class Misspelled:
     @minitrain.hookimpl
@@ -249,6 +265,7 @@ def test_optional_hook_for_an_absent_spec_is_allowed():
         @minitrain.hookimpl(optionalhook=True)
         def on_checkpoint_of_some_other_plugin(self, event):
             pass
+
     pm = make_plugin_manager()
     register_plugin(pm, Optional(), "optional")
     check_hooks(pm)
@@ -272,15 +289,20 @@ def test_trainer_construction_rejects_bad_plugin(plugin, culprit):
 
 
 def test_bad_third_party_plugin_through_run(install_dist, recipe, tmp_path):
-    install_dist("typo_plugin", '''
+    install_dist(
+        "typo_plugin",
+        """
         import minitrain
 
         class Typo:
             @minitrain.hookimpl
             def on_fit_strat(self, event):
                 pass
-    ''', {"typo": "typo_plugin:Typo"})
+    """,
+        {"typo": "typo_plugin:Typo"},
+    )
     from minitrain.commands.start import RunRequest, prepare
+
     with pytest.raises(MinitrainError, match=r"'typo'.*on_fit_strat"):
         prepare(RunRequest(recipe, plugins=["typo"], run_dir=tmp_path / "run"))
 
@@ -288,6 +310,7 @@ def test_bad_third_party_plugin_through_run(install_dist, recipe, tmp_path):
 def test_same_plugin_name_twice_is_an_error():
     class A:
         pass
+
     pm = make_plugin_manager()
     register_plugin(pm, A(), "a")
     with pytest.raises(MinitrainError, match="'a'"):
@@ -295,6 +318,7 @@ def test_same_plugin_name_twice_is_an_error():
 
 
 # --- call order ------------------------------------------------------------------------------
+
 
 def test_hook_order_puts_wrappers_first_and_core_last(thirdparty):
     pm = make_plugin_manager()
@@ -324,7 +348,7 @@ def test_cli_plugins_order(thirdparty, capsys):
 
 # --- plugins from a local file --------------------------------------------------------------------
 
-LOCAL_PLUGIN = '''
+LOCAL_PLUGIN = """
 import minitrain
 from pydantic import Field
 
@@ -340,7 +364,7 @@ class LossAlarm:
     def on_epoch_end(self, event, trainer):
         if event.metrics["train_loss"] > self.config.ceiling:
             trainer.request_stop(f"train_loss above {self.config.ceiling}")
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -355,17 +379,49 @@ def test_a_plugin_in_a_local_file_is_named_by_its_import_path(recipe, tmp_path, 
 
     (tmp_path / "my_plugins.py").write_text(LOCAL_PLUGIN)  # in the working directory
     run = tmp_path / "run"
-    assert cli.main(["run", str(recipe), "--set", "epochs=3", "--plugin", "my_plugins.LossAlarm:ceiling=0.001",
-                     "--no-plugin", "console", "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "--set",
+                "epochs=3",
+                "--plugin",
+                "my_plugins.LossAlarm:ceiling=0.001",
+                "--no-plugin",
+                "console",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert "done: 1 epochs" in capsys.readouterr().out  # it stopped the run after the first epoch
     assert json.loads((run / "run.json").read_text())["plugins"]["my_plugins.LossAlarm"] == {"ceiling": 0.001}
 
     assert cli.main(["plugins", "--order", "--plugin", "my_plugins.LossAlarm"]) == 0
     assert "on_epoch_end: my_plugins.LossAlarm" in capsys.readouterr().out
-    assert cli.main(["run", str(recipe), "--plugin", "my_plugins.LossAlarm:ceiling=0.001", "--no-plugin",
-                     "my_plugins.LossAlarm", "--no-plugin", "console", "--run-dir", str(tmp_path / "off")]) == 0
-    assert "done: 1 epochs" in capsys.readouterr().out and "my_plugins.LossAlarm" not in json.loads(
-        (tmp_path / "off" / "run.json").read_text())["plugins"]
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "--plugin",
+                "my_plugins.LossAlarm:ceiling=0.001",
+                "--no-plugin",
+                "my_plugins.LossAlarm",
+                "--no-plugin",
+                "console",
+                "--run-dir",
+                str(tmp_path / "off"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        "done: 1 epochs" in capsys.readouterr().out
+        and "my_plugins.LossAlarm" not in json.loads((tmp_path / "off" / "run.json").read_text())["plugins"]
+    )
 
 
 def test_a_recipe_imports_the_modules_beside_it_and_names_their_plugins(recipe, tmp_path, capsys):
@@ -378,17 +434,24 @@ def test_a_recipe_imports_the_modules_beside_it_and_names_their_plugins(recipe, 
     source = recipe.read_text().replace("nn.Linear(48, 10)", "nn.Linear(shapes.FEATURES, 10)")
     (folder / "beside.py").write_text("import shapes\n" + source + '\nPLUGINS = ["alarms.LossAlarm:ceiling=0.001"]\n')
     run = tmp_path / "run"
-    assert cli.main(["run", str(folder / "beside.py"), "--set", "epochs=3", "--no-plugin", "console",
-                     "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            ["run", str(folder / "beside.py"), "--set", "epochs=3", "--no-plugin", "console", "--run-dir", str(run)]
+        )
+        == 0
+    )
     assert "done: 1 epochs" in capsys.readouterr().out
     assert "alarms.LossAlarm" in json.loads((run / "run.json").read_text())["plugins"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("nowhere.Plugin", "plugin 'nowhere.Plugin': no module 'nowhere' (looked in the current directory"),
-    ("json.NoSuchThing", "plugin 'json.NoSuchThing': module json has no 'NoSuchThing'"),
-    ("lossalarm", "unknown plugin 'lossalarm' (known: "),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nowhere.Plugin", "plugin 'nowhere.Plugin': no module 'nowhere' (looked in the current directory"),
+        ("json.NoSuchThing", "plugin 'json.NoSuchThing': module json has no 'NoSuchThing'"),
+        ("lossalarm", "unknown plugin 'lossalarm' (known: "),
+    ],
+)
 def test_a_local_plugin_that_cannot_be_found_is_one_line(recipe, tmp_path, capsys, spec, message):
     from minitrain.commands import cli
 

@@ -1,13 +1,14 @@
 """Reading run directories (minitrain.commands.runs) and ``minitrain runs``: each status from the event log,
 resumed runs read as their last start, the settings that differ, sorting and --json."""
+
 from __future__ import annotations
 
 import json
 import os
 import time
 
-from minitrain.engine import events as ev
 from minitrain.commands.cli import main
+from minitrain.engine import events as ev
 from minitrain.engine.lock import RunDirLock
 from minitrain.records.rundir import differing, find_runs, read_run
 
@@ -78,7 +79,7 @@ def test_each_way_a_run_ends_is_its_status(recipe, tmp_path):
     for name in ("run.json", "config.json"):
         (running / name).write_bytes((runs / "finished" / name).read_bytes())
     lines = (runs / "finished" / "events.jsonl").read_text().splitlines(keepends=True)
-    (running / "events.jsonl").write_text("".join(lines[:len(lines) // 2]) + '{"event":"BatchEnd","ep')
+    (running / "events.jsonl").write_text("".join(lines[: len(lines) // 2]) + '{"event":"BatchEnd","ep')
     alive = read_run(running)
     assert alive.status == "running" and alive.epochs_done == 1 and alive.quiet_for < 60
     hours_ago = time.time() - 3 * 3600
@@ -99,35 +100,62 @@ def test_a_resumed_run_reads_as_its_last_start(recipe, tmp_path):
     assert resumed.duration >= sum(m["epoch_time"] for m in first.epoch_metrics.values())
 
 
-
 def write_log(run_dir, events, history=1):
     """A run directory whose log holds ``events`` (generated, in the real format)."""
     run_dir.mkdir()
-    (run_dir / "run.json").write_text(json.dumps({
-        "recipe": "/somewhere/made_up.py", "plugins": {"jsonl": {}}, "event_log": "events.jsonl",
-        "history": [{"started": "2024-05-01T12:00:00+0000"}] * history}))
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "recipe": "/somewhere/made_up.py",
+                "plugins": {"jsonl": {}},
+                "event_log": "events.jsonl",
+                "history": [{"started": "2024-05-01T12:00:00+0000"}] * history,
+            }
+        )
+    )
     (run_dir / "events.jsonl").write_text("".join(e.to_json() + "\n" for e in events))
     return run_dir
 
 
 def epoch(number, step, loss, steps_per_epoch=5):
-    out = [ev.BatchEnd(epoch=number, batch_idx=s - (number - 1) * steps_per_epoch - 1, global_step=s, batch_size=4,
-                       loss=loss) for s in range(step - steps_per_epoch + 1, step + 1)]
+    out = [
+        ev.BatchEnd(
+            epoch=number, batch_idx=s - (number - 1) * steps_per_epoch - 1, global_step=s, batch_size=4, loss=loss
+        )
+        for s in range(step - steps_per_epoch + 1, step + 1)
+    ]
     return out + [ev.EpochEnd(epoch=number, global_step=step, metrics={"train_loss": loss, "epoch_time": 2.0})]
 
 
 def start(epochs, start_epoch, step):
-    return ev.FitStart(epochs=epochs, start_epoch=start_epoch, global_step=step, steps_per_epoch=5, device="cpu",
-                       run_dir=None, config={"lr": 0.1})
+    return ev.FitStart(
+        epochs=epochs,
+        start_epoch=start_epoch,
+        global_step=step,
+        steps_per_epoch=5,
+        device="cpu",
+        run_dir=None,
+        config={"lr": 0.1},
+    )
 
 
 def test_a_resume_from_an_older_checkpoint_replaces_what_it_redoes(tmp_path):
-    run_dir = write_log(tmp_path / "run", [
-        start(4, 1, 0), *epoch(1, 5, 1.0), *epoch(2, 10, 0.9), *epoch(3, 15, 0.8),
-        ev.Interrupted(epoch=4, global_step=17, signal="SIGTERM"),
-        start(4, 2, 5), *epoch(2, 10, 0.5), *epoch(3, 15, 0.4), *epoch(4, 20, 0.3),
-        ev.FitEnd(epochs_completed=4, global_step=20, metrics={"train_loss": 0.3}),
-    ], history=2)
+    run_dir = write_log(
+        tmp_path / "run",
+        [
+            start(4, 1, 0),
+            *epoch(1, 5, 1.0),
+            *epoch(2, 10, 0.9),
+            *epoch(3, 15, 0.8),
+            ev.Interrupted(epoch=4, global_step=17, signal="SIGTERM"),
+            start(4, 2, 5),
+            *epoch(2, 10, 0.5),
+            *epoch(3, 15, 0.4),
+            *epoch(4, 20, 0.3),
+            ev.FitEnd(epochs_completed=4, global_step=20, metrics={"train_loss": 0.3}),
+        ],
+        history=2,
+    )
     redone = read_run(run_dir, steps=True)
     assert (redone.status, redone.starts, redone.epochs_done, redone.global_step) == ("finished", 2, 4, 20)
     assert redone.values("train_loss") == [(1, 1.0), (2, 0.5), (3, 0.4), (4, 0.3)]
@@ -142,18 +170,32 @@ def test_a_finished_run_resumed_and_then_killed_is_not_finished(tmp_path):
     """The last start decides: a run that finished, was resumed from an older checkpoint and was
     killed in the epoch it redid reads as killed (nobody holds its lock) or running (somebody
     does), with the epochs of the first start that the resume redid dropped."""
-    run_dir = write_log(tmp_path / "run", [
-        start(3, 1, 0), *epoch(1, 5, 1.0), *epoch(2, 10, 0.9), *epoch(3, 15, 0.8),
-        ev.FitEnd(epochs_completed=3, global_step=15, metrics={"train_loss": 0.8}),
-        start(4, 2, 5), *epoch(2, 10, 0.5), *epoch(3, 15, 0.4)[:2],
-    ], history=2)
+    run_dir = write_log(
+        tmp_path / "run",
+        [
+            start(3, 1, 0),
+            *epoch(1, 5, 1.0),
+            *epoch(2, 10, 0.9),
+            *epoch(3, 15, 0.8),
+            ev.FitEnd(epochs_completed=3, global_step=15, metrics={"train_loss": 0.8}),
+            start(4, 2, 5),
+            *epoch(2, 10, 0.5),
+            *epoch(3, 15, 0.4)[:2],
+        ],
+        history=2,
+    )
     lock = RunDirLock(run_dir)
     lock.acquire()
     assert read_run(run_dir).status == "running"
     lock.release()  # as the kernel does for a process killed outright
     killed = read_run(run_dir, steps=True)
     assert (killed.status, killed.starts, killed.epochs_done, killed.epochs, killed.global_step) == (
-        "killed", 2, 2, 4, 10)
+        "killed",
+        2,
+        2,
+        4,
+        10,
+    )
     assert killed.values("train_loss") == [(1, 1.0), (2, 0.5)] and killed.final_metrics["train_loss"] == 0.5
     assert [s for s, _ in killed.steps] == list(range(1, 13))
 
@@ -162,7 +204,10 @@ def test_differing_settings_leave_out_what_all_runs_share(recipe, tmp_path):
     a = read_run(run(recipe, tmp_path / "a", "--set", "epochs=1", "--no-plugin", "checkpoint"))
     b = read_run(run(recipe, tmp_path / "b", "--set", "epochs=1", "--set", "lr=0.05", "--plugin", "checkpoint"))
     c = read_run(run(recipe, tmp_path / "c", "--set", "epochs=1", "--set", "lr=0.05", "--plugin", "checkpoint:every=2"))
-    assert differing([a, b]) == {"lr": ["0.2", "0.05"], "plugins": ["jsonl", "checkpoint,jsonl"]}  # (tests hide csv, ddp)
+    assert differing([a, b]) == {
+        "lr": ["0.2", "0.05"],
+        "plugins": ["jsonl", "checkpoint,jsonl"],
+    }  # (tests hide csv, ddp)
     assert differing([b, c]) == {"plugin.checkpoint.every": ["1", "2"]}  # options of a plugin both runs have
     assert differing([a, a]) == {}
 

@@ -1,6 +1,7 @@
 """The CIFAR-10 speedrun on the CPU: the recipe and its plugins (lookahead, validation schedule,
 deferred JSONL), the normalise-once loader, Muon, and the benchmark that times the recipe
 against a bare loop — at toy sizes, on generated data."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,13 +17,13 @@ import torch
 from torch import nn
 
 import minitrain.engine.registry
-from minitrain.engine import events as ev
 from minitrain import hookimpl
-from minitrain.testing import EpochLog
+from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine import events as ev
 from minitrain.kit.data import ImageLoader, load_cifar10
 from minitrain.kit.muon import Muon, orthogonalize
 from minitrain.kit.recipe import load_recipe, make_config
-from minitrain.commands.start import RunRequest, prepare
+from minitrain.testing import EpochLog
 from minitrain_plugins import console
 from minitrain_plugins.jsonl import JsonlLog
 from minitrain_plugins.lookahead import Lookahead
@@ -34,11 +35,10 @@ FIRST_PARTY_PLUGINS = {"console", "jsonl", "amp", "tta", "lookahead", "validatio
 TINY = ["widths=[8,16,16]", "batch_size=16", "eval_batch_size=16", "device=cpu"]
 
 
-
-
 def speedrun(fake_cifar, *overrides: str, epochs: int = 2):
-    trainer = prepare(RunRequest(RECIPE, [f"data_dir={fake_cifar}", f"epochs={epochs}", *TINY, *overrides],
-                      [], ["console"], "run"))
+    trainer = prepare(
+        RunRequest(RECIPE, [f"data_dir={fake_cifar}", f"epochs={epochs}", *TINY, *overrides], [], ["console"], "run")
+    )
     log = EpochLog()
     trainer.pm.register(log)
     return trainer, log
@@ -116,16 +116,18 @@ def test_validation_schedule_every_two_epochs(recipe):
 
 def test_jsonl_on_accelerators_writes_groups_later_in_order(tmp_path):
     plugin = JsonlLog(JsonlLog.Config(flush_every=2))
-    start = ev.FitStart(epochs=1, start_epoch=1, global_step=0, steps_per_epoch=3, device="cuda",
-                        run_dir=str(tmp_path), config={})
+    start = ev.FitStart(
+        epochs=1, start_epoch=1, global_step=0, steps_per_epoch=3, device="cuda", run_dir=str(tmp_path), config={}
+    )
     plugin.on_fit_start(start, SimpleNamespace(device=torch.device("meta")))  # any non-CPU device
     path = tmp_path / "events.jsonl"
     sent, written = [start], []
     plugin.on_event(start)
     for step in range(3):
         sent.append(ev.BatchStart(epoch=1, batch_idx=step, global_step=step, batch_size=4))
-        sent.append(ev.BatchEnd(epoch=1, batch_idx=step, global_step=step + 1, batch_size=4,
-                                loss=torch.tensor(float(step))))
+        sent.append(
+            ev.BatchEnd(epoch=1, batch_idx=step, global_step=step + 1, batch_size=4, loss=torch.tensor(float(step)))
+        )
         for event in sent[-2:]:
             plugin.on_event(event)
         written.append(len(path.read_text().splitlines()))
@@ -250,7 +252,7 @@ def test_sync_check_records_what_happens_in_its_window(recipe, monkeypatch):
     class Noisy:
         @hookimpl
         def on_batch_start(self, event):
-            warnings.warn(f"sync at {event.global_step}")
+            warnings.warn(f"sync at {event.global_step}", stacklevel=1)
 
     check = bench.SyncCheck(first=1, steps=2)
     trainer = prepare(RunRequest(recipe, ["epochs=2"], [], ["console", "jsonl"], "run"))
@@ -267,10 +269,35 @@ def test_sync_check_records_what_happens_in_its_window(recipe, monkeypatch):
 def test_benchmark_cpu_mode_end_to_end(fake_cifar, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--device", "cpu", "--data-dir", str(fake_cifar), "--epochs", "1",
-         "--runs", "1", "--warmup", "0", "--set", "widths=[8,16,16]", "--set", "batch_size=16",
-         "--set", "eval_batch_size=16", "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            str(BENCHMARK),
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(fake_cifar),
+            "--epochs",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--set",
+            "widths=[8,16,16]",
+            "--set",
+            "batch_size=16",
+            "--set",
+            "eval_batch_size=16",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     tail = result.stdout.strip().splitlines()[-4:]
     assert tail[1].startswith("minitrain Trainer") and tail[2].startswith("bare loop")

@@ -1,6 +1,7 @@
 """The plugin surface (minitrain.engine.surface) is what plugins get: a live trainer is a
 ``TrainerView``, the replay's stand-in a ``RunView`` and not a ``TrainerView``, and the first-party
 plugins read and call nothing on the trainer that the surface does not declare."""
+
 import re
 from pathlib import Path
 
@@ -37,8 +38,17 @@ def test_a_live_trainer_is_a_trainer_view_with_the_declared_types(fake_cifar, tm
 
     train, test = cifar10_loaders(fake_cifar, 16, device="cpu")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    trainer = minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, test, epochs=1,
-                                device="cpu", plugins=[Look()], run_dir=tmp_path / "run", limits=Limits(max_steps=2))
+    trainer = minitrain.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        train,
+        test,
+        epochs=1,
+        device="cpu",
+        plugins=[Look()],
+        run_dir=tmp_path / "run",
+        limits=Limits(max_steps=2),
+    )
     trainer.fit()
     live = seen["trainer"]
     assert isinstance(live, TrainerView) and isinstance(live, RunView)

@@ -2,6 +2,7 @@
 failing trials, a sweep killed outright or stopped with Ctrl-C and run again, and a study in a
 real PostgreSQL server. Trials are real ``minitrain run`` processes on the tiny recipe's
 generated CIFAR-10, so each sweep takes seconds."""
+
 from __future__ import annotations
 
 import json
@@ -46,22 +47,26 @@ def plugin_record(run_dir: Path) -> dict:
 
 # --- search spaces ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, message", [
-    (["--space", "widht=int:1:4"], "the recipe's Config has no field 'widht'"),
-    (["--space", "lr=float:0:1"], "refuses lr=0.0: lr: must be greater than 0"),
-    (["--space", "epochs=float:1:3"], "refuses epochs=1"),
-    (["--space", "augment=choice:yes,maybe"], "refuses augment=maybe"),
-    (["--space", "lr=float:0.1:1", "--set", "lr=0.2"], "lr is also fixed by --set lr=0.2"),
-    (["--space", "lr=float:0.1:1", "--sampler", "grid"], "has no grid"),
-    (["--space", "lr=choice:0.1,0.2", "--sampler", "grid", "--trials", "3"], "more than the grid's 2 points"),
-    (["--space", "lr=float:0.1:1", "--pruner", "median:patience=3"], "MedianPruner has no option 'patience'"),
-    (["--space", "lr=float:0.1:1", "--sampler", "bayes"], "unknown sampler 'bayes'"),
-    (["--space", "lr=float:0.1:1", "--plugin", "prune:study=x,trial=1"], "leave it out of --plugin"),
-    (["--space", "lr=float:0.1:1", "--plugin", "checkpoint:bogus=1"], "plugin 'checkpoint': bogus: unknown key"),
-    (["--space", "lr=float:0.1:1", "--study", "a/b"], "--study 'a/b'"),
-    (["--space", "lr=float:0.1:1", "--workers", "0"], "--workers must be at least 1"),
-    ([], "nothing to search"),
-])
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--space", "widht=int:1:4"], "the recipe's Config has no field 'widht'"),
+        (["--space", "lr=float:0:1"], "refuses lr=0.0: lr: must be greater than 0"),
+        (["--space", "epochs=float:1:3"], "refuses epochs=1"),
+        (["--space", "augment=choice:yes,maybe"], "refuses augment=maybe"),
+        (["--space", "lr=float:0.1:1", "--set", "lr=0.2"], "lr is also fixed by --set lr=0.2"),
+        (["--space", "lr=float:0.1:1", "--sampler", "grid"], "has no grid"),
+        (["--space", "lr=choice:0.1,0.2", "--sampler", "grid", "--trials", "3"], "more than the grid's 2 points"),
+        (["--space", "lr=float:0.1:1", "--pruner", "median:patience=3"], "MedianPruner has no option 'patience'"),
+        (["--space", "lr=float:0.1:1", "--sampler", "bayes"], "unknown sampler 'bayes'"),
+        (["--space", "lr=float:0.1:1", "--plugin", "prune:study=x,trial=1"], "leave it out of --plugin"),
+        (["--space", "lr=float:0.1:1", "--plugin", "checkpoint:bogus=1"], "plugin 'checkpoint': bogus: unknown key"),
+        (["--space", "lr=float:0.1:1", "--study", "a/b"], "--study 'a/b'"),
+        (["--space", "lr=float:0.1:1", "--workers", "0"], "--workers must be at least 1"),
+        ([], "nothing to search"),
+    ],
+)
 def test_bad_sweeps_are_refused_before_any_trial(capsys, recipe, argv, message):
     trials = [] if "--trials" in argv else ["--trials", "2"]
     code, out, err = sweep(capsys, recipe, *trials, *argv)
@@ -114,8 +119,21 @@ PLUGINS = [Rendezvous()]
 def test_four_trials_on_two_workers(capsys, recipe):
     recipe = recipe.with_name("rendezvous.py")
     recipe.write_text(recipe.with_name("tiny_recipe.py").read_text() + RENDEZVOUS)
-    args = [recipe, "--space", "lr=float:0.02:0.5:log", "--trials", 4, "--workers", 2, "--study", "four",
-            "--set", "epochs=2", "--sampler", "random:seed=1"]
+    args = [
+        recipe,
+        "--space",
+        "lr=float:0.02:0.5:log",
+        "--trials",
+        4,
+        "--workers",
+        2,
+        "--study",
+        "four",
+        "--set",
+        "epochs=2",
+        "--sampler",
+        "random:seed=1",
+    ]
     code, out, err = sweep(capsys, *args)
     assert code == 0, (out, err)
     trials = study("four").get_trials(deepcopy=False)
@@ -164,20 +182,42 @@ def test_pruning_stops_a_hopeless_trial(capsys, recipe):
     from optuna.storages.journal import JournalFileBackend
 
     journal = "prune.journal"
-    queued = optuna.create_study(study_name="prune", direction="minimize",
-                                 storage=JournalStorage(JournalFileBackend(journal)))
+    queued = optuna.create_study(
+        study_name="prune", direction="minimize", storage=JournalStorage(JournalFileBackend(journal))
+    )
     for lr in (0.05, 1000, 0.05, 1000):
         queued.enqueue_trial({"lr": lr})
-    code, out, err = sweep(capsys, recipe, "--space", "lr=choice:0.05,1000", "--trials", 4, "--study", "prune",
-                           "--storage", journal, "--monitor", "val_loss", "--set", "epochs=3",
-                           "--pruner", "median:n_startup_trials=1")
+    code, out, err = sweep(
+        capsys,
+        recipe,
+        "--space",
+        "lr=choice:0.05,1000",
+        "--trials",
+        4,
+        "--study",
+        "prune",
+        "--storage",
+        journal,
+        "--monitor",
+        "val_loss",
+        "--set",
+        "epochs=3",
+        "--pruner",
+        "median:n_startup_trials=1",
+    )
     assert code == 0, (out, err)
     trials = study("prune", JournalStorage(JournalFileBackend(journal))).get_trials(deepcopy=False)
-    assert [(t.params["lr"], t.state.name) for t in trials] == [(0.05, "COMPLETE"), (1000, "PRUNED"),
-                                                               (0.05, "COMPLETE"), (1000, "PRUNED")]
+    assert [(t.params["lr"], t.state.name) for t in trials] == [
+        (0.05, "COMPLETE"),
+        (1000, "PRUNED"),
+        (0.05, "COMPLETE"),
+        (1000, "PRUNED"),
+    ]
     for t in trials:
-        events = [json.loads(line) for line in (SWEEPS / "prune" / f"trial-{t.number:04d}" / "events.jsonl")
-                  .read_text().splitlines()]
+        events = [
+            json.loads(line)
+            for line in (SWEEPS / "prune" / f"trial-{t.number:04d}" / "events.jsonl").read_text().splitlines()
+        ]
         fit_end = events[-1]
         assert fit_end["event"] == "FitEnd"
         if t.state.name == "PRUNED":
@@ -189,7 +229,7 @@ def test_pruning_stops_a_hopeless_trial(capsys, recipe):
     assert "trial 1 pruned after epoch 1" in out
 
 
-FAILING_RECIPE = '''
+FAILING_RECIPE = """
 from pathlib import Path
 from typing import Literal
 
@@ -225,7 +265,7 @@ def build(config, device):
     model = Net(config.failure)
     return minitrain.Components(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=config.lr),
                                 train_loader=train, val_loader=test, class_names=CIFAR10_CLASSES)
-'''
+"""
 
 
 def test_a_trial_is_not_pruned_after_its_last_epoch(capsys, recipe):
@@ -238,9 +278,24 @@ def test_a_trial_is_not_pruned_after_its_last_epoch(capsys, recipe):
     queued = optuna.create_study(study_name="last", direction="minimize", storage=storage)
     for lr in (0.05, 1000):
         queued.enqueue_trial({"lr": lr})
-    code, out, err = sweep(capsys, recipe, "--space", "lr=choice:0.05,1000", "--trials", 2, "--study", "last",
-                           "--storage", "last.journal", "--monitor", "val_loss", "--set", "epochs=1",
-                           "--pruner", "median:n_startup_trials=1")
+    code, out, err = sweep(
+        capsys,
+        recipe,
+        "--space",
+        "lr=choice:0.05,1000",
+        "--trials",
+        2,
+        "--study",
+        "last",
+        "--storage",
+        "last.journal",
+        "--monitor",
+        "val_loss",
+        "--set",
+        "epochs=1",
+        "--pruner",
+        "median:n_startup_trials=1",
+    )
     assert code == 0, (out, err)
     trials = study("last", storage).get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"] and trials[1].value > 100
@@ -249,15 +304,30 @@ def test_a_trial_is_not_pruned_after_its_last_epoch(capsys, recipe):
 
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(capsys, write_recipe, fake_cifar):
     recipe = write_recipe(FAILING_RECIPE.format(data_dir=str(fake_cifar)), "failing.py")
-    code, out, err = sweep(capsys, recipe, "--space", "failure=choice:none,nan,raise", "--trials", 3,
-                           "--sampler", "grid", "--study", "fails", "--pruner", "none")
+    code, out, err = sweep(
+        capsys,
+        recipe,
+        "--space",
+        "failure=choice:none,nan,raise",
+        "--trials",
+        3,
+        "--sampler",
+        "grid",
+        "--study",
+        "fails",
+        "--pruner",
+        "none",
+    )
     assert code == 0, (out, err)
     trials = {t.params["failure"]: t for t in study("fails").get_trials(deepcopy=False)}
     assert trials["none"].state.name == "COMPLETE"
     assert trials["nan"].state.name == trials["raise"].state.name == "FAIL"
     assert trials["nan"].user_attrs["error"].startswith("non-finite training loss (nan) in epoch 1")
-    assert trials["raise"].user_attrs["error"].startswith("training failed in epoch 1, step 1: "
-                                                          "RuntimeError: the model broke")
+    assert (
+        trials["raise"]
+        .user_attrs["error"]
+        .startswith("training failed in epoch 1, step 1: RuntimeError: the model broke")
+    )
     for t in trials.values():
         assert "\n" not in t.user_attrs.get("error", "")
     assert f"trial {trials['raise'].number} failed: training failed" in out
@@ -282,9 +352,26 @@ def test_a_trial_that_cannot_start_stops_the_sweep(capsys, recipe):
 def test_early_stopping_and_checkpoints_work_inside_trials(capsys, recipe):
     """On the tiny data val_loss rises after epoch 2 at lr=0.2: early stopping ends the trial,
     which is complete (not pruned) with its last value, and the checkpoint plugin saved as usual."""
-    code, out, err = sweep(capsys, recipe, "--space", "lr=choice:0.2,0.21", "--trials", 1, "--study", "es",
-                           "--set", "epochs=8", "--pruner", "none", "--monitor", "val_loss",
-                           "--plugin", "early_stopping:patience=1", "--plugin", "checkpoint")
+    code, out, err = sweep(
+        capsys,
+        recipe,
+        "--space",
+        "lr=choice:0.2,0.21",
+        "--trials",
+        1,
+        "--study",
+        "es",
+        "--set",
+        "epochs=8",
+        "--pruner",
+        "none",
+        "--monitor",
+        "val_loss",
+        "--plugin",
+        "early_stopping:patience=1",
+        "--plugin",
+        "checkpoint",
+    )
     assert code == 0, (out, err)
     (trial,) = study("es").get_trials(deepcopy=False)
     run_dir = SWEEPS / "es" / "trial-0000"
@@ -325,6 +412,7 @@ def test_prune_plugin_refuses_a_run_outside_a_sweep(capsys, recipe):
 
 # --- kills, Ctrl-C, and a sweep run again --------------------------------------------------------
 
+
 def test_which_running_trials_are_lost():
     """On this host a trial is lost when its sweep's process has ended (or its pid now names
     another process); elsewhere, when its sweep has not said it is alive for STALE_AFTER_S."""
@@ -348,8 +436,9 @@ def test_which_running_trials_are_lost():
     assert not studies.is_lost(trial(**elsewhere, alive=now - 60))
     assert studies.is_lost(trial(**elsewhere, alive=now - studies.STALE_AFTER_S - 1))
     assert not studies.is_lost(trial())  # just asked for; its owner not written yet
-    orphan = SimpleNamespace(user_attrs={}, datetime_start=datetime.datetime.now()
-                             - datetime.timedelta(seconds=studies.ORPHAN_AFTER_S + 1))
+    orphan = SimpleNamespace(
+        user_attrs={}, datetime_start=datetime.datetime.now() - datetime.timedelta(seconds=studies.ORPHAN_AFTER_S + 1)
+    )
     assert studies.is_lost(orphan)  # its sweep was killed between Optuna's ask and writing the owner
     half = SimpleNamespace(user_attrs={"host": socket.gethostname()}, datetime_start=orphan.datetime_start)
     assert studies.is_lost(half)  # ... or while writing it, one attribute at a time
@@ -359,8 +448,17 @@ def test_a_trial_orphaned_between_ask_and_its_owner_is_recovered_by_the_next_swe
     """A sweep killed right after Optuna's ``ask()``: its trial is RUNNING with no owner. The same
     command again does not count it as running for long: within seconds it is failed, its values
     queued again, and the study gets all its trials."""
-    args = [recipe, "--space", "lr=float:0.02:0.5:log", "--study", "orphan", "--set", "epochs=1",
-            "--sampler", "random:seed=1"]
+    args = [
+        recipe,
+        "--space",
+        "lr=float:0.02:0.5:log",
+        "--study",
+        "orphan",
+        "--set",
+        "epochs=1",
+        "--sampler",
+        "random:seed=1",
+    ]
     code, out, err = sweep(capsys, *args, "--trials", 1)
     assert code == 0, (out, err)
     orphan = study("orphan").ask()  # as the killed sweep left it
@@ -372,13 +470,18 @@ def test_a_trial_orphaned_between_ask_and_its_owner_is_recovered_by_the_next_swe
     assert sum(t.state.name == "COMPLETE" for t in trials) == 2
 
 
-
 def _launch(args: list[str], log: Path) -> subprocess.Popen:
     """The sweep in a process group of its own, as a shell would start it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "minitrain", "sweep", *args], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "minitrain", "sweep", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -399,13 +502,29 @@ def _trial_states(name: str) -> list[str]:
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.glob("trial-*/**/*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.glob("trial-*/**/*")
+        if p.is_file()
+    }
 
 
 def test_sigkill_then_the_same_command_continues_the_study(capsys, recipe, tmp_path):
-    args = [str(recipe), "--space", "lr=float:0.02:0.5:log", "--trials", "4", "--workers", "2", "--study", "killed",
-            "--set", "epochs=60", "--pruner", "none"]
+    args = [
+        str(recipe),
+        "--space",
+        "lr=float:0.02:0.5:log",
+        "--trials",
+        "4",
+        "--workers",
+        "2",
+        "--study",
+        "killed",
+        "--set",
+        "epochs=60",
+        "--pruner",
+        "none",
+    ]
     first = _launch(args, tmp_path / "first.log")
     _wait_for(lambda: (s := _trial_states("killed")).count("COMPLETE") >= 1 and "RUNNING" in s, first)
     os.killpg(first.pid, signal.SIGKILL)  # the sweep, its process server and its trials, at once
@@ -429,13 +548,27 @@ def test_sigkill_then_the_same_command_continues_the_study(capsys, recipe, tmp_p
         run_dir = SWEEPS / "killed" / f"trial-{t.number:04d}"
         if run_dir.exists():
             assert plugin_record(run_dir)["trial"] == t.number
-    assert {p.name for p in (SWEEPS / "killed").glob("trial-*")} >= {f"trial-{t.number:04d}" for t in trials
-                                                                     if t.state.name == "COMPLETE"}
+    assert {p.name for p in (SWEEPS / "killed").glob("trial-*")} >= {
+        f"trial-{t.number:04d}" for t in trials if t.state.name == "COMPLETE"
+    }
 
 
 def test_ctrl_c_stops_cleanly_and_prints_the_command_that_continues(capsys, recipe, tmp_path):
-    args = [str(recipe), "--space", "lr=float:0.02:0.5:log", "--trials", "3", "--workers", "2",
-            "--set", "epochs=60", "--pruner", "none", "--plugin", "checkpoint"]
+    args = [
+        str(recipe),
+        "--space",
+        "lr=float:0.02:0.5:log",
+        "--trials",
+        "3",
+        "--workers",
+        "2",
+        "--set",
+        "epochs=60",
+        "--pruner",
+        "none",
+        "--plugin",
+        "checkpoint",
+    ]
     log = tmp_path / "sweep.log"
     process = _launch(args, log)
     _wait_for(lambda: len(list(SWEEPS.glob("*/trial-000[01]/events.jsonl"))) == 2, process)  # both training
@@ -460,20 +593,25 @@ def test_ctrl_c_stops_cleanly_and_prints_the_command_that_continues(capsys, reci
 
 
 def test_import_minitrain_does_not_import_optuna():
-    code = ("import sys, minitrain, minitrain.commands.cli, minitrain_plugins.prune\n"
-            "minitrain.commands.cli.parser()\n"
-            "assert 'optuna' not in sys.modules, 'optuna imported'\n")
+    code = (
+        "import sys, minitrain, minitrain.commands.cli, minitrain_plugins.prune\n"
+        "minitrain.commands.cli.parser()\n"
+        "assert 'optuna' not in sys.modules, 'optuna imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 # --- a study in PostgreSQL, shared by two "machines" ------------------------------------------------
 
+
 def _postgres_binaries() -> Path | None:
     """Debian's postgresql package puts the server under /usr/lib/postgresql/VERSION/bin."""
     import shutil
 
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                   key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()],
+    )
     if found:
         return found[-1].parent
     initdb = shutil.which("initdb")
@@ -513,8 +651,19 @@ def postgres():
     if made.returncode:
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"initdb failed: {made.stderr.strip()[-300:]}")
-    started = run(binaries / "pg_ctl", "-D", root / "data", "-l", root / "server.log", "-w", "-t", "60", "-o",
-                  f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start")
+    started = run(
+        binaries / "pg_ctl",
+        "-D",
+        root / "data",
+        "-l",
+        root / "server.log",
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off",
+        "start",
+    )
     if started.returncode:
         log = (root / "server.log").read_text(errors="replace") if (root / "server.log").exists() else ""
         shutil.rmtree(root, ignore_errors=True)
@@ -528,8 +677,21 @@ def postgres():
 
 def test_two_machines_share_a_study_in_postgresql(postgres, recipe, tmp_path):
     optuna.storages.RDBStorage(postgres)  # the tables, once, before the two sweeps race to create the study
-    args = [str(recipe), "--space", "lr=float:0.02:0.5:log", "--trials", "6", "--study", "shared",
-            "--storage", postgres, "--set", "epochs=20", "--pruner", "none"]
+    args = [
+        str(recipe),
+        "--space",
+        "lr=float:0.02:0.5:log",
+        "--trials",
+        "6",
+        "--study",
+        "shared",
+        "--storage",
+        postgres,
+        "--set",
+        "epochs=20",
+        "--pruner",
+        "none",
+    ]
     machines = [tmp_path / "a", tmp_path / "b"]
     processes = []
     for folder in machines:

@@ -1,5 +1,6 @@
 """The tensorboard plugin writes real TensorBoard event files: batch loss every ``log_every``
 steps and every epoch metric, read back here with TensorBoard's own EventAccumulator."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,9 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from minitrain.engine.events import FitStart
 from minitrain.commands.start import RunRequest, prepare
+from minitrain.engine.events import FitStart
 from minitrain_plugins.tensorboard import TensorBoard
-
 
 FIRST_PARTY_PLUGINS = {"tensorboard"}
 
@@ -22,7 +22,9 @@ def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_scalars_are_written_and_match_the_event_log(recipe, tmp_path):
-    trainer = prepare(RunRequest(recipe, ["epochs=2"], ["tensorboard:log_every=2,subdir=tb"], ["console"], tmp_path / "run"))
+    trainer = prepare(
+        RunRequest(recipe, ["epochs=2"], ["tensorboard:log_every=2,subdir=tb"], ["console"], tmp_path / "run")
+    )
     trainer.fit()  # 5 steps per epoch
 
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))

@@ -1,5 +1,6 @@
 """The Trainer end to end on generated CIFAR-10: run directory, event order, metrics, learning,
 stop requests, pipeline overrides and wrappers, exact resume, failures, and no per-step syncs."""
+
 from __future__ import annotations
 
 import io
@@ -14,9 +15,9 @@ import torch
 
 import minitrain
 from minitrain.commands import cli
+from minitrain.commands.start import RunRequest, prepare
 from minitrain.engine import events as ev
 from minitrain.kit.data import cifar10_loaders
-from minitrain.commands.start import RunRequest, prepare
 
 STEPS = 5  # 80 fake training images in batches of 16
 
@@ -34,20 +35,23 @@ def _expected_order(epochs: int, steps: int = STEPS) -> list[str]:
 
 
 def _model(dropout: float = 0.0) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Flatten(), torch.nn.Dropout(dropout),
-                               torch.nn.Linear(48, 10))
+    return torch.nn.Sequential(
+        torch.nn.AvgPool2d(8), torch.nn.Flatten(), torch.nn.Dropout(dropout), torch.nn.Linear(48, 10)
+    )
 
 
 def _trainer(data_dir, plugins=(), epochs=1, dropout=0.0, augment=False, seed=0, **kwargs) -> minitrain.Trainer:
     torch.manual_seed(seed)
-    train, test = cifar10_loaders(data_dir, 16, device="cpu", seed=seed, crop=2 if augment else 0,
-                                  flip="random" if augment else "none")
+    train, test = cifar10_loaders(
+        data_dir, 16, device="cpu", seed=seed, crop=2 if augment else 0, flip="random" if augment else "none"
+    )
     model = _model(dropout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     return minitrain.Trainer(model, optimizer, train, test, epochs=epochs, device="cpu", plugins=plugins, **kwargs)
 
 
 # --- whole runs ----------------------------------------------------------------------------------
+
 
 def test_one_epoch_through_prepare(recipe, tmp_path):
     run_dir = tmp_path / "run"
@@ -81,8 +85,7 @@ def test_one_epoch_through_prepare(recipe, tmp_path):
     assert sum(b["loss"] for b in batch_ends) / STEPS == pytest.approx(metrics["train_loss"], rel=1e-5)
     val_end = next(line for line in lines if line["event"] == "ValidationEnd")
     assert sum(map(sum, val_end["confusion"])) == 32 and len(val_end["confusion"]) == 10
-    assert val_end["metrics"]["val_acc"] == pytest.approx(
-        sum(val_end["confusion"][i][i] for i in range(10)) / 32)
+    assert val_end["metrics"]["val_acc"] == pytest.approx(sum(val_end["confusion"][i][i] for i in range(10)) / 32)
     assert {key: metrics[key] for key in val_end["metrics"]} == val_end["metrics"]  # the epoch reports them
     # every line replays into its event class
     assert all(type(ev.Event.from_json(json.dumps(line))).__name__ == line["event"] for line in lines)
@@ -98,15 +101,26 @@ def test_two_epochs_through_cli(recipe, tmp_path, capsys):
     assert "Traceback" not in err
     assert _event_names(run_dir) == _expected_order(2)
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.1
-    epoch_ends = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
-                  if '"EpochEnd"' in line]
+    epoch_ends = [
+        json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if '"EpochEnd"' in line
+    ]
     assert [e["epoch"] for e in epoch_ends] == [1, 2] and [e["global_step"] for e in epoch_ends] == [5, 10]
 
 
 def test_cli_run_with_jsonl_options_and_no_console(recipe, tmp_path, capsys):
     run_dir = tmp_path / "r"
-    code = cli.main(["run", str(recipe), "--run-dir", str(run_dir), "--no-plugin", "console",
-                     "--plugin", "jsonl:filename=log.jsonl"])
+    code = cli.main(
+        [
+            "run",
+            str(recipe),
+            "--run-dir",
+            str(run_dir),
+            "--no-plugin",
+            "console",
+            "--plugin",
+            "jsonl:filename=log.jsonl",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "training" not in out  # console is off
@@ -165,8 +179,14 @@ def test_plain_iterable_loader_without_validation():
         def on_event(self, event):
             seen.append(type(event).__name__)
 
-    trainer = minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), iter_forever(batches),
-                                epochs=2, device="cpu", plugins=[Track()])
+    trainer = minitrain.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        iter_forever(batches),
+        epochs=2,
+        device="cpu",
+        plugins=[Track()],
+    )
     metrics = trainer.fit()
     assert "val_loss" not in metrics and trainer.state.global_step == 6
     assert seen == [n for n in _expected_order(2, steps=3) if not n.startswith("Validation")]
@@ -183,6 +203,7 @@ class iter_forever:
 
 
 # --- plugins steering the loop -------------------------------------------------------------------
+
 
 def test_request_stop_mid_epoch(fake_cifar, collect_events):
     class StopAtThree:
@@ -229,12 +250,14 @@ def test_train_step_override_wins_over_default(fake_cifar, collect_events):
     default_calls = []
     recorder = collect_events()
     trainer = _trainer(fake_cifar, [CustomLoss(), recorder])
-    trainer.loss_fn = lambda logits, targets: default_calls.append(1) or torch.nn.functional.cross_entropy(logits, targets)
+    trainer.loss_fn = lambda logits, targets: (
+        default_calls.append(1) or torch.nn.functional.cross_entropy(logits, targets)
+    )
     trainer.fit()
     assert default_calls == []  # the default train_step never ran
     losses = [e.loss for e in recorder.events if isinstance(e, ev.BatchEnd)]
     assert len(losses) == len(returned) == STEPS
-    assert all(torch.equal(l, r.detach()) for l, r in zip(losses, returned))
+    assert all(torch.equal(loss, r.detach()) for loss, r in zip(losses, returned))
 
 
 def test_train_step_wrapper_sees_and_can_change_the_result(fake_cifar, collect_events):
@@ -253,7 +276,7 @@ def test_train_step_wrapper_sees_and_can_change_the_result(fake_cifar, collect_e
     assert len(doubler.seen) == STEPS
     assert all(loss.requires_grad and loss.dim() == 0 for loss in doubler.seen)  # the default's result
     losses = [e.loss for e in recorder.events if isinstance(e, ev.BatchEnd)]
-    assert all(torch.allclose(l, 2 * s.detach()) for l, s in zip(losses, doubler.seen))
+    assert all(torch.allclose(loss, 2 * s.detach()) for loss, s in zip(losses, doubler.seen))
 
 
 def test_optimizer_step_override_can_skip_updates(fake_cifar):
@@ -321,6 +344,7 @@ def test_keyboard_interrupt_is_announced_and_reraised(fake_cifar, collect_events
 
 
 # --- state ---------------------------------------------------------------------------------------
+
 
 def _roundtrip(state):
     """Through bytes, as a checkpoint would: must load with weights_only=True."""
@@ -415,6 +439,7 @@ def test_exact_resume_mid_epoch_matches_uninterrupted_run(fake_cifar, collect_ev
 
     def losses(rec):
         return [(e.global_step, float(e.loss)) for e in rec.events if isinstance(e, ev.BatchEnd)]
+
     assert losses(first_rec) + losses(second_rec) == losses(straight_rec)
     resumed_start = second_rec.events[0]
     assert isinstance(resumed_start, ev.FitStart) and resumed_start.start_epoch == 2
@@ -435,8 +460,9 @@ def test_resume_with_a_plain_loader_fast_forwards():
             seen.append(batch)
 
     model = torch.nn.Linear(3, 2)
-    trainer = minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, epochs=1,
-                                device="cpu", plugins=[Spy()])
+    trainer = minitrain.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), batches, epochs=1, device="cpu", plugins=[Spy()]
+    )
     trainer.state.batch_idx = 3
     trainer.fit()
     assert len(seen) == 1 and seen[0] is batches[3]
@@ -444,6 +470,7 @@ def test_resume_with_a_plain_loader_fast_forwards():
 
 
 # --- no host-device sync -------------------------------------------------------------------------
+
 
 def test_emitting_batch_end_keeps_the_tensor(fake_cifar):
     """A CUDA-free proxy for "emitting never syncs": the loss a plugin receives is the very tensor
@@ -463,7 +490,7 @@ def test_emitting_batch_end_keeps_the_tensor(fake_cifar):
     received.clear()
     trainer.fit()
     assert len(received) == STEPS
-    assert all(isinstance(l, torch.Tensor) and not l.requires_grad for l in received)
+    assert all(isinstance(loss, torch.Tensor) and not loss.requires_grad for loss in received)
 
 
 SYNCING = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
@@ -483,6 +510,7 @@ def test_loop_reads_device_values_once_per_epoch(fake_cifar, monkeypatch):
             if caller.f_code.co_filename.startswith(minitrain_dir):
                 reads.append((name, Path(caller.f_code.co_filename).name, caller.f_code.co_name))
             return original(self, *args, **kwargs)
+
         return wrapper
 
     trainer = _trainer(fake_cifar, epochs=3)  # SGD: no optimizer-internal .item() either
@@ -514,8 +542,15 @@ def test_no_host_device_sync_between_epoch_boundaries_on_cuda(fake_cifar, collec
             if event.batch_idx == STEPS - 1:
                 torch.cuda.set_sync_debug_mode("default")
 
-    trainer = minitrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), train, test,
-                                epochs=2, device="cuda", plugins=[SyncGuard(), recorder])
+    trainer = minitrain.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        train,
+        test,
+        epochs=2,
+        device="cuda",
+        plugins=[SyncGuard(), recorder],
+    )
     try:
         trainer.fit()
     finally:

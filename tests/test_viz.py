@@ -1,5 +1,6 @@
 """The viz plugin's PNGs and report.html, and rebuilding them (or anything else) from a run's
 events.jsonl with ``minitrain report`` / ``minitrain replay``."""
+
 from __future__ import annotations
 
 import io
@@ -117,6 +118,7 @@ def test_replay_feeds_the_log_to_any_plugin(recipe, tmp_path, capsys):
     assert "warning: replay skipped events of unknown types: 'SomethingCustom'" in err
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     losses = [json.loads(line)["loss"] for line in lines if '"BatchEnd"' in line]
@@ -162,8 +164,10 @@ def test_replay_refuses_a_plugin_that_acts_on_training(recipe, tmp_path, capsys)
     files = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
     assert main(["replay", str(run), "--plugin", "checkpoint"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("minitrain: error: replay: plugin 'checkpoint' acts on training itself (it is critical), and a "
-                   "replay has no model or optimizer; replay feeds recorded events to plugins that watch")
+    assert err == (
+        "minitrain: error: replay: plugin 'checkpoint' acts on training itself (it is critical), and a "
+        "replay has no model or optimizer; replay feeds recorded events to plugins that watch"
+    )
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == files  # nothing written
 
 
@@ -179,6 +183,7 @@ def test_replay_through_jsonl_writes_a_copy_but_never_into_the_log_it_reads(reci
 
 # --- the per-step training loss, and what the report says about the run --------------------------
 
+
 def logged_losses(run_dir) -> list[tuple[int, float]]:
     lines = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     return [(e["global_step"], e["loss"]) for e in lines if e["event"] == "BatchEnd"]
@@ -189,8 +194,11 @@ def test_the_loss_plot_has_every_step_live_and_from_the_log(recipe, tmp_path, mo
 
     drawn = []
     real = viz.plot_loss
-    monkeypatch.setattr(viz, "plot_loss", lambda epochs, steps, per_epoch, path: (
-        drawn.append((steps, per_epoch)), real(epochs, steps, per_epoch, path)))
+    monkeypatch.setattr(
+        viz,
+        "plot_loss",
+        lambda epochs, steps, per_epoch, path: (drawn.append((steps, per_epoch)), real(epochs, steps, per_epoch, path)),
+    )
     run = tmp_path / "run"
     trainer = fit(recipe, run, epochs=3)
     assert drawn[-1][0] == logged_losses(run) and len(drawn[-1][0]) == 15 and drawn[-1][1] == 5
@@ -232,12 +240,18 @@ def test_the_report_says_how_the_run_went(recipe, tmp_path):
     fit(recipe, run)
     report = (run / "report.html").read_text()
     assert "<title>tiny_recipe: run</title>" in report and "<h1>tiny_recipe</h1>" in report
-    for fact in ("<th>status</th><td><span class=\"status-finished\">finished</span>", "<th>device</th><td>cpu</td>",
-                 "<th>plugins</th><td>checkpoint, jsonl, viz</td>", "<th>duration</th><td>"):
+    for fact in (
+        '<th>status</th><td><span class="status-finished">finished</span>',
+        "<th>device</th><td>cpu</td>",
+        "<th>plugins</th><td>checkpoint, jsonl, viz</td>",
+        "<th>duration</th><td>",
+    ):
         assert fact in report
 
     failing = recipe.with_name("failing_recipe.py")
-    failing.write_text(recipe.read_text() + '''
+    failing.write_text(
+        recipe.read_text()
+        + """
 
 class Boom:
     role = "critical"
@@ -249,9 +263,14 @@ class Boom:
 
 
 PLUGINS = ["viz", Boom()]
-''')
-    assert main(["run", str(failing), "--set", "epochs=3", "--run-dir", str(tmp_path / "failed"),
-                 "--no-plugin", "console"]) == 1
+"""
+    )
+    assert (
+        main(
+            ["run", str(failing), "--set", "epochs=3", "--run-dir", str(tmp_path / "failed"), "--no-plugin", "console"]
+        )
+        == 1
+    )
     report = (tmp_path / "failed" / "report.html").read_text()
     assert '<span class="status-failed">failed</span>' in report
     assert "RuntimeError: disk on fire" in report and '<a href="errors.log">' in report

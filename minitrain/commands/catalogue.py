@@ -4,6 +4,7 @@
 alike): version, distribution, on by default or not, role, hooks and options; ``--order`` prints
 each hook's implementations in call order for a set of plugins. ``events`` lists the event
 catalogue, each event's hook and typed fields; ``--json-schema`` gives their JSON Schemas."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,13 @@ from pydantic_core import to_jsonable_python
 from minitrain.commands import options
 from minitrain.engine.events import EVENT_TYPES
 from minitrain.engine.registry import (
-    discover, hook_order, make_plugin_manager, parse_plugin_spec, register_plugin, resolve, role_of,
+    discover,
+    hook_order,
+    make_plugin_manager,
+    parse_plugin_spec,
+    register_plugin,
+    resolve,
+    role_of,
 )
 
 
@@ -26,9 +33,11 @@ def add_parsers(command) -> None:
     """Register ``minitrain plugins`` and ``minitrain events``."""
     parser = command("plugins", help="list installed plugins")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--order", action="store_true",
-                        help="print each hook's implementations in call order for the default plugins "
-                             "plus any --plugin given")
+    parser.add_argument(
+        "--order",
+        action="store_true",
+        help="print each hook's implementations in call order for the default plugins plus any --plugin given",
+    )
     options.add_plugins(parser)
     parser.set_defaults(func=plugins)
 
@@ -50,18 +59,27 @@ def plugins(args: argparse.Namespace) -> int:
             for hook, impls in order.items():
                 print(f"{hook}: " + " -> ".join(impls))
         return 0
-    rows = [{
-        "name": info.name, "version": info.version, "distribution": info.distribution,
-        "enabled_by_default": info.enabled_by_default, "hooks": implemented_hooks(info.target),
-        "role": role_of(info.target) if info.error is None else None,
-        "options": _options(info.config_model), "error": info.error,
-    } for info in available.values()]
+    rows = [
+        {
+            "name": info.name,
+            "version": info.version,
+            "distribution": info.distribution,
+            "enabled_by_default": info.enabled_by_default,
+            "hooks": implemented_hooks(info.target),
+            "role": role_of(info.target) if info.error is None else None,
+            "options": _options(info.config_model),
+            "error": info.error,
+        }
+        for info in available.values()
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        row["options"] = {key: "(required)" if option["required"] else json.dumps(option["default"])
-                          for key, option in row["options"].items()}
+        row["options"] = {
+            key: "(required)" if option["required"] else json.dumps(option["default"])
+            for key, option in row["options"].items()
+        }
     if not rows:
         print("no plugins installed")
     for row in rows:
@@ -86,9 +104,16 @@ def _options(model) -> dict[str, dict]:
     """Each option's default (as JSON), whether it is required, and its description."""
     if model is None:
         return {}
-    return {name: {"default": None if field.is_required() else to_jsonable_python(field.get_default(call_default_factory=True)),
-                   "required": field.is_required(), "description": field.description}
-            for name, field in model.model_fields.items()}
+    return {
+        name: {
+            "default": None
+            if field.is_required()
+            else to_jsonable_python(field.get_default(call_default_factory=True)),
+            "required": field.is_required(),
+            "description": field.description,
+        }
+        for name, field in model.model_fields.items()
+    }
 
 
 def events(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ registers its own parser; options several share are declared once (:mod:`.option
 prints one line and exits 2 before any work; a run that fails while training prints one line
 naming where, keeps the traceback in the run's errors.log and exits 1; ``--debug`` (anywhere on
 the line) shows tracebacks instead (:mod:`.exits`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,19 @@ import sys
 from typing import NoReturn
 
 from minitrain.commands import (
-    catalogue, compare, config, exits, export, lr_find, options, predict, replay, run, runs, summary, sweep,
+    catalogue,
+    compare,
+    config,
+    exits,
+    export,
+    lr_find,
+    options,
+    predict,
+    replay,
+    run,
+    runs,
+    summary,
+    sweep,
 )
 from minitrain.engine import __version__
 from minitrain.engine.registry import DISABLE_AUTOLOAD_ENV
@@ -49,12 +62,16 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="minitrain", description="Plugin-based PyTorch training.", allow_abbrev=False)
     top.add_argument("--version", action="version", version=f"minitrain {__version__}")
     top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    top.add_argument("--disable-plugin-autoload", action="store_true",
-                     help=f"import no third-party plugin unless named with --plugin (as {DISABLE_AUTOLOAD_ENV}=1)")
+    top.add_argument(
+        "--disable-plugin-autoload",
+        action="store_true",
+        help=f"import no third-party plugin unless named with --plugin (as {DISABLE_AUTOLOAD_ENV}=1)",
+    )
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], allow_abbrev=False, **kwargs)
+
     command.common = common  # for commands with sub-commands of their own
 
     run.add_parser(command)
@@ -79,4 +96,4 @@ def _implied(argv: list[str]) -> list[str]:
     forms, following = IMPLIED[argv[at]], argv[at + 1]
     if following in forms or following in ("-h", "--help"):
         return argv
-    return [*argv[:at + 1], forms[0], *argv[at + 1:]]
+    return [*argv[: at + 1], forms[0], *argv[at + 1 :]]

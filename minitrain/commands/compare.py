@@ -12,12 +12,12 @@ the fact, whatever plugins the runs had:
 The plots are PNGs inside the page (``data:`` URIs), so the one file can be moved, mailed or
 attached as it is. Figures are drawn with ``matplotlib.figure.Figure`` (no pyplot, no window).
 """
+
 from __future__ import annotations
 
 import base64
 import html
 import io
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,14 +77,19 @@ def _figures(runs: list[Run], labels: list[str]):
             x = [s / run.steps_per_epoch for s in steps] if per_epoch else list(steps)
             ax.plot(x, losses, color=color, alpha=0.2, linewidth=0.8)
             ax.plot(x, smooth(losses), color=color, linewidth=1.8, label=label)
-        ax.set(title="Training loss per step (smoothed; raw values faint)", xlabel="epoch" if per_epoch else "step",
-               ylabel="loss")
+        ax.set(
+            title="Training loss per step (smoothed; raw values faint)",
+            xlabel="epoch" if per_epoch else "step",
+            ylabel="loss",
+        )
         log_scale_if_wide(ax, [loss for run in runs for _, loss in run.steps or ()])
         _finish_axes(ax, False)  # (fractions of an epoch: a short run has ticks within it)
         yield "Training loss", fig
 
-    metrics = sorted({key for run in runs for m in run.epoch_metrics.values() for key in m if key.startswith("val_")},
-                     key=lambda k: (k != "val_loss", k != "val_acc", k))
+    metrics = sorted(
+        {key for run in runs for m in run.epoch_metrics.values() for key in m if key.startswith("val_")},
+        key=lambda k: (k != "val_loss", k != "val_acc", k),
+    )
     for metric in metrics + ["lr"]:
         if not any(run.values(metric) for run in runs):
             continue
@@ -122,50 +127,77 @@ def page(runs: list[Run], labels: list[str], figures: list[tuple[str, str]]) -> 
     metric = main_metric(runs)
     swatches = [f'<span class="swatch" style="background:{COLORS[i % len(COLORS)]}"></span>' for i in range(len(runs))]
 
-    summary = ["<tr><th>run</th><th>recipe</th><th>status</th><th>epochs</th>"
-               + (f"<th>best {esc(metric)}</th><th>last {esc(metric)}</th>" if metric else "")
-               + "<th>steps</th><th>duration</th></tr>"]
+    summary = [
+        "<tr><th>run</th><th>recipe</th><th>status</th><th>epochs</th>"
+        + (f"<th>best {esc(metric)}</th><th>last {esc(metric)}</th>" if metric else "")
+        + "<th>steps</th><th>duration</th></tr>"
+    ]
     for i, run in enumerate(runs):
-        status = run.status + (f": {run.stop_reason}" if run.stop_reason else "") + (
-            f": {run.error}" if run.error else "") + (f" ({run.signal})" if run.signal else "")
+        status = (
+            run.status
+            + (f": {run.stop_reason}" if run.stop_reason else "")
+            + (f": {run.error}" if run.error else "")
+            + (f" ({run.signal})" if run.signal else "")
+        )
         epochs = f"{run.epochs_done}/{run.epochs}" if run.epochs else str(run.epochs_done)
         summary.append(
             f'<tr><td class="run">{swatches[i]}<span title="{esc(str(run.path))}">{esc(labels[i])}</span></td>'
-            f"<td>{esc(run.recipe or '-')}</td><td class=\"status-{esc(run.status)}\">{esc(status)}</td>"
+            f'<td>{esc(run.recipe or "-")}</td><td class="status-{esc(run.status)}">{esc(status)}</td>'
             f'<td class="num">{epochs}</td>'
-            + (f'<td class="num">{format_value(run.best(metric))}</td>'
-               f'<td class="num">{format_value(run.last(metric))}</td>' if metric else "")
-            + f'<td class="num">{run.global_step}</td><td class="num">{format_duration(run.duration)}</td></tr>')
+            + (
+                f'<td class="num">{format_value(run.best(metric))}</td>'
+                f'<td class="num">{format_value(run.last(metric))}</td>'
+                if metric
+                else ""
+            )
+            + f'<td class="num">{run.global_step}</td><td class="num">{format_duration(run.duration)}</td></tr>'
+        )
 
     differ = differing(runs)
     head = "".join(f"<th>{swatches[i]}{esc(label)}</th>" for i, label in enumerate(labels))
     if differ:
-        rows = "".join(f"<tr><th>{esc(key)}</th>" + "".join(f"<td>{esc(v.replace(',', ', ') if key == 'plugins' else v)}</td>" for v in values) + "</tr>"
-                       for key, values in differ.items())
+        rows = "".join(
+            f"<tr><th>{esc(key)}</th>"
+            + "".join(f"<td>{esc(v.replace(',', ', ') if key == 'plugins' else v)}</td>" for v in values)
+            + "</tr>"
+            for key, values in differ.items()
+        )
         settings = f"<table><tr><th>setting</th>{head}</tr>{rows}</table>"
     else:
         settings = "<p>The runs have the same recipe settings and plugins.</p>"
 
-    names = sorted({key for run in runs for key in run.final_metrics},
-                   key=lambda k: (not k.startswith("val_"), k not in ("train_loss", "lr"), k))
+    names = sorted(
+        {key for run in runs for key in run.final_metrics},
+        key=lambda k: (not k.startswith("val_"), k not in ("train_loss", "lr"), k),
+    )
     final_rows = []
     for i, run in enumerate(runs):
         final = run.final_metrics
-        final_rows.append(f'<tr><td class="run">{swatches[i]}{esc(labels[i])}</td>'
-                          + "".join(f'<td class="num">{format_value(final.get(k))}</td>' for k in names) + "</tr>")
-    finals = (f"<table><tr><th>run</th>{''.join(f'<th>{esc(k)}</th>' for k in names)}</tr>{''.join(final_rows)}</table>"
-              if names else "<p>No run has completed an epoch.</p>")
+        final_rows.append(
+            f'<tr><td class="run">{swatches[i]}{esc(labels[i])}</td>'
+            + "".join(f'<td class="num">{format_value(final.get(k))}</td>' for k in names)
+            + "</tr>"
+        )
+    finals = (
+        f"<table><tr><th>run</th>{''.join(f'<th>{esc(k)}</th>' for k in names)}</tr>{''.join(final_rows)}</table>"
+        if names
+        else "<p>No run has completed an epoch.</p>"
+    )
 
-    plots = "\n".join(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(title)}"></figure>'
-                      for title, data in figures) or "<p>No curves: the runs' logs hold no steps or epochs.</p>"
+    plots = (
+        "\n".join(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{esc(title)}"></figure>' for title, data in figures
+        )
+        or "<p>No curves: the runs' logs hold no steps or epochs.</p>"
+    )
     direction = (" (higher is better)" if higher_is_better(metric) else " (lower is better)") if metric else ""
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>minitrain: comparing {len(runs)} run{'s' * (len(runs) != 1)}</title>
+<html><head><meta charset="utf-8"><title>minitrain: comparing {len(runs)} run{"s" * (len(runs) != 1)}</title>
 <style>{PAGE_STYLE}</style></head><body>
-<h1>Comparing {len(runs)} run{'s' * (len(runs) != 1)}</h1>
-<p class="note">Drawn from the runs' event logs by minitrain on {esc(time.strftime('%Y-%m-%d %H:%M'))}.
-Main metric: {esc(metric or 'none')}{direction}.</p>
-<table>{''.join(summary)}</table>
+<h1>Comparing {len(runs)} run{"s" * (len(runs) != 1)}</h1>
+<p class="note">Drawn from the runs' event logs by minitrain on {esc(time.strftime("%Y-%m-%d %H:%M"))}.
+Main metric: {esc(metric or "none")}{direction}.</p>
+<table>{"".join(summary)}</table>
 <h2>Curves</h2>
 {plots}
 <h2>Settings that differ</h2>
@@ -181,8 +213,13 @@ def add_parser(command) -> None:
     """Register ``minitrain compare`` (``command`` is the CLI's sub-parser factory)."""
     parser = command("compare", help="one HTML page comparing runs: curves, differing settings, final metrics")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    parser.add_argument("-o", "--out", default="compare.html", metavar="FILE.html",
-                        help="where to write the page (default: compare.html)")
+    parser.add_argument(
+        "-o",
+        "--out",
+        default="compare.html",
+        metavar="FILE.html",
+        help="where to write the page (default: compare.html)",
+    )
     parser.set_defaults(func=_cmd_compare)
 
 

@@ -2,6 +2,7 @@
 would use, as TOML, each field with where its value comes from (the recipe's default, the
 ``--config`` file or ``--set``) and its default where it differs. The output is itself a valid
 ``--config`` file: a field whose value is unset (None) is left as a comment."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ from minitrain.kit.recipe import load_recipe, make_config, parse_overrides, read
 
 def add_parser(command) -> None:
     """Register ``minitrain config``."""
-    parser = command("config", help="print the config a run of the recipe would use, as TOML, with each "
-                                     "field's default and source")
+    parser = command(
+        "config", help="print the config a run of the recipe would use, as TOML, with each field's default and source"
+    )
     options.add_config(parser)
     parser.set_defaults(func=main)
 
@@ -27,8 +29,11 @@ def main(args: argparse.Namespace) -> int:
     from_file = read_config_file(args.config_file) if args.config_file else {}
     config = make_config(recipe, args.overrides, file=from_file, file_name=str(args.config_file))
     given = parse_overrides(args.overrides)
-    print(f"# the config of a run of {args.recipe}" + (f" with --config {args.config_file}" if from_file else "")
-          + (" and --set" if given and from_file else " with --set" if given else ""))
+    print(
+        f"# the config of a run of {args.recipe}"
+        + (f" with --config {args.config_file}" if from_file else "")
+        + (" and --set" if given and from_file else " with --set" if given else "")
+    )
     print(to_toml(config, from_file, given, str(args.config_file)))
     return 0
 
@@ -40,7 +45,7 @@ def to_toml(config: BaseModel, from_file: dict[str, Any], given: dict[str, Any],
     defaults = type(config)() if _all_defaulted(type(config)) else None
     for name, field in type(config).model_fields.items():
         value = getattr(config, name)
-        source = ("--set" if name in given else f"--config {file_name}" if name in from_file else "default")
+        source = "--set" if name in given else f"--config {file_name}" if name in from_file else "default"
         if isinstance(value, BaseModel):
             table = to_toml(value, from_file.get(name) or {}, given.get(name) or {}, file_name)
             tables.append(f"\n[{name}]\n{table}")

@@ -9,6 +9,7 @@
 
 ``--debug`` shows the traceback instead of the line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,5 +69,7 @@ def failure(trainer: Trainer, exc: Exception) -> str:
     if isinstance(exc, MinitrainError):
         return f"{exc}{where}"
     state = trainer.state
-    return (f"training failed in epoch {trainer.epoch_number}, step {state.global_step + state.in_step}: "
-            f"{one_line(exc)}{where}; --debug shows the traceback")
+    return (
+        f"training failed in epoch {trainer.epoch_number}, step {state.global_step + state.in_step}: "
+        f"{one_line(exc)}{where}; --debug shows the traceback"
+    )

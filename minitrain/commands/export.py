@@ -16,6 +16,7 @@ The model is rebuilt from the run's recipe (its path is in ``run.json``) and ``c
 by the recipe's ``build_model(config)`` if it has one, else by ``build(config, cpu)``, which
 may need the data set. Then it gets the checkpoint's weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,20 +24,19 @@ import contextlib
 import json
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
-from minitrain.engine import __version__
-from minitrain.engine import checkpointing
-from minitrain_plugins.ema import STATE as EMA_STATE
-from minitrain.kit.augment import TestTimeAugmented
-from minitrain.engine.errors import MinitrainError
+from minitrain.engine import __version__, checkpointing
+from minitrain.engine.errors import MinitrainError, describe_validation_error
 from minitrain.engine.files import check_writable
-from minitrain.engine.errors import describe_validation_error
+from minitrain.kit.augment import TestTimeAugmented
 from minitrain.kit.recipe import load_recipe
+from minitrain_plugins.ema import STATE as EMA_STATE
 
 METADATA = "minitrain.json"
 FORMATS = {"exported-program": ".pt2", "torchscript": ".torchscript.pt"}
@@ -45,17 +45,29 @@ FORMATS = {"exported-program": ".pt2", "torchscript": ".torchscript.pt"}
 def add_parser(command) -> None:
     """Register ``minitrain export``."""
     parser = command("export", help="write a trained model as one self-contained file, with its metadata")
-    parser.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
-                        help="a run directory (its checkpoints/last.pt) or a checkpoint file inside one")
-    parser.add_argument("--format", dest="fmt", choices=["exported-program", "torchscript"], default="exported-program",
-                        help="torch.export archive (.pt2, default) or TorchScript (.torchscript.pt)")
+    parser.add_argument(
+        "source",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="a run directory (its checkpoints/last.pt) or a checkpoint file inside one",
+    )
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["exported-program", "torchscript"],
+        default="exported-program",
+        help="torch.export archive (.pt2, default) or TorchScript (.torchscript.pt)",
+    )
     parser.add_argument("--out", metavar="FILE", help="where to write (default: in the run directory)")
     parser.add_argument("--recipe", metavar="PATH", help="the run's recipe file, if it moved since training")
-    parser.add_argument("--ema", action="store_true",
-                        help="export the moving average of the weights that the run's ema plugin kept")
-    parser.add_argument("--tta", action="store_true",
-                        help="include the run's test-time augmentation (its tta plugin's views) in the model, so "
-                             "that it scores as the run's validation did")
+    parser.add_argument(
+        "--ema", action="store_true", help="export the moving average of the weights that the run's ema plugin kept"
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="include the run's test-time augmentation (its tta plugin's views) in the model, so "
+        "that it scores as the run's validation did",
+    )
     parser.set_defaults(func=main)
 
 
@@ -64,8 +76,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def export(source: str | Path, fmt: str = "exported-program", out: str | Path | None = None,
-           recipe: str | Path | None = None, tta: bool = False, ema: bool = False) -> Path:
+def export(
+    source: str | Path,
+    fmt: str = "exported-program",
+    out: str | Path | None = None,
+    recipe: str | Path | None = None,
+    tta: bool = False,
+    ema: bool = False,
+) -> Path:
     """Write the model of ``source`` (a run directory: its ``last.pt``; or a checkpoint file
     inside a run directory) in format ``fmt`` to ``out`` (default: ``<run dir>/model-<checkpoint
     name><suffix>``). ``recipe`` replaces the recipe path ``run.json`` records. With ``tta`` the
@@ -81,18 +99,25 @@ def export(source: str | Path, fmt: str = "exported-program", out: str | Path | 
     views = _read_json(run_dir / "run.json").get("test_time_augmentation")
     if tta:
         if not views:
-            raise MinitrainError(f"--tta: the run in {run_dir} validated without test-time augmentation (no tta plugin)")
+            raise MinitrainError(
+                f"--tta: the run in {run_dir} validated without test-time augmentation (no tta plugin)"
+            )
         model, metadata["test_time_augmentation"] = TestTimeAugmented(model, **views).eval(), views
     elif views:
-        warnings.warn(f"the run validated with test-time augmentation ({views}); this file does not, so it scores "
-                      "below the run's val_acc (--tta includes it)", stacklevel=2)
+        warnings.warn(
+            f"the run validated with test-time augmentation ({views}); this file does not, so it scores "
+            "below the run's val_acc (--tta includes it)",
+            stacklevel=2,
+        )
     example = torch.zeros(2, len(metadata["mean"]), *metadata["input_size"])
     with torch.no_grad():
         metadata["num_classes"] = classes = model(example).shape[1]
     if metadata["class_names"] is None:
         metadata["class_names"] = [str(i) for i in range(classes)]
     elif len(metadata["class_names"]) != classes:
-        raise MinitrainError(f"the model has {classes} outputs but the run names {len(metadata['class_names'])} classes")
+        raise MinitrainError(
+            f"the model has {classes} outputs but the run names {len(metadata['class_names'])} classes"
+        )
     metadata["format"] = fmt
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = {METADATA: json.dumps(metadata)}
@@ -107,8 +132,10 @@ def export(source: str | Path, fmt: str = "exported-program", out: str | Path | 
         raise MinitrainError(f"cannot write {out}: {exc.strerror or exc}") from None
     except Exception as exc:  # the model does something the tracer cannot capture
         other = "torchscript" if fmt == "exported-program" else "exported-program"
-        raise MinitrainError(f"{fmt} could not capture the model ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:300]}); --format {other} may") from None
+        raise MinitrainError(
+            f"{fmt} could not capture the model ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); --format {other} may"
+        ) from None
     return out
 
 
@@ -120,38 +147,45 @@ def locate(source: str | Path) -> tuple[Path, Path]:
         folder = (run.get("checkpoints") or [checkpointing.DEFAULT_DIR])[0]  # where the run recorded its checkpoints
         checkpoint = source / folder / "last.pt"
         if not checkpoint.is_file():
-            raise MinitrainError(f"{source} has no {folder}/last.pt (it ran with --no-plugin checkpoint, or stopped "
-                                 "before its first save); export a checkpoint file by its path")
+            raise MinitrainError(
+                f"{source} has no {folder}/last.pt (it ran with --no-plugin checkpoint, or stopped "
+                "before its first save); export a checkpoint file by its path"
+            )
         return source, checkpoint
     if not source.is_file():
         raise MinitrainError(f"not found: {source} (give a run directory or a checkpoint file)")
     for folder in source.resolve().parents:
         if (folder / "run.json").is_file():
             return folder, source
-    raise MinitrainError(f"{source} is not inside a run directory (none of its folders holds run.json), "
-                         "so its recipe and config are unknown")
+    raise MinitrainError(
+        f"{source} is not inside a run directory (none of its folders holds run.json), "
+        "so its recipe and config are unknown"
+    )
 
 
-def rebuild(run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = None,
-            ema: bool = False) -> tuple[torch.nn.Module, dict]:
+def rebuild(
+    run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = None, ema: bool = False
+) -> tuple[torch.nn.Module, dict]:
     """The run's model with the checkpoint's weights (or their moving average, ``ema``), in eval
     mode on the CPU, and the metadata an exported file carries."""
     run = _read_json(run_dir / "run.json")
     inputs = run.get("inputs")
     if not inputs:
-        raise MinitrainError(f"{run_dir / 'run.json'} does not record the input size and normalisation: the "
-                             "recipe's loader does not describe them (as ImageLoader does), and its Components "
-                             "have no inputs={'size': [H, W], 'mean': [...], 'std': [...]}")
+        raise MinitrainError(
+            f"{run_dir / 'run.json'} does not record the input size and normalisation: the "
+            "recipe's loader does not describe them (as ImageLoader does), and its Components "
+            "have no inputs={'size': [H, W], 'mean': [...], 'std': [...]}"
+        )
     recipe_path = Path(recipe_path or run["recipe"])
     if not recipe_path.is_file():
-        raise MinitrainError(f"recipe {recipe_path} (recorded in {run_dir / 'run.json'}) not found; "
-                             "pass --recipe PATH")
+        raise MinitrainError(f"recipe {recipe_path} (recorded in {run_dir / 'run.json'}) not found; pass --recipe PATH")
     recipe = load_recipe(recipe_path)
     try:
         config = recipe.Config.model_validate({**_read_json(run_dir / "config.json"), "device": "cpu"})
     except ValidationError as exc:
-        raise MinitrainError(f"{run_dir / 'config.json'} does not fit recipe {recipe_path}: "
-                             f"{describe_validation_error(exc)}") from None
+        raise MinitrainError(
+            f"{run_dir / 'config.json'} does not fit recipe {recipe_path}: {describe_validation_error(exc)}"
+        ) from None
     if callable(getattr(recipe, "build_model", None)):
         model = recipe.build_model(config)
     else:
@@ -159,20 +193,29 @@ def rebuild(run_dir: Path, checkpoint: Path, recipe_path: str | Path | None = No
     saved = checkpointing.load(checkpoint)
     weights = saved["trainer"]["model"]
     if ema:
-        averages = [state[EMA_STATE] for state in saved["trainer"].get("plugins", {}).values()
-                    if isinstance(state, dict) and EMA_STATE in state]
+        averages = [
+            state[EMA_STATE]
+            for state in saved["trainer"].get("plugins", {}).values()
+            if isinstance(state, dict) and EMA_STATE in state
+        ]
         if not averages:
             raise MinitrainError(f"--ema: {checkpoint} holds no moving average (train with --plugin ema)")
         weights = {**weights, **averages[0]}  # the average of every floating tensor; the rest as trained
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise MinitrainError(f"checkpoint {checkpoint} does not fit recipe {recipe_path}'s model: "
-                             f"{' '.join(str(exc).split())[:300]}") from None
+        raise MinitrainError(
+            f"checkpoint {checkpoint} does not fit recipe {recipe_path}'s model: {' '.join(str(exc).split())[:300]}"
+        ) from None
     metadata = {
-        "class_names": run.get("class_names"), "input_size": inputs["size"], "mean": inputs["mean"],
-        "std": inputs["std"], "checkpoint": str(checkpoint), "global_step": saved["header"].get("global_step"),
-        "minitrain_version": __version__, "torch_version": str(torch.__version__),
+        "class_names": run.get("class_names"),
+        "input_size": inputs["size"],
+        "mean": inputs["mean"],
+        "std": inputs["std"],
+        "checkpoint": str(checkpoint),
+        "global_step": saved["header"].get("global_step"),
+        "minitrain_version": __version__,
+        "torch_version": str(torch.__version__),
     }
     # fp32 and plain memory layout: what a file for other programs should hold (a channels-last
     # model would save, but with torch warning about its strided weights)
@@ -194,10 +237,14 @@ def load(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict
             with open(path, "rb") as file:  # a file object: torch.export.load insists on a .pt2 name otherwise
                 model = torch.export.load(file, extra_files=extra).module()
     except Exception as exc:
-        raise MinitrainError(f"{path}: unreadable {fmt} file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        raise MinitrainError(
+            f"{path}: unreadable {fmt} file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
     if not extra[METADATA]:
-        raise MinitrainError(f"{path} is a {fmt} file without minitrain's metadata (class names, input size, "
-                             "normalisation): write it with `minitrain export`")
+        raise MinitrainError(
+            f"{path} is a {fmt} file without minitrain's metadata (class names, input size, "
+            "normalisation): write it with `minitrain export`"
+        )
     return model, json.loads(extra[METADATA])
 
 
@@ -211,8 +258,9 @@ def _format(path: Path) -> str:
         return "exported-program"
     if any(name.endswith("/constants.pkl") for name in names):
         return "torchscript"
-    raise MinitrainError(f"{path} is not a model file that `minitrain export` writes "
-                         f"(a TorchScript or torch.export archive)")
+    raise MinitrainError(
+        f"{path} is not a model file that `minitrain export` writes (a TorchScript or torch.export archive)"
+    )
 
 
 @contextlib.contextmanager

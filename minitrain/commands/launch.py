@@ -1,6 +1,7 @@
 """``minitrain run --nproc N``: one run on N processes of this machine, through torchrun's own
 launcher, in this process (``torchrun --standalone --nproc_per_node=N -m minitrain ARGV`` with
 ``--nproc`` removed)."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,18 +45,33 @@ def run(request: RunRequest, args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # cores shared out
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name.startswith("torch.distributed.elastic")]
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith("torch.distributed.elastic")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:  # its warnings narrate the shutdown that this process reports in one line
         logger.setLevel(logging.ERROR)
     restarts = args.max_restarts or 0
     shared = os.environ.get(distributed.SHARED_STORE_ENV)
-    if restarts and shared is None:  # else a restarted group finds the last one's addresses (minitrain.engine.distributed)
+    if (
+        restarts and shared is None
+    ):  # else a restarted group finds the last one's addresses (minitrain.engine.distributed)
         os.environ[distributed.SHARED_STORE_ENV] = "1"
     try:
-        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc_per_node={args.nproc}",
-                                          f"--max-restarts={restarts}", "-m", "minitrain", *rest]))
+        torchrun.run(
+            torchrun.parse_args(
+                [
+                    "--standalone",
+                    f"--nproc_per_node={args.nproc}",
+                    f"--max-restarts={restarts}",
+                    "-m",
+                    "minitrain",
+                    *rest,
+                ]
+            )
+        )
     except SignalException as exc:
         print(f"minitrain: stopped by {exc.sigval.name}; {_resume_hint(args, planned)}", file=sys.stderr)
         return 128 + int(exc.sigval)
@@ -63,8 +79,10 @@ def run(request: RunRequest, args: argparse.Namespace) -> int:
         rank, failure = exc.get_first_failure()
         how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         spent = f" and {restarts} restart{'s' if restarts != 1 else ''} happened (--max-restarts {restarts})"
-        raise RunFailed(f"rank {rank} of {args.nproc} failed ({how}; its output is above){spent if restarts else ''}; "
-                        f"{_resume_hint(args, planned, last=True)}") from None
+        raise RunFailed(
+            f"rank {rank} of {args.nproc} failed ({how}; its output is above){spent if restarts else ''}; "
+            f"{_resume_hint(args, planned, last=True)}"
+        ) from None
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

@@ -6,12 +6,13 @@ of the recipe's ``lr`` (every parameter group is scaled alike, so a recipe that 
 rates from ``lr`` keeps their ratios). The recipe's schedule is not stepped; nothing is saved but
 the plot, and no run directory is touched.
 """
+
 from __future__ import annotations
 
 import argparse
-import shlex
 import itertools
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from matplotlib.figure import Figure
 
 from minitrain.commands import options
 from minitrain.commands.start import RunRequest, build_trainer, plan
-from minitrain.engine.registry import changes_training
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.files import check_writable
+from minitrain.engine.registry import changes_training
 
 
 @dataclass
@@ -51,25 +52,51 @@ def add_parser(command) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = lr_find(args.recipe, args.overrides, args.plugins, args.disabled, args.min_lr, args.max_lr,
-                     args.steps, args.out, args.config_file)
-    print(f"tried {len(result.lrs)} learning rates from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; "
-          f"plot: {result.plot}")
+    result = lr_find(
+        args.recipe,
+        args.overrides,
+        args.plugins,
+        args.disabled,
+        args.min_lr,
+        args.max_lr,
+        args.steps,
+        args.out,
+        args.config_file,
+    )
+    print(
+        f"tried {len(result.lrs)} learning rates from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; plot: {result.plot}"
+    )
     if result.suggestion is None:
         print("no suggestion: the loss did not fall over the range (try a lower --min-lr or more --steps)")
         return 0
-    command = ["minitrain", "run", args.recipe, *(f"--set={o}" for o in args.overrides),
-               f"--set=lr={result.suggestion:.3g}", *(f"--plugin={p}" for p in args.plugins)]
+    command = [
+        "minitrain",
+        "run",
+        args.recipe,
+        *(f"--set={o}" for o in args.overrides),
+        f"--set=lr={result.suggestion:.3g}",
+        *(f"--plugin={p}" for p in args.plugins),
+    ]
     print(f"suggested lr: {result.suggestion:.3g} (where the loss falls fastest); to use it:\n  {shlex.join(command)}")
     if not result.diverged:
-        print(f"note: the loss was still falling at --max-lr {args.max_lr:g}; a larger --max-lr or more --steps "
-              "may move the suggestion")
+        print(
+            f"note: the loss was still falling at --max-lr {args.max_lr:g}; a larger --max-lr or more --steps "
+            "may move the suggestion"
+        )
     return 0
 
 
-def lr_find(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: list[str] = (),
-            disabled: list[str] = (), min_lr: float = 1e-6, max_lr: float = 10.0, steps: int = 100,
-            out: str | Path | None = None, config_file: str | Path | None = None) -> Result:
+def lr_find(
+    recipe_path: str | Path,
+    overrides: list[str] = (),
+    plugin_specs: list[str] = (),
+    disabled: list[str] = (),
+    min_lr: float = 1e-6,
+    max_lr: float = 10.0,
+    steps: int = 100,
+    out: str | Path | None = None,
+    config_file: str | Path | None = None,
+) -> Result:
     """The range test of a recipe, with the run's plugins that change training (mixed precision,
     compile, ...) and none that log or save: nothing is written but the plot."""
 
@@ -80,8 +107,9 @@ def lr_find(recipe_path: str | Path, overrides: list[str] = (), plugin_specs: li
     recipe_path = Path(recipe_path)
     out = Path(out or Path("runs") / "lr-find" / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.png")
     check_writable(out.parent, "plot folder")
-    planned = plan(RunRequest(recipe_path, list(overrides), list(plugin_specs), list(disabled),
-                              config_file=config_file))  # its run directory is never made
+    planned = plan(
+        RunRequest(recipe_path, list(overrides), list(plugin_specs), list(disabled), config_file=config_file)
+    )  # its run directory is never made
     planned.plugins = [(name, plugin) for name, plugin in planned.plugins if changes_training(plugin)]
     trainer, _ = build_trainer(planned, run_dir=None)
     lrs, losses = _sweep(trainer, planned.config.lr, min_lr, max_lr, steps)
@@ -127,8 +155,10 @@ def steepest(lrs: list[float], losses: list[float]) -> float | None:
     start = max(1, len(losses) // 10)
     if end - start < 3:
         return None
-    slopes = [(losses[i + 1] - losses[i - 1]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i - 1]))
-              for i in range(start, end - 1)]
+    slopes = [
+        (losses[i + 1] - losses[i - 1]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i - 1]))
+        for i in range(start, end - 1)
+    ]
     return lrs[start + slopes.index(min(slopes))]
 
 
@@ -139,8 +169,12 @@ def _plot(result: Result, path: Path) -> Path:
     if result.suggestion is not None:
         ax.axvline(result.suggestion, color="tab:red", linestyle="--", label=f"suggested lr {result.suggestion:.2g}")
         ax.legend()
-    ax.set(xscale="log", xlabel="learning rate (recipe's lr)", ylabel="training loss (smoothed)",
-           title="Learning-rate range test")
+    ax.set(
+        xscale="log",
+        xlabel="learning rate (recipe's lr)",
+        ylabel="training loss (smoothed)",
+        title="Learning-rate range test",
+    )
     ax.grid(alpha=0.3, which="both")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -7,12 +7,13 @@ scaled and cut at the centre, and normalised with the mean and std stored in the
 model's softmax gives the probabilities. Everything needed is in the model file: no recipe, no
 run directory. An image that cannot be read is reported on its own; the others are classified.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,13 @@ def add_parser(command) -> None:
     parser.add_argument("model", help="the exported model file")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or other image files, any size")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
-    parser.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
-                         help="stretch each image to the input size (default), or scale its short side and "
-                              "cut the centre (keeps the proportions)")
+    parser.add_argument(
+        "--resize",
+        choices=["stretch", "crop"],
+        default="stretch",
+        help="stretch each image to the input size (default), or scale its short side and "
+        "cut the centre (keeps the proportions)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=main)
 
@@ -53,8 +58,9 @@ def main(args: argparse.Namespace) -> int:
     return BAD_INPUT if any("error" in result for result in results) else 0
 
 
-def predict(model_path: str | Path, images: list[str | Path], top_k: int = 5,
-            resize: str = "stretch") -> list[dict[str, Any]]:
+def predict(
+    model_path: str | Path, images: list[str | Path], top_k: int = 5, resize: str = "stretch"
+) -> list[dict[str, Any]]:
     """For each image, ``{"image": path, "top": [{"class", "index", "probability"}, ...]}``, the
     ``top_k`` most probable classes first, or ``{"image": path, "error": reason}``."""
     if top_k < 1:
@@ -106,8 +112,10 @@ def read(path: Path, metadata: dict[str, Any], resize: str = "stretch") -> np.nd
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)):,} pixels, " if found else ""
-        raise MinitrainError(f"cannot read image {path}: too large to decode safely ({size}over the limit of "
-                             f"{Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)") from None
+        raise MinitrainError(
+            f"cannot read image {path}: too large to decode safely ({size}over the limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise MinitrainError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
     if resize == "crop":

@@ -7,6 +7,7 @@ TensorBoard files for a run that had it off, and ``minitrain report RUN`` is a r
 the ``viz`` plugin. Only notification hooks run; there is no model, so the pipeline hooks and
 the core's default protocol are not registered.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,7 @@ from pydantic import ValidationError
 
 from minitrain.engine import events as ev
 from minitrain.engine import hookspecs
-from minitrain.engine.errors import MinitrainError
-from minitrain.engine.errors import describe_validation_error
+from minitrain.engine.errors import MinitrainError, describe_validation_error
 from minitrain.engine.files import read_json
 from minitrain.engine.registry import check_hooks, parse_plugin_spec, register_plugin
 from minitrain.engine.state import RunState, StopKind
@@ -37,8 +37,14 @@ def add_parsers(command) -> None:
 
     parser = command("replay", help="feed a run's recorded events to plugins, without training")
     parser.add_argument("run_dir", help="a run directory holding its event log (events.jsonl)")
-    parser.add_argument("--plugin", dest="plugins", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
-                        help="plugin to replay the events through, with options; repeatable")
+    parser.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        required=True,
+        metavar="NAME[:KEY=VALUE,...]",
+        help="plugin to replay the events through, with options; repeatable",
+    )
     parser.set_defaults(func=replay_main)
 
 
@@ -129,8 +135,11 @@ def read_events(path: Path) -> tuple[list[ev.Event], set[str]]:
             if str(exc).startswith("unknown event"):  # declared by a recipe or plugin not loaded here
                 unknown.add(str(exc).removeprefix("unknown event "))
             elif number == len(lines) and cut:
-                warnings.warn(f"{path}:{number}: the last line is cut short (the run was killed while writing "
-                              "it); replaying the lines before it", stacklevel=2)
+                warnings.warn(
+                    f"{path}:{number}: the last line is cut short (the run was killed while writing "
+                    "it); replaying the lines before it",
+                    stacklevel=2,
+                )
             else:
                 reason = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
                 raise MinitrainError(f"{path}:{number}: not a valid event: {reason}") from None
@@ -153,15 +162,21 @@ def replay(run_dir: str | Path, plugin_specs: list[str]) -> int:
     for info in available.values():  # custom hooks a replayed plugin may implement
         if getattr(info.target, "hookspecs", None) is not None:
             pm.add_hookspecs(info.target.hookspecs)
-    for name, plugin in registry.resolve([parse_plugin_spec(spec) for spec in plugin_specs],
-                                        set(available) - {parse_plugin_spec(spec).name for spec in plugin_specs},
-                                        available):
+    for name, plugin in registry.resolve(
+        [parse_plugin_spec(spec) for spec in plugin_specs],
+        set(available) - {parse_plugin_spec(spec).name for spec in plugin_specs},
+        available,
+    ):
         if registry.role_of(plugin) == "critical":
-            raise MinitrainError(f"replay: plugin {name!r} acts on training itself (it is critical), and a replay "
-                                 "has no model or optimizer; replay feeds recorded events to plugins that watch")
+            raise MinitrainError(
+                f"replay: plugin {name!r} acts on training itself (it is critical), and a replay "
+                "has no model or optimizer; replay feeds recorded events to plugins that watch"
+            )
         if getattr(plugin, "event_log", None) and (run_dir / plugin.event_log).resolve() == path.resolve():
-            raise MinitrainError(f"replay: plugin {name!r} would append to {path}, the log it replays; give it "
-                                 f"another file ({name}:filename=copy.jsonl)")
+            raise MinitrainError(
+                f"replay: plugin {name!r} would append to {path}, the log it replays; give it "
+                f"another file ({name}:filename=copy.jsonl)"
+            )
         register_plugin(pm, plugin, name)
     check_hooks(pm)
 

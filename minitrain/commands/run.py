@@ -2,13 +2,12 @@
 the command line, the run prepared (:mod:`minitrain.commands.start`), fitted, and how it ended
 said in one line. ``--smoke`` checks a recipe in two steps (:mod:`minitrain.commands.smoke`);
 ``--nproc N`` runs it on N processes (:mod:`minitrain.commands.launch`)."""
+
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
-from pathlib import Path
 
 from minitrain.commands import exits, launch, options, smoke
 from minitrain.commands.exits import RunFailed, failure
@@ -26,29 +25,55 @@ def add_parser(command) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_config(parser)
     options.add_plugins(parser)
-    parser.add_argument("--run-dir", help="where the run writes its files (default runs/<recipe>-<timestamp>); "
-                                          "it must be new or empty unless the run resumes")
-    parser.add_argument("--resume", metavar="PATH|auto",
-                        help="continue from a checkpoint file, or 'auto': the newest in --run-dir's checkpoints (a new "
-                             "run where the directory is absent or empty); the run's config and plugins are the "
-                             "ones it recorded, and --set may change only what can change mid-run (epochs, ...)")
-    parser.add_argument("--move-aside", action="store_true",
-                        help="if --run-dir holds an earlier run, move it to DIR.aside-<time>/ and start afresh")
-    parser.add_argument("--smoke", action="store_true",
-                        help="the check before a long run: one epoch of 2 training and 2 validation batches with every "
-                             "plugin, a report of what was checked; its run directory is removed unless --run-dir "
-                             "is given")
+    parser.add_argument(
+        "--run-dir",
+        help="where the run writes its files (default runs/<recipe>-<timestamp>); "
+        "it must be new or empty unless the run resumes",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="continue from a checkpoint file, or 'auto': the newest in --run-dir's checkpoints (a new "
+        "run where the directory is absent or empty); the run's config and plugins are the "
+        "ones it recorded, and --set may change only what can change mid-run (epochs, ...)",
+    )
+    parser.add_argument(
+        "--move-aside",
+        action="store_true",
+        help="if --run-dir holds an earlier run, move it to DIR.aside-<time>/ and start afresh",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the check before a long run: one epoch of 2 training and 2 validation batches with every "
+        "plugin, a report of what was checked; its run directory is removed unless --run-dir "
+        "is given",
+    )
     parser.add_argument("--trace-hooks", action="store_true", help="print every hook call (very verbose)")
-    parser.add_argument("--nproc", type=int, metavar="N",
-                        help="train with DDP on N processes of this machine (relaunches itself through torchrun)")
-    parser.add_argument("--max-restarts", type=int, metavar="R",
-                        help="with --nproc: when a process fails, restart the group up to R times, each restart "
-                             "resuming from the newest checkpoint (torchrun's --max-restarts)")
-    parser.add_argument("--init-from", metavar="CHECKPOINT",
-                        help="start from this checkpoint's model weights (not its optimizer or progress): fine-tuning")
-    parser.add_argument("--init-skip-mismatched", action="store_true",
-                        help="with --init-from: leave tensors whose name or shape differ (a new head) as the recipe "
-                             "initialises them, instead of stopping with the list")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with DDP on N processes of this machine (relaunches itself through torchrun)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        metavar="R",
+        help="with --nproc: when a process fails, restart the group up to R times, each restart "
+        "resuming from the newest checkpoint (torchrun's --max-restarts)",
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's model weights (not its optimizer or progress): fine-tuning",
+    )
+    parser.add_argument(
+        "--init-skip-mismatched",
+        action="store_true",
+        help="with --init-from: leave tensors whose name or shape differ (a new head) as the recipe "
+        "initialises them, instead of stopping with the list",
+    )
     parser.set_defaults(func=main)
 
 
@@ -69,8 +94,9 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         return launch.run(request, args)
     if args.max_restarts is not None:
-        raise MinitrainError("--max-restarts goes with --nproc (under torchrun itself, give torchrun's own "
-                             "--max-restarts)")
+        raise MinitrainError(
+            "--max-restarts goes with --nproc (under torchrun itself, give torchrun's own --max-restarts)"
+        )
     trainer = prepare(request)
     if args.trace_hooks:
         trace_hooks(trainer)
@@ -83,8 +109,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def request_from(args: argparse.Namespace) -> RunRequest:
-    return RunRequest(args.recipe, args.overrides, args.plugins, args.disabled, args.run_dir, args.resume,
-                      args.init_from, args.init_skip_mismatched, args.move_aside, args.config_file)
+    return RunRequest(
+        args.recipe,
+        args.overrides,
+        args.plugins,
+        args.disabled,
+        args.run_dir,
+        args.resume,
+        args.init_from,
+        args.init_skip_mismatched,
+        args.move_aside,
+        args.config_file,
+    )
 
 
 def trace_hooks(trainer: Trainer) -> None:
@@ -116,8 +152,10 @@ def say_done(trainer: Trainer, args: argparse.Namespace) -> None:
     print(f"done: {state.epoch} epochs, {state.global_step} steps; {summary}; run dir: {trainer.run_dir}")
     if state.stop is not None and state.stop.at_limit:
         more = " and a larger --set max_steps=N" if state.stop.kind == "max_steps" else ""
-        print(f"minitrain: stopped at step {state.global_step}: {state.stop.reason}; "
-              f"{resume_hint(args, trainer)}{more}", file=sys.stderr)
+        print(
+            f"minitrain: stopped at step {state.global_step}: {state.stop.reason}; {resume_hint(args, trainer)}{more}",
+            file=sys.stderr,
+        )
 
 
 def resume_hint(args: argparse.Namespace, trainer: Trainer) -> str:

@@ -1,5 +1,6 @@
 """``minitrain runs [DIR]``: the run directories under DIR, one line each (recipe, status, epochs,
 the main metric's best and last values, duration, and the settings that differ), or ``--json``."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,19 @@ from minitrain.records.rundir import QUIET, differing, find_runs, higher_is_bett
 
 def add_parser(command) -> None:
     """Register ``minitrain runs`` (``command`` is the CLI's sub-parser factory)."""
-    parser = command("runs", help="list run directories: recipe, status, epochs, main metric, duration, "
-                                  "and the settings that differ")
-    parser.add_argument("root", nargs="?", default="runs", metavar="DIR",
-                        help="where to look for run directories (default: runs/)")
+    parser = command(
+        "runs", help="list run directories: recipe, status, epochs, main metric, duration, and the settings that differ"
+    )
+    parser.add_argument(
+        "root", nargs="?", default="runs", metavar="DIR", help="where to look for run directories (default: runs/)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--sort", metavar="METRIC",
-                        help="sort by the best value of this epoch metric, best first, and show it "
-                             "(default: by start time, showing val_acc, else val_loss, else train_loss)")
+    parser.add_argument(
+        "--sort",
+        metavar="METRIC",
+        help="sort by the best value of this epoch metric, best first, and show it "
+        "(default: by start time, showing val_acc, else val_loss, else train_loss)",
+    )
     parser.set_defaults(func=_cmd_runs)
 
 
@@ -28,15 +34,23 @@ def _cmd_runs(args) -> int:
     metric = main_metric(runs, args.sort)
     if args.sort:
         better = higher_is_better(args.sort)
-        runs.sort(key=lambda r: (r.best(args.sort) is None,
-                                 -(r.best(args.sort) or 0) if better else (r.best(args.sort) or 0)))
+        runs.sort(
+            key=lambda r: (r.best(args.sort) is None, -(r.best(args.sort) or 0) if better else (r.best(args.sort) or 0))
+        )
     else:
         runs.sort(key=lambda r: (r.started or 0, r.last_write or 0, str(r.path)))  # (starts are to the second)
     root = Path(args.root)
     differ = differing(runs)
     if args.json:
-        print(json.dumps([run.to_json(metric) | {"differs": {key: values[i] for key, values in differ.items()}}
-                          for i, run in enumerate(runs)], indent=2))
+        print(
+            json.dumps(
+                [
+                    run.to_json(metric) | {"differs": {key: values[i] for key, values in differ.items()}}
+                    for i, run in enumerate(runs)
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not runs:
         print(f"no run directories under {root}")
@@ -49,9 +63,18 @@ def _cmd_runs(args) -> int:
             status += f" (quiet {format_duration(run.quiet_for)})"
         name = str(run.path.relative_to(root)) if run.path != root and root in run.path.parents else str(run.path)
         epochs = f"{run.epochs_done}/{run.epochs}" if run.epochs else str(run.epochs_done)
-        rows.append([name, run.recipe or "-", status, epochs, format_value(run.best(metric) if metric else None),
-                     format_value(run.last(metric) if metric else None), format_duration(run.duration)]
-                    + [" ".join(f"{key}={values[i]}" for key, values in differ.items())])
+        rows.append(
+            [
+                name,
+                run.recipe or "-",
+                status,
+                epochs,
+                format_value(run.best(metric) if metric else None),
+                format_value(run.last(metric) if metric else None),
+                format_duration(run.duration),
+            ]
+            + [" ".join(f"{key}={values[i]}" for key, values in differ.items())]
+        )
     header.append("differs" if differ else "")
     widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
     for row in [header, *rows]:

@@ -4,6 +4,7 @@ removed afterwards unless ``--run-dir`` names one; then a report of what was che
 built, the steps trained and their losses, validation, which hooks of which plugin ran, the files
 written and that every checkpoint loads back into the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ def run(request: RunRequest, args: argparse.Namespace) -> int:
         raise MinitrainError("--smoke makes a fresh run in one process; it does not go with --resume or --nproc")
     started = time.perf_counter()
     kept = request.run_dir is not None
-    trainer = prepare(dataclasses.replace(request, overrides=[*request.overrides, *OVERRIDES],
-                                          run_dir=request.run_dir or scratch_dir()))
+    trainer = prepare(
+        dataclasses.replace(
+            request, overrides=[*request.overrides, *OVERRIDES], run_dir=request.run_dir or scratch_dir()
+        )
+    )
     recorder = Smoke(trainer)
     register_plugin(trainer.pm, recorder)
     try:
@@ -75,14 +79,18 @@ class Smoke:
         self.stop_monitoring()
         run_dir = Path(trainer.run_dir)
         validated = {k: v for k, v in trainer.state.metrics.items() if k.startswith("val_")}
-        lines = [f"smoke test of {recipe} passed in {seconds:.1f}s:",
-                 f"  built the recipe: {describe_model(trainer.module)}",
-                 f"  trained {len(self.losses)} batches of the {_batches_in(trainer.train_loader) or '?'} an epoch has: "
-                 f"loss {', '.join(f'{v:.4g}' for v in self.losses)}",
-                 "  validated 2 batches: " + (", ".join(f"{k} {v:.4g}" for k, v in validated.items()) or "no val_loader")]
+        lines = [
+            f"smoke test of {recipe} passed in {seconds:.1f}s:",
+            f"  built the recipe: {describe_model(trainer.module)}",
+            f"  trained {len(self.losses)} batches of the {_batches_in(trainer.train_loader) or '?'} an epoch has: "
+            f"loss {', '.join(f'{v:.4g}' for v in self.losses)}",
+            "  validated 2 batches: " + (", ".join(f"{k} {v:.4g}" for k, v in validated.items()) or "no val_loader"),
+        ]
         plugins = [(name, plugin) for name, plugin in trainer.pm.list_name_plugin() if plugin is not self]
         idle = [name for name, _ in plugins if not self.ran.get(name)]
-        lines += [f"  plugin {name}: {', '.join(sorted(self.ran.get(name, ()))) or 'no hook ran'}" for name, _ in plugins]
+        lines += [
+            f"  plugin {name}: {', '.join(sorted(self.ran.get(name, ()))) or 'no hook ran'}" for name, _ in plugins
+        ]
         for folder in checkpointing.checkpoint_dirs(run_dir, [plugin for _, plugin in plugins]):
             for path in sorted(folder.glob("*.pt")):
                 checkpointing.restore(trainer, path, checkpointing.load(path))

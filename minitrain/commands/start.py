@@ -14,6 +14,7 @@ line again; such a start is a *restart* (:func:`minitrain.engine.distributed.res
 on as ``--resume auto`` would, from the newest checkpoint of its run directory, which it then
 shares with the attempts before it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,19 +30,24 @@ from typing import Any
 
 import torch
 
-from minitrain.engine import __version__
-from minitrain.engine import checkpointing, distributed
-from minitrain.kit import finetune
+from minitrain.engine import __version__, checkpointing, distributed
 from minitrain.engine.device import resolve_device, seed_everything
 from minitrain.engine.errors import MinitrainError, RunComplete
 from minitrain.engine.files import read_json, write_atomic
 from minitrain.engine.lock import LOCK_FILE, RunDirLock
-from minitrain.engine.state import Limits
 from minitrain.engine.registry import (
-    PluginRequest, make_plugin_manager, parse_plugin_spec, recorded_options, register_plugin, resolve, resolve_resumed,
+    PluginRequest,
+    make_plugin_manager,
+    parse_plugin_spec,
+    recorded_options,
+    register_plugin,
+    resolve,
+    resolve_resumed,
 )
-from minitrain.kit.recipe import Components, RecipeConfig, load_recipe, make_config, read_config_file
+from minitrain.engine.state import Limits
 from minitrain.engine.trainer import Trainer
+from minitrain.kit import finetune
+from minitrain.kit.recipe import Components, RecipeConfig, load_recipe, make_config, read_config_file
 
 RUN_FILES = ("config.json", "run.json")
 
@@ -100,8 +106,10 @@ def plan(request: RunRequest) -> Plan:
             raise MinitrainError("--move-aside starts a run afresh; it does not go with --resume")
     init_from = request.init_from
     if init_from is not None and not Path(init_from).is_file():
-        raise MinitrainError(f"--init-from: checkpoint not found: {init_from}"
-                             + (" (a directory; give its checkpoint file)" if Path(init_from).is_dir() else ""))
+        raise MinitrainError(
+            f"--init-from: checkpoint not found: {init_from}"
+            + (" (a directory; give its checkpoint file)" if Path(init_from).is_dir() else "")
+        )
     recipe_path = Path(request.recipe)
     recipe = load_recipe(recipe_path)
     from_file = read_config_file(request.config_file) if request.config_file is not None else {}
@@ -114,8 +122,9 @@ def plan(request: RunRequest) -> Plan:
 
     distributed.check_restartable()
     if run_dir is None and distributed.max_restarts():
-        raise MinitrainError("torchrun --max-restarts: give --run-dir, so that a restarted group finds the run's "
-                             "checkpoints there")
+        raise MinitrainError(
+            "torchrun --max-restarts: give --run-dir, so that a restarted group finds the run's checkpoints there"
+        )
     device = distributed.init(resolve_device(config.device))
     restart = max(distributed.gather(distributed.restart_count()))  # each node's agent counts its own
     if run_dir is None:  # a new name; rank 0's, even if the ranks' clocks differ
@@ -130,8 +139,9 @@ def plan(request: RunRequest) -> Plan:
         if distributed.is_main():
             warnings.warn(f"--resume auto: {run_dir} holds no run yet; starting a new one there", stacklevel=2)
         resume = None
-    problem = distributed.from_main(run_dir_problem(run_dir, resume is None and not restart, move_aside)
-                                    if distributed.is_main() else None)
+    problem = distributed.from_main(
+        run_dir_problem(run_dir, resume is None and not restart, move_aside) if distributed.is_main() else None
+    )
     if problem:
         raise MinitrainError(problem)
     planned = Plan(recipe_path, recipe, config, [], run_dir, device, move_aside=move_aside, restart=restart)
@@ -160,8 +170,15 @@ def _entries(run_dir: Path) -> list[str]:
     return [] if entries == ["config.json"] else entries
 
 
-def _continue(planned: Plan, resume: str | Path, seen: dict[str, Any], overrides: list[str],
-              from_file: dict[str, Any], requests: list[PluginRequest | object], disabled: set[str]) -> None:
+def _continue(
+    planned: Plan,
+    resume: str | Path,
+    seen: dict[str, Any],
+    overrides: list[str],
+    from_file: dict[str, Any],
+    requests: list[PluginRequest | object],
+    disabled: set[str],
+) -> None:
     """Go on with the run in ``planned.run_dir`` (or the one a ``--resume PATH`` checkpoint
     belongs to): its plugins, its config with the ``--set`` changes it allows, and the checkpoint
     to start from."""
@@ -175,9 +192,11 @@ def _continue(planned: Plan, resume: str | Path, seen: dict[str, Any], overrides
             found = checkpointing.find("auto", checkpointing.checkpoint_dirs(run_dir, requested))
             if found is None:
                 shown = ", ".join(seen["entries"][:4]) + (", ..." if len(seen["entries"]) > 4 else "")
-                raise MinitrainError(f"--resume auto: {run_dir} holds files that are not a minitrain run ({shown}), "
-                                     "and no checkpoint; give the directory of a run, or another --run-dir to start "
-                                     "a new run")
+                raise MinitrainError(
+                    f"--resume auto: {run_dir} holds files that are not a minitrain run ({shown}), "
+                    "and no checkpoint; give the directory of a run, or another --run-dir to start "
+                    "a new run"
+                )
         recorded = found[1]["header"].get("plugins")
     if recorded is None:  # a run from before minitrain recorded its plugins
         planned.plugins = resolve(requests, disabled)
@@ -199,32 +218,44 @@ def _continue(planned: Plan, resume: str | Path, seen: dict[str, Any], overrides
     head, config = checkpoint["header"], planned.config
     where = str(run_dir) if str(resume) == "auto" else str(path)
     if head["epoch"] >= config.epochs:
-        raise RunComplete(f"run already complete: {head['epoch']} of {config.epochs} epochs ({where}); raise epochs "
-                          "to train more (--set epochs=N)")
+        raise RunComplete(
+            f"run already complete: {head['epoch']} of {config.epochs} epochs ({where}); raise epochs "
+            "to train more (--set epochs=N)"
+        )
     if config.max_steps is not None and head["global_step"] >= config.max_steps:
-        raise RunComplete(f"run already complete: max_steps={config.max_steps} reached ({where}); raise max_steps to "
-                          "train more (--set max_steps=N)")
+        raise RunComplete(
+            f"run already complete: max_steps={config.max_steps} reached ({where}); raise max_steps to "
+            "train more (--set max_steps=N)"
+        )
 
 
-def _start_again(planned: Plan, seen: dict[str, Any], folders: list[Path], overrides: list[str],
-                 from_file: dict[str, Any]) -> None:
+def _start_again(
+    planned: Plan, seen: dict[str, Any], folders: list[Path], overrides: list[str], from_file: dict[str, Any]
+) -> None:
     """The run has no checkpoint to resume from. A run that was writing checkpoints, and whose
     first start ended before its first save, starts again from step 0 with its own config and
     plugins (so that one command serves a first launch and every requeue); so does any run
     torchrun restarts. Any other is refused, and nothing in its directory changes."""
     run_dir = planned.run_dir
     if checkpointing.any_files(folders) and not planned.restart:
-        raise MinitrainError(f"--resume auto: no checkpoint in {', '.join(map(str, folders))} can be read (each is "
-                             "cut short or corrupt; see the warnings above); resume from a readable copy with --resume "
-                             f"PATH, or start afresh with --move-aside, which moves {run_dir} aside")
+        raise MinitrainError(
+            f"--resume auto: no checkpoint in {', '.join(map(str, folders))} can be read (each is "
+            "cut short or corrupt; see the warnings above); resume from a readable copy with --resume "
+            f"PATH, or start afresh with --move-aside, which moves {run_dir} aside"
+        )
     saves = any(callable(getattr(plugin, "checkpoint_dir", None)) for _, plugin in planned.plugins)
     if not saves and not planned.restart:
-        raise MinitrainError(f"--resume auto: {run_dir} holds a run with no checkpoint to resume from (it ran with "
-                             "--no-plugin checkpoint): nothing in it was changed. Start a new run with another "
-                             f"--run-dir, or --move-aside to move {run_dir} aside and start afresh there")
+        raise MinitrainError(
+            f"--resume auto: {run_dir} holds a run with no checkpoint to resume from (it ran with "
+            "--no-plugin checkpoint): nothing in it was changed. Start a new run with another "
+            f"--run-dir, or --move-aside to move {run_dir} aside and start afresh there"
+        )
     if distributed.is_main():
-        warnings.warn(f"--resume auto: no checkpoint in {', '.join(map(str, folders))} (the run ended before its "
-                      "first save); starting it again from step 0 with its config and plugins", stacklevel=3)
+        warnings.warn(
+            f"--resume auto: no checkpoint in {', '.join(map(str, folders))} (the run ended before its "
+            "first save); starting it again from step 0 with its config and plugins",
+            stacklevel=3,
+        )
     planned.again = True
     if seen["config"]:
         _configure(planned, seen["config"], overrides, from_file, f"--resume auto ({run_dir}/config.json)")
@@ -235,22 +266,28 @@ def _has_checkpoints(folders: list[Path]) -> bool:
     return distributed.from_main(checkpointing.any_files(folders) if distributed.is_main() else None)
 
 
-def _configure(planned: Plan, saved: dict[str, Any], overrides: list[str], from_file: dict[str, Any],
-               source: str) -> None:
+def _configure(
+    planned: Plan, saved: dict[str, Any], overrides: list[str], from_file: dict[str, Any], source: str
+) -> None:
     """Take a continued run's ``saved`` config, with the changes ``--config`` and ``--set`` make
     where it allows them."""
     asked = planned.config
     config = make_config(planned.recipe, overrides, base={**saved, "device": asked.device}, file=from_file)
     new = config.model_dump(mode="json")
     changes = {key: [saved.get(key), value] for key, value in new.items() if saved.get(key) != value}
-    refused = {key: change for key, change in changes.items()  # a field new to the recipe: recorded, not refused
-               if key in saved and key not in type(config).changeable_on_resume}
+    refused = {
+        key: change
+        for key, change in changes.items()  # a field new to the recipe: recorded, not refused
+        if key in saved and key not in type(config).changeable_on_resume
+    }
     if refused:
         listed = ", ".join(f"{key} ({old!r} in the checkpoint, {value!r} now)" for key, (old, value) in refused.items())
-        raise MinitrainError(f"{source}: cannot change {listed}: what the checkpoint holds depends on "
-                             f"{'it' if len(refused) == 1 else 'them'}. Continue without changing "
-                             f"{'it' if len(refused) == 1 else 'them'}, or start a new run (another --run-dir; "
-                             "--init-from CHECKPOINT starts from its weights)")
+        raise MinitrainError(
+            f"{source}: cannot change {listed}: what the checkpoint holds depends on "
+            f"{'it' if len(refused) == 1 else 'them'}. Continue without changing "
+            f"{'it' if len(refused) == 1 else 'them'}, or start a new run (another --run-dir; "
+            "--init-from CHECKPOINT starts from its weights)"
+        )
     planned.config, planned.changes = config, changes
 
 
@@ -271,11 +308,15 @@ def run_dir_problem(run_dir: Path, fresh: bool, move_aside: bool) -> str | None:
     if fresh and run_dir.is_dir() and (entries := _entries(run_dir)):
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         if not move_aside:
-            return (f"run directory {run_dir} is not empty ({shown}): a run directory holds one run. "
-                    f"--resume auto continues the run in it, another --run-dir starts a new one, and --move-aside "
-                    f"moves its contents to {run_dir}.aside-<time>/ and starts afresh")
+            return (
+                f"run directory {run_dir} is not empty ({shown}): a run directory holds one run. "
+                f"--resume auto continues the run in it, another --run-dir starts a new one, and --move-aside "
+                f"moves its contents to {run_dir}.aside-<time>/ and starts afresh"
+            )
         if not any(name in entries for name in RUN_FILES):
-            return f"--move-aside: {run_dir} holds files that are not a minitrain run ({shown}); choose another --run-dir"
+            return (
+                f"--move-aside: {run_dir} holds files that are not a minitrain run ({shown}); choose another --run-dir"
+            )
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"run directory {run_dir} is not writable: {existing} does not let this user create files"
@@ -324,8 +365,9 @@ def _lock(planned: Plan) -> RunDirLock:
     return lock
 
 
-def build_trainer(planned: Plan, run_dir: Path | None, init_from: str | Path | None = None,
-                  init_skip_mismatched: bool = False) -> tuple[Trainer, Components]:
+def build_trainer(
+    planned: Plan, run_dir: Path | None, init_from: str | Path | None = None, init_skip_mismatched: bool = False
+) -> tuple[Trainer, Components]:
     """The recipe built (seeded, its parts checked, ``--init-from`` and ``freeze`` applied) and a
     Trainer with the planned plugins; nothing written. ``run_dir=None``: a trainer that writes
     nowhere (``minitrain lr-find``)."""
@@ -338,8 +380,9 @@ def build_trainer(planned: Plan, run_dir: Path | None, init_from: str | Path | N
     except Exception as exc:
         raise MinitrainError(f"recipe {recipe_path}: build() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(parts, Components):
-        raise MinitrainError(f"recipe {recipe_path}: build() must return minitrain.Components, "
-                             f"not {type(parts).__name__}")
+        raise MinitrainError(
+            f"recipe {recipe_path}: build() must return minitrain.Components, not {type(parts).__name__}"
+        )
     parts.check(recipe_path)
     if init_from is not None:
         skipped = finetune.init_from(parts.model, init_from, init_skip_mismatched)
@@ -351,18 +394,30 @@ def build_trainer(planned: Plan, run_dir: Path | None, init_from: str | Path | N
     for name, plugin in planned.plugins:
         register_plugin(pm, plugin, name)
     trainer = Trainer(
-        parts.model, parts.optimizer, parts.train_loader, parts.val_loader, epochs=config.epochs,
-        loss_fn=parts.loss_fn, scheduler=parts.scheduler, scheduler_interval=parts.scheduler_interval,
-        device=planned.device, run_dir=None if run_dir is None else str(run_dir), config=config.model_dump(mode="json"),
-        class_names=parts.class_names, plugin_manager=pm, nonfinite_loss=config.nonfinite_loss,
-        metrics=parts.metrics, eval_loss_fn=parts.eval_loss_fn,
+        parts.model,
+        parts.optimizer,
+        parts.train_loader,
+        parts.val_loader,
+        epochs=config.epochs,
+        loss_fn=parts.loss_fn,
+        scheduler=parts.scheduler,
+        scheduler_interval=parts.scheduler_interval,
+        device=planned.device,
+        run_dir=None if run_dir is None else str(run_dir),
+        config=config.model_dump(mode="json"),
+        class_names=parts.class_names,
+        plugin_manager=pm,
+        nonfinite_loss=config.nonfinite_loss,
+        metrics=parts.metrics,
+        eval_loss_fn=parts.eval_loss_fn,
         limits=Limits(config.max_steps, config.max_time, config.limit_train_batches, config.limit_val_batches),
     )
     return trainer, parts
 
 
-def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_from: str | Path | None,
-                     lock: RunDirLock) -> RunDirLock:
+def _write_run_files(
+    planned: Plan, parts: Components, trainer: Trainer, init_from: str | Path | None, lock: RunDirLock
+) -> RunDirLock:
     """The run's ``config.json`` (what it uses now) and ``run.json`` (what it is, and the history
     of its starts), written now that every check has passed. ``--move-aside`` moves the earlier
     run out first, its lock file with it, and locks the new directory; returns the lock held."""
@@ -377,26 +432,42 @@ def _write_run_files(planned: Plan, parts: Components, trainer: Trainer, init_fr
     make_run_dir(run_dir)
     continued = planned.resumed or planned.restart or planned.again
     history = read_json(run_dir / "run.json").get("history", []) if continued else []
-    start: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": trainer.resumed_from,
-                             "restart": planned.restart, "world_size": distributed.world_size()}
+    start: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": trainer.resumed_from,
+        "restart": planned.restart,
+        "world_size": distributed.world_size(),
+    }
     if planned.resumed or planned.again:
         start |= {"epoch": trainer.state.epoch, "global_step": trainer.state.global_step, "changed": planned.changes}
     if planned.plugin_changes:
         start["plugins_changed"] = planned.plugin_changes
     _write_json(run_dir / "config.json", trainer.config)
-    _write_json(run_dir / "run.json", {
-        "recipe": str(planned.recipe_path.resolve()),
-        "plugins": trainer.recorded_plugins,
-        "event_log": next((p.event_log for _, p in planned.plugins if getattr(p, "event_log", None)), None),
-        "checkpoints": [os.path.relpath(folder, run_dir) for folder in
-                        checkpointing.checkpoint_dirs(run_dir, [p for _, p in planned.plugins])],
-        "minitrain": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "device": str(planned.device), "world_size": distributed.world_size(), "class_names": parts.class_names,
-        "inputs": parts.inputs or _inputs(parts.train_loader), "init_from": init_from and str(init_from),
-        "test_time_augmentation": next((p.test_time_augmentation for _, p in planned.plugins
-                                        if getattr(p, "test_time_augmentation", None)), None),
-        "history": [*history, start],
-    })
+    _write_json(
+        run_dir / "run.json",
+        {
+            "recipe": str(planned.recipe_path.resolve()),
+            "plugins": trainer.recorded_plugins,
+            "event_log": next((p.event_log for _, p in planned.plugins if getattr(p, "event_log", None)), None),
+            "checkpoints": [
+                os.path.relpath(folder, run_dir)
+                for folder in checkpointing.checkpoint_dirs(run_dir, [p for _, p in planned.plugins])
+            ],
+            "minitrain": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(planned.device),
+            "world_size": distributed.world_size(),
+            "class_names": parts.class_names,
+            "inputs": parts.inputs or _inputs(parts.train_loader),
+            "init_from": init_from and str(init_from),
+            "test_time_augmentation": next(
+                (p.test_time_augmentation for _, p in planned.plugins if getattr(p, "test_time_augmentation", None)),
+                None,
+            ),
+            "history": [*history, start],
+        },
+    )
     return lock
 
 
@@ -427,8 +498,18 @@ NO_CHECKPOINT = "no checkpoint was written (the run has --no-plugin checkpoint, 
 
 def resume_command(args: argparse.Namespace, run_dir: str | Path | None) -> list[str]:
     """This command again, going on from the run's newest checkpoint."""
-    return ["minitrain", "run", args.recipe, *(["--config", args.config_file] if args.config_file else []),
-            *(f"--set={o}" for o in args.overrides), *(f"--plugin={p}" for p in args.plugins),
-            *(f"--no-plugin={d}" for d in args.disabled), *([f"--nproc={args.nproc}"] if args.nproc else []),
-            *([f"--max-restarts={args.max_restarts}"] if args.nproc and args.max_restarts else []),
-            "--run-dir", os.fspath(run_dir or ""), "--resume", "auto"]
+    return [
+        "minitrain",
+        "run",
+        args.recipe,
+        *(["--config", args.config_file] if args.config_file else []),
+        *(f"--set={o}" for o in args.overrides),
+        *(f"--plugin={p}" for p in args.plugins),
+        *(f"--no-plugin={d}" for d in args.disabled),
+        *([f"--nproc={args.nproc}"] if args.nproc else []),
+        *([f"--max-restarts={args.max_restarts}"] if args.nproc and args.max_restarts else []),
+        "--run-dir",
+        os.fspath(run_dir or ""),
+        "--resume",
+        "auto",
+    ]

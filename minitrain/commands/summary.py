@@ -1,5 +1,6 @@
 """``minitrain summary RECIPE``: the recipe's model, module by module, with the output shape of
 each for one real batch and its parameters. Nothing is written."""
+
 from __future__ import annotations
 
 import argparse

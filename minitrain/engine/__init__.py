@@ -13,4 +13,5 @@ What plugins may use of it (the plugin surface):
 Internal to the engine: ``trainer`` (the loop), ``dispatch`` (resolved hook calls), ``registry``
 (plugin discovery and registration) and ``default_protocol`` (the default training steps).
 """
+
 __version__ = "0.1.0"

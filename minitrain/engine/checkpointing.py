@@ -9,6 +9,7 @@ A checkpoint is ``{"header": {...}, "trainer": Trainer.state_dict()}``, written 
 only, so opening a file someone sent you cannot run their code. The same holds for what a
 plugin's ``state_dict()`` returns: numbers, strings, tensors, lists, tuples and dicts of them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,11 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from minitrain.engine import __version__
-from minitrain.engine import distributed
-from minitrain.engine.errors import MinitrainError
+from minitrain.engine import __version__, distributed
+from minitrain.engine.errors import MinitrainError, one_line
 from minitrain.engine.files import write_atomic
-from minitrain.engine.errors import one_line
 
 if TYPE_CHECKING:
     from minitrain.engine.surface import TrainerView
@@ -40,11 +39,19 @@ def header(trainer: TrainerView, **extra: Any) -> dict[str, Any]:
     (``epoch`` full epochs done plus ``batch_idx`` batches of the next), the recipe config the
     run was using and its plugins with their options (a resume starts from both), and its
     number of processes, plus ``extra``."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "minitrain_version": __version__,
-            "torch_version": str(torch.__version__), "epoch": trainer.state.epoch, "batch_idx": trainer.state.batch_idx,
-            "global_step": trainer.state.global_step, "config": trainer.config,
-            "plugins": trainer.recorded_plugins,
-            "world_size": distributed.world_size(), **extra}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "minitrain_version": __version__,
+        "torch_version": str(torch.__version__),
+        "epoch": trainer.state.epoch,
+        "batch_idx": trainer.state.batch_idx,
+        "global_step": trainer.state.global_step,
+        "config": trainer.config,
+        "plugins": trainer.recorded_plugins,
+        "world_size": distributed.world_size(),
+        **extra,
+    }
 
 
 def save(path: str | Path, header: dict[str, Any], state: dict[str, Any]) -> None:
@@ -78,16 +85,21 @@ def load(path: str | Path) -> dict[str, Any]:
     except Exception as exc:
         refused = _refused(exc)
         if refused:
-            raise MinitrainError(f"checkpoint {path} holds objects that safe loading refuses ({refused}); "
-                                 "only tensors and plain data are loaded") from None
-        raise MinitrainError(f"checkpoint {path} is unreadable: truncated, corrupt or not a checkpoint "
-                             f"({one_line(exc)})") from None
+            raise MinitrainError(
+                f"checkpoint {path} holds objects that safe loading refuses ({refused}); "
+                "only tensors and plain data are loaded"
+            ) from None
+        raise MinitrainError(
+            f"checkpoint {path} is unreadable: truncated, corrupt or not a checkpoint ({one_line(exc)})"
+        ) from None
     head = checkpoint.get("header") if isinstance(checkpoint, dict) else None
     if not isinstance(head, dict) or head.get("format") != FORMAT or "trainer" not in checkpoint:
         raise MinitrainError(f"{path} is not a minitrain checkpoint (no minitrain header)")
     if head.get("format_version", 0) > FORMAT_VERSION:
-        raise MinitrainError(f"checkpoint {path} has format {head['format_version']}, newer than this "
-                             f"minitrain ({__version__}) reads ({FORMAT_VERSION}); upgrade minitrain")
+        raise MinitrainError(
+            f"checkpoint {path} has format {head['format_version']}, newer than this "
+            f"minitrain ({__version__}) reads ({FORMAT_VERSION}); upgrade minitrain"
+        )
     return checkpoint
 
 
@@ -107,16 +119,20 @@ def checkpoint_dirs(run_dir: str | Path | None, plugins: list[Any]) -> list[Path
     ``<run_dir>/checkpoints`` when no plugin declares one."""
     if run_dir is None:
         raise MinitrainError("--resume auto needs a run directory to look in (--run-dir)")
-    dirs = [Path(plugin.checkpoint_dir(run_dir)) for plugin in plugins
-            if callable(getattr(plugin, "checkpoint_dir", None))]
+    dirs = [
+        Path(plugin.checkpoint_dir(run_dir)) for plugin in plugins if callable(getattr(plugin, "checkpoint_dir", None))
+    ]
     return dirs or [Path(run_dir) / DEFAULT_DIR]
 
 
 def newest(folders: list[Path]) -> tuple[Path, dict[str, Any]] | None:
     """The most recently written checkpoint in ``folders`` that loads, with its contents; an
     unreadable newer file is skipped with a warning (a copy cut short by a full disk, say)."""
-    files = sorted((p for folder in folders for p in folder.glob("*.pt") if p.is_file()),
-                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    files = sorted(
+        (p for folder in folders for p in folder.glob("*.pt") if p.is_file()),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
     for path in files:
         try:
             return path, load(path)
@@ -131,8 +147,10 @@ def check_resume(spec: str | Path, run_dir: str | Path | None) -> None:
         if run_dir is None:
             raise MinitrainError("--resume auto needs --run-dir: the directory of the run to continue")
     elif Path(spec).is_dir():
-        raise MinitrainError(f"--resume {spec} is a directory; give a checkpoint file, or --run-dir {spec} "
-                             "--resume auto for the newest in a run directory")
+        raise MinitrainError(
+            f"--resume {spec} is a directory; give a checkpoint file, or --run-dir {spec} "
+            "--resume auto for the newest in a run directory"
+        )
     elif not Path(spec).is_file():
         raise MinitrainError(f"checkpoint not found: {spec}")
 
@@ -160,8 +178,9 @@ def restore(trainer: TrainerView, path: Path, checkpoint: dict[str, Any]) -> Non
     saved = checkpoint["trainer"].get("model") if isinstance(checkpoint["trainer"], dict) else None
     wrong = misfits(trainer.module.state_dict(), saved) if isinstance(saved, dict) else []
     if wrong:
-        raise MinitrainError(f"checkpoint {path} is for a different model: {len(wrong)} tensor(s) do not fit: "
-                             + "; ".join(wrong))
+        raise MinitrainError(
+            f"checkpoint {path} is for a different model: {len(wrong)} tensor(s) do not fit: " + "; ".join(wrong)
+        )
     try:
         trainer.load_state_dict(checkpoint["trainer"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -169,10 +188,12 @@ def restore(trainer: TrainerView, path: Path, checkpoint: dict[str, Any]) -> Non
     trainer.resumed_from = str(path)
     written, now = checkpoint["header"].get("world_size"), distributed.world_size()
     if written is not None and written != now and distributed.is_main():
-        warnings.warn(f"--resume: {path} was written by {_processes(written)} and this run has {_processes(now)}: "
-                      "each process's share of the data and the batches differ, so the steps from here are not "
-                      "those the run would have taken (an epoch resumed mid-way reports an estimated train_loss)",
-                      stacklevel=2)
+        warnings.warn(
+            f"--resume: {path} was written by {_processes(written)} and this run has {_processes(now)}: "
+            "each process's share of the data and the batches differ, so the steps from here are not "
+            "those the run would have taken (an epoch resumed mid-way reports an estimated train_loss)",
+            stacklevel=2,
+        )
 
 
 def _processes(n: int) -> str:
@@ -195,8 +216,11 @@ def misfits(model: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """Each tensor of the ``model`` state that the ``saved`` one shapes differently or lacks, and
     each saved tensor the model lacks, named with its shape (torch's own message is a paragraph
     and stops at the first kind of problem)."""
-    found = [f"{name} {_shape(saved[name])} in the checkpoint, {_shape(value)} in the model"
-             for name, value in model.items() if name in saved and _shape(saved[name]) != _shape(value)]
+    found = [
+        f"{name} {_shape(saved[name])} in the checkpoint, {_shape(value)} in the model"
+        for name, value in model.items()
+        if name in saved and _shape(saved[name]) != _shape(value)
+    ]
     found += [f"{name} {_shape(value)} not in the checkpoint" for name, value in model.items() if name not in saved]
     found += [f"{name} {_shape(value)} not in the model" for name, value in saved.items() if name not in model]
     return found

@@ -3,6 +3,7 @@
 Each implementation is ``trylast`` (``setup``: ``tryfirst``) so that any plugin's own
 implementation or wrapper runs around or instead of it.
 """
+
 from __future__ import annotations
 
 from typing import Any

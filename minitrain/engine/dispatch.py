@@ -8,6 +8,7 @@ for each hook, one function written for its implementations that calls them in p
 with pluggy's semantics. A hook that has a wrapper is left to pluggy, and so is every hook while
 hook calls are traced (``--trace-hooks``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class PluginManager(pluggy.PluginManager):
             undo()
             self.traced -= 1
             self.calls.forget()
+
         return undo_and_forget
 
 
@@ -129,4 +131,5 @@ def _through_pluggy(callers: list[pluggy.HookCaller], argnames: tuple[str, ...])
         for caller in callers[1:]:
             caller(**kwargs)
         return result
+
     return call

@@ -16,6 +16,7 @@ torchrun's elastic agent restarts the whole group when a worker fails (``--max-r
 the same command line; :func:`restart_count` says which start this is, so that a restarted run
 resumes from its newest checkpoint by itself (:func:`minitrain.commands.start.plan`).
 """
+
 from __future__ import annotations
 
 import os
@@ -65,10 +66,12 @@ def check_restartable() -> None:
     join a process group (see :data:`SHARED_STORE_ENV`): better one line now than a hang after
     the first failure."""
     if max_restarts() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        raise MinitrainError(f"torchrun --max-restarts: a restarted group could not connect, as torchrun shares its "
-                             f"store with the workers and keeps the last attempt's keys in it; set "
-                             f"{SHARED_STORE_ENV}=1 where torchrun starts (on every node), with c10d rendezvous "
-                             "(--standalone or --rdzv-backend=c10d)")
+        raise MinitrainError(
+            f"torchrun --max-restarts: a restarted group could not connect, as torchrun shares its "
+            f"store with the workers and keeps the last attempt's keys in it; set "
+            f"{SHARED_STORE_ENV}=1 where torchrun starts (on every node), with c10d rendezvous "
+            "(--standalone or --rdzv-backend=c10d)"
+        )
 
 
 def active() -> bool:
@@ -96,8 +99,10 @@ def init(device: torch.device) -> torch.device:
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise MinitrainError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
-                                 "here: start at most one process per GPU (--nproc_per_node)")
+            raise MinitrainError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                "here: start at most one process per GPU (--nproc_per_node)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -195,15 +200,33 @@ def shard(loader: Any, train: bool, seed: int = 0) -> Any:
         if is_main():
             import warnings
 
-            warnings.warn(f"{which}: a DataLoader with a sampler of its own gives every one of the {world_size()} "
-                          "ranks the whole data set; give it a DistributedSampler to shard it", stacklevel=3)
+            warnings.warn(
+                f"{which}: a DataLoader with a sampler of its own gives every one of the {world_size()} "
+                "ranks the whole data set; give it a DistributedSampler to shard it",
+                stacklevel=3,
+            )
         return loader
     shuffle = isinstance(sampler, RandomSampler)
-    sampler = (DistributedSampler(loader.dataset, world_size(), rank(), shuffle=shuffle, seed=seed) if train
-               else RankShard(loader.dataset))
-    options = {key: getattr(loader, key) for key in (
-        "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
-        "multiprocessing_context", "generator", "persistent_workers", "pin_memory_device")}
+    sampler = (
+        DistributedSampler(loader.dataset, world_size(), rank(), shuffle=shuffle, seed=seed)
+        if train
+        else RankShard(loader.dataset)
+    )
+    options = {
+        key: getattr(loader, key)
+        for key in (
+            "num_workers",
+            "collate_fn",
+            "pin_memory",
+            "drop_last",
+            "timeout",
+            "worker_init_fn",
+            "multiprocessing_context",
+            "generator",
+            "persistent_workers",
+            "pin_memory_device",
+        )
+    }
     if loader.num_workers:
         options["prefetch_factor"] = loader.prefetch_factor
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **options)

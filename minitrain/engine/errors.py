@@ -1,6 +1,7 @@
 """The exceptions a run ends with on purpose, and how any error becomes one line. MinitrainError is
 what the CLI turns into a single error line (exit code 2, no traceback); TrainingInterrupted,
 into a line saying how to resume."""
+
 from __future__ import annotations
 
 import signal

@@ -6,6 +6,7 @@ it becomes a number only when serialised, which is the reader's choice, not the 
 
 A plugin or recipe declares its own event by subclassing :class:`Event` (see docs/plugins.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,11 @@ Metrics = dict[str, float]
 # what pydantic's own model_construct sets, set through BaseModel's slots directly
 _new, _set = object.__new__, object.__setattr__
 _set_fields_set, _set_extra, _set_private = (
-    BaseModel.__dict__[slot].__set__ for slot in ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__"))
+    BaseModel.__dict__[slot].__set__
+    for slot in ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
+)
 
-EVENT_TYPES: dict[str, type["Event"]] = {}
+EVENT_TYPES: dict[str, type[Event]] = {}
 """Every event class by name, core and plugin-defined alike (filled as classes are declared)."""
 
 
@@ -64,8 +67,9 @@ class Event(BaseModel):
     """Base of every event. Subclass it to declare a new one; its hook is ``on_<snake_name>``
     unless the class sets ``hook``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True,
-                              ser_json_inf_nan="constants")  # a NaN loss is logged as NaN, not null
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", arbitrary_types_allowed=True, ser_json_inf_nan="constants"
+    )  # a NaN loss is logged as NaN, not null
 
     hook: ClassVar[str]
 
@@ -77,7 +81,7 @@ class Event(BaseModel):
         EVENT_TYPES[cls.__name__] = cls
 
     @classmethod
-    def trusted(cls, **fields: Any) -> "Event":
+    def trusted(cls, **fields: Any) -> Event:
         """The event, built without validation, from every one of its fields. Only for values that
         cannot be wrong, such as the loop's own counters and detached loss: the loop builds two
         events per step, and validating them cost more than the rest of its per-step work
@@ -95,7 +99,7 @@ class Event(BaseModel):
         return f'{{"event":"{type(self).__name__}"' + ("}" if body == "{}" else "," + body[1:])
 
     @staticmethod
-    def from_json(line: str) -> "Event":
+    def from_json(line: str) -> Event:
         """Rebuild an event from a line written by :meth:`to_json` (used by replay)."""
         data = json.loads(line)
         name = data.pop("event", None)
@@ -114,13 +118,18 @@ class FitStart(Event):
     device: str
     run_dir: str | None = Field(description="where plugins should write files, if anywhere")
     config: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe config")
-    class_names: list[str] | None = Field(default=None, description="label of each class index, if the recipe names them")
+    class_names: list[str] | None = Field(
+        default=None, description="label of each class index, if the recipe names them"
+    )
     resumed_from: str | None = Field(default=None, description="the checkpoint this fit resumed from, if any")
     changed: dict[str, list[Any]] = Field(
-        default_factory=dict, description="config fields a resume changed: name -> [value in the checkpoint, value now]")
+        default_factory=dict, description="config fields a resume changed: name -> [value in the checkpoint, value now]"
+    )
     restart: Count = Field(
-        default=0, description="which restart of the process group this is under torchrun's --max-restarts (0: the "
-                               "first start); a restart resumes from the newest checkpoint by itself")
+        default=0,
+        description="which restart of the process group this is under torchrun's --max-restarts (0: the "
+        "first start); a restart resumes from the newest checkpoint by itself",
+    )
 
 
 class EpochStart(Event):
@@ -185,7 +194,8 @@ class FitEnd(Event):
     metrics: Metrics = Field(description="metrics of the last completed epoch")
     stop_reason: str | None = Field(default=None, description="why the run stopped before its last epoch, if it did")
     stop_kind: Literal["requested", "signal", "max_time", "max_steps", "nonfinite"] | None = Field(
-        default=None, description="what stopped it: a plugin's request, a signal, a run limit, a non-finite value")
+        default=None, description="what stopped it: a plugin's request, a signal, a run limit, a non-finite value"
+    )
 
 
 class ExceptionRaised(Event):
@@ -207,6 +217,14 @@ class Interrupted(Event):
 
 
 CORE_EVENTS: tuple[type[Event], ...] = (
-    FitStart, EpochStart, BatchStart, BatchEnd, ValidationStart, ValidationEnd, EpochEnd, FitEnd,
-    ExceptionRaised, Interrupted,
+    FitStart,
+    EpochStart,
+    BatchStart,
+    BatchEnd,
+    ValidationStart,
+    ValidationEnd,
+    EpochEnd,
+    FitEnd,
+    ExceptionRaised,
+    Interrupted,
 )

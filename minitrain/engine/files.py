@@ -3,6 +3,7 @@
 Checkpoints, the run's ``config.json`` and ``run.json`` and rewrites of ``metrics.csv`` all go
 through :func:`write_atomic`; a plugin author may use it too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,9 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], what: st
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except Exception as exc:
-        raise MinitrainError(f"could not write {what} {path} ({one_line(exc)}); "
-                             "any previous file there is unchanged") from exc
+        raise MinitrainError(
+            f"could not write {what} {path} ({one_line(exc)}); any previous file there is unchanged"
+        ) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # still there only if the rename did not happen

@@ -14,6 +14,7 @@ Two kinds:
 Implement any of them with ``@minitrain.hookimpl``; arguments may be omitted from the right-hand
 side of the signature (pluggy passes only the names an implementation asks for).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ STEP_HOOKS = PIPELINE_HOOKS - {"check"}
 
 
 # --- pipeline hooks -----------------------------------------------------------------------------
+
 
 @hookspec
 def check(trainer: TrainerView) -> None:
@@ -87,6 +89,7 @@ def eval_step(trainer: TrainerView, batch: Any) -> tuple[torch.Tensor, torch.Ten
 
 
 # --- notification hooks -------------------------------------------------------------------------
+
 
 @hookspec
 def on_event(event: ev.Event, trainer: RunView) -> None:

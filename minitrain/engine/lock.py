@@ -5,6 +5,7 @@ when the process ends, however it ends, so a run killed with SIGKILL never leave
 behind; the file itself stays (removing a lock file invites two processes to lock two files of
 the same name). The holder writes who it is into the file, so that a second start can name it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,9 +67,17 @@ class RunDirLock:
                 time.sleep(0.05)
         file.seek(0)
         file.truncate()
-        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "command": " ".join(["minitrain", *sys.argv[1:]])}) + "\n")
+        file.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "command": " ".join(["minitrain", *sys.argv[1:]]),
+                }
+            )
+            + "\n"
+        )
         file.flush()
         self.file = file
 
@@ -104,8 +113,10 @@ def in_use(run_dir: str | Path) -> bool | None:
 
 def busy(run_dir: str | Path) -> str:
     """The one line that refuses a start into a run directory another process holds."""
-    return (f"run directory {run_dir} is in use by {holder(run_dir)}: a run directory holds one run at a time. "
-            "Wait for it to end, or choose another --run-dir")
+    return (
+        f"run directory {run_dir} is in use by {holder(run_dir)}: a run directory holds one run at a time. "
+        "Wait for it to end, or choose another --run-dir"
+    )
 
 
 def holder(run_dir: str | Path) -> str:
@@ -113,7 +124,9 @@ def holder(run_dir: str | Path) -> str:
     (minitrain run ..., since TIME)``."""
     try:
         info = json.loads((Path(run_dir) / LOCK_FILE).read_text())
-        return (f"process {info['pid']} on {info['host']} ({info['command']}, since "
-                f"{info['started'].replace('T', ' ')[:19]})")
+        return (
+            f"process {info['pid']} on {info['host']} ({info['command']}, since "
+            f"{info['started'].replace('T', ' ')[:19]})"
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"

@@ -12,6 +12,7 @@ a square matrix whose name holds ``confusion`` becomes ``ValidationEnd.confusion
 torchrun torchmetrics sums the states over ranks when the results are computed, so every rank
 sees the figures of the whole validation set.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -32,17 +33,23 @@ CLASSIFIER_LOSSES = (F.cross_entropy, F.nll_loss)
 
 
 def is_classifier(loss_fn: Callable, class_names: list[str] | None) -> bool:
-    return (class_names is not None or loss_fn in CLASSIFIER_LOSSES
-            or isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)))
+    return (
+        class_names is not None
+        or loss_fn in CLASSIFIER_LOSSES
+        or isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
+    )
 
 
 def classification(classes: int) -> MetricCollection:
     """Accuracy (the fraction right, over all samples) and the confusion matrix. Argument checks
     are off: they read the targets on the host at every batch."""
-    return MetricCollection({
-        "acc": MulticlassAccuracy(classes, average="micro", validate_args=False),
-        "confusion": MulticlassConfusionMatrix(classes, validate_args=False),
-    }, compute_groups=False)
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(classes, average="micro", validate_args=False),
+            "confusion": MulticlassConfusionMatrix(classes, validate_args=False),
+        },
+        compute_groups=False,
+    )
 
 
 def collection(metrics: Metric | MetricCollection | dict[str, Metric] | None) -> MetricCollection | None:
@@ -53,8 +60,9 @@ def collection(metrics: Metric | MetricCollection | dict[str, Metric] | None) ->
         return MetricCollection({_snake(type(metrics).__name__): metrics}, compute_groups=False)
     if isinstance(metrics, dict) and all(isinstance(m, Metric) for m in metrics.values()):
         return MetricCollection(dict(metrics), compute_groups=False)
-    raise MinitrainError("metrics must be a torchmetrics Metric, a MetricCollection or a dict of them, "
-                         f"not {type(metrics).__name__}")
+    raise MinitrainError(
+        f"metrics must be a torchmetrics Metric, a MetricCollection or a dict of them, not {type(metrics).__name__}"
+    )
 
 
 def _snake(name: str) -> str:
@@ -89,8 +97,9 @@ class MeanLoss(Metric):
 class Validation:
     """What one validation accumulates: the loss and the recipe's metrics, on the device."""
 
-    def __init__(self, metrics: MetricCollection | None, loss_fn: Callable, classifier: bool,
-                 classes: int | None = None):
+    def __init__(
+        self, metrics: MetricCollection | None, loss_fn: Callable, classifier: bool, classes: int | None = None
+    ):
         self.metrics, self.loss_fn, self.classifier = metrics, loss_fn, classifier
         if metrics is None and classifier and classes:
             self.metrics = classification(classes)
@@ -143,10 +152,10 @@ class Validation:
         values = torch.cat([v.detach().double().flatten() for v in computed.values()]).tolist()  # the one read
         metrics, confusion, at = {}, None, 0
         for name, tensor in computed.items():
-            flat, at = values[at:at + tensor.numel()], at + tensor.numel()
+            flat, at = values[at : at + tensor.numel()], at + tensor.numel()
             if "confusion" in name and tensor.dim() == 2 and tensor.shape[0] == tensor.shape[1]:
                 n = tensor.shape[0]
-                confusion = [[int(v) for v in flat[i * n:(i + 1) * n]] for i in range(n)]
+                confusion = [[int(v) for v in flat[i * n : (i + 1) * n]] for i in range(n)]
             elif tensor.dim() == 0:
                 metrics[name] = flat[0]
             else:

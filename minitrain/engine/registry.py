@@ -16,6 +16,7 @@ registered as it is. Optional class attributes:
   or reconfigure such a plugin;
 * ``state_dict()`` / ``load_state_dict()``: state that checkpoints carry.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from minitrain.engine import distributed, hookspecs
 from minitrain.engine.dispatch import PluginManager
-from minitrain.engine.errors import MinitrainError
-from minitrain.engine.errors import describe_validation_error, one_line
+from minitrain.engine.errors import MinitrainError, describe_validation_error, one_line
 from minitrain.engine.hookspecs import PIPELINE_HOOKS, STEP_HOOKS
 
 ENTRY_POINT_GROUP = "minitrain"
@@ -96,8 +96,11 @@ def discover(autoload_third_party: bool | None = None) -> dict[str, PluginInfo]:
         dist = ep.dist.name if ep.dist else None
         info = PluginInfo(ep.name, distribution=dist, version=ep.dist.version if ep.dist else None)
         if ep.name in found:
-            warnings.warn(f"plugin {ep.name!r} is offered by both {found[ep.name].distribution} and {dist}; "
-                          f"using {found[ep.name].distribution}", stacklevel=2)
+            warnings.warn(
+                f"plugin {ep.name!r} is offered by both {found[ep.name].distribution} and {dist}; "
+                f"using {found[ep.name].distribution}",
+                stacklevel=2,
+            )
             continue
         found[ep.name] = info
         if not autoload_third_party and dist != FIRST_PARTY:
@@ -225,9 +228,12 @@ def recorded_options(plugin: Any) -> dict[str, Any]:
     return options
 
 
-def resolve_resumed(recorded: dict[str, dict[str, Any]], requests: list[PluginRequest | object],
-                    disabled: set[str], available: dict[str, PluginInfo] | None = None,
-                    ) -> tuple[list[tuple[str, Any]], dict[str, list[Any]]]:
+def resolve_resumed(
+    recorded: dict[str, dict[str, Any]],
+    requests: list[PluginRequest | object],
+    disabled: set[str],
+    available: dict[str, PluginInfo] | None = None,
+) -> tuple[list[tuple[str, Any]], dict[str, list[Any]]]:
     """The plugins a resumed run goes on with: those it ``recorded`` (name -> options), each
     with its options, whatever is on by default now. ``requests`` (``--plugin``) may add an
     observer or change an observer's options, and ``disabled`` (``--no-plugin``) drop one; the
@@ -246,8 +252,10 @@ def resolve_resumed(recorded: dict[str, dict[str, Any]], requests: list[PluginRe
         if name not in available:
             if "." not in name:
                 used = "the run used" if name in recorded else "unknown"
-                raise MinitrainError(f"--resume: {used} plugin {name!r}, which is not installed here "
-                                     f"(installed: {', '.join(sorted(available)) or 'none'})")
+                raise MinitrainError(
+                    f"--resume: {used} plugin {name!r}, which is not installed here "
+                    f"(installed: {', '.join(sorted(available)) or 'none'})"
+                )
             available[name] = import_plugin(name)
         return available[name]
 
@@ -283,10 +291,12 @@ def resolve_resumed(recorded: dict[str, dict[str, Any]], requests: list[PluginRe
         del chosen[name]
     if refused:
         they = "it changes" if len(refused) == 1 else "they change"
-        raise MinitrainError(f"--resume: cannot {'; '.join(refused)}: {they} training, and the checkpoint holds "
-                             "what the run computed with its plugins as they were. Resume with the run's plugins "
-                             "(observers, such as loggers and plots, may be added, changed or left out), or start a "
-                             "new run (another --run-dir; --init-from CHECKPOINT starts from its weights)")
+        raise MinitrainError(
+            f"--resume: cannot {'; '.join(refused)}: {they} training, and the checkpoint holds "
+            "what the run computed with its plugins as they were. Resume with the run's plugins "
+            "(observers, such as loggers and plots, may be added, changed or left out), or start a "
+            "new run (another --run-dir; --init-from CHECKPOINT starts from its weights)"
+        )
     return list(chosen.items()), changes
 
 
@@ -318,6 +328,7 @@ def _guarded(function: Callable, plugin: str, hook: str, on_failure: Callable) -
             return function(*args)
         except Exception as exc:
             failed(exc)
+
     guarded.minitrain_failed = failed  # minitrain.engine.dispatch calls `function` and this itself
     return guarded
 
@@ -327,8 +338,10 @@ def _is_guarded(function: Callable) -> bool:
 
 
 def _specs_added(pm: pluggy.PluginManager, specs: Any) -> bool:
-    return any(getattr(caller, "spec", None) is not None and caller.spec.namespace is specs
-               for caller in vars(pm.hook).values())
+    return any(
+        getattr(caller, "spec", None) is not None and caller.spec.namespace is specs
+        for caller in vars(pm.hook).values()
+    )
 
 
 def check_hooks(pm: pluggy.PluginManager) -> None:
@@ -340,16 +353,21 @@ def check_hooks(pm: pluggy.PluginManager) -> None:
             continue
         for impl in caller.get_hookimpls():
             if not impl.optionalhook:
-                raise MinitrainError(f"plugin {pm.get_name(impl.plugin)!r} implements unknown hook "
-                                     f"{name!r} (known hooks: {', '.join(known)})")
+                raise MinitrainError(
+                    f"plugin {pm.get_name(impl.plugin)!r} implements unknown hook "
+                    f"{name!r} (known hooks: {', '.join(known)})"
+                )
 
 
 def _default_name(plugin: Any) -> str:
     return getattr(plugin, "__name__", None) or type(plugin).__name__.lower()
 
 
-def resolve(requests: list[PluginRequest | object], disabled: set[str] = frozenset(),
-            available: dict[str, PluginInfo] | None = None) -> list[tuple[str, Any]]:
+def resolve(
+    requests: list[PluginRequest | object],
+    disabled: set[str] = frozenset(),
+    available: dict[str, PluginInfo] | None = None,
+) -> list[tuple[str, Any]]:
     """Turn the default plugins plus ``requests`` (names with options, or plugin objects given
     directly by a recipe) minus ``disabled`` into ``(name, object)`` pairs ready to register. A
     name with a dot that no entry point offers is an import path (:func:`import_plugin`)."""
@@ -360,8 +378,10 @@ def resolve(requests: list[PluginRequest | object], disabled: set[str] = frozens
         if isinstance(req, PluginRequest):
             if req.name not in available:
                 if "." not in req.name:
-                    raise MinitrainError(f"unknown plugin {req.name!r} (known: {', '.join(sorted(available)) or 'none'}; "
-                                         "a plugin in a local file is named by its import path, module.Class)")
+                    raise MinitrainError(
+                        f"unknown plugin {req.name!r} (known: {', '.join(sorted(available)) or 'none'}; "
+                        "a plugin in a local file is named by its import path, module.Class)"
+                    )
                 available[req.name] = import_plugin(req.name)
             wanted.setdefault(req.name, {}).update(req.options)
         else:
@@ -394,8 +414,10 @@ def _import(path: str, module: str, missing: str | None = None) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name != module and not module.startswith(f"{exc.name}."):
             raise MinitrainError(f"plugin {path!r}: failed to import: {one_line(exc)}") from None
-        raise MinitrainError(f"plugin {path!r}: {missing or f'no module {module!r}'} (looked in the current "
-                             "directory, the recipe's folder and the installed packages)") from None
+        raise MinitrainError(
+            f"plugin {path!r}: {missing or f'no module {module!r}'} (looked in the current "
+            "directory, the recipe's folder and the installed packages)"
+        ) from None
     except Exception as exc:
         raise MinitrainError(f"plugin {path!r}: failed to import {module}: {one_line(exc)}") from None
 

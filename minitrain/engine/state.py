@@ -1,5 +1,6 @@
 """Where a run is: one object that the loop advances, checkpoints save, events report and plugins
 read (``trainer.state``), and why it stopped, as a typed value rather than text to parse."""
+
 from __future__ import annotations
 
 import enum
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-class StopKind(str, enum.Enum):
+class StopKind(enum.StrEnum):
     """Why a run ended before its last epoch."""
 
     REQUESTED = "requested"  # a plugin asked (early stopping, a pruned sweep trial)

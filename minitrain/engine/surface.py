@@ -11,6 +11,7 @@ What the step's plugins share among themselves is :class:`Shared` (``trainer.sha
 plugin's options are a :class:`PluginConfig`. Whatever is not here (the plugin manager, the
 loop's resolved calls, private attributes) may change without notice.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable

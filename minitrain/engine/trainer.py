@@ -10,6 +10,7 @@ It is also where a run survives what goes wrong around it (docs/plugins.md, "Fau
 observer plugin that raises is disabled and the run goes on; SIGINT/SIGTERM stop it at the next
 step boundary; a non-finite loss stops it (or, by policy, the step is skipped).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,11 +32,17 @@ from minitrain.engine import distributed
 from minitrain.engine import events as ev
 from minitrain.engine.device import batch_size, get_rng_state, resolve_device, set_rng_state
 from minitrain.engine.dispatch import PluginManager
-from minitrain.engine.errors import MinitrainError, NonFiniteError, NothingTrained, TrainingInterrupted
-from minitrain.engine.errors import one_line
+from minitrain.engine.errors import MinitrainError, NonFiniteError, NothingTrained, TrainingInterrupted, one_line
 from minitrain.engine.metrics import Validation, collection, is_classifier
 from minitrain.engine.registry import (
-    CORE, ObserverFailed, check_hooks, guard_observers, make_plugin_manager, recorded_options, register_plugin, resolve,
+    CORE,
+    ObserverFailed,
+    check_hooks,
+    guard_observers,
+    make_plugin_manager,
+    recorded_options,
+    register_plugin,
+    resolve,
 )
 from minitrain.engine.state import Limits, RunState, Stop, StopKind
 from minitrain.engine.surface import Shared
@@ -88,8 +95,12 @@ class Trainer:
         self.config = config or {}
         self.class_names = class_names
         self.nonfinite_loss = nonfinite_loss
-        self.validation = Validation(collection(metrics), eval_loss_fn or loss_fn, is_classifier(loss_fn, class_names),
-                                     len(class_names) if class_names else None)
+        self.validation = Validation(
+            collection(metrics),
+            eval_loss_fn or loss_fn,
+            is_classifier(loss_fn, class_names),
+            len(class_names) if class_names else None,
+        )
         self.pm = plugin_manager or make_plugin_manager()
         if not isinstance(self.pm, PluginManager):
             raise MinitrainError("plugin_manager must be one made by minitrain.engine.registry.make_plugin_manager()")
@@ -98,7 +109,7 @@ class Trainer:
         for plugin in plugins:
             register_plugin(self.pm, plugin)
         check_hooks(self.pm)
-        self.hook = self.pm.hook    # pluggy's hook callers, for calls outside the loop
+        self.hook = self.pm.hook  # pluggy's hook callers, for calls outside the loop
         self.calls = self.pm.calls  # the same hooks, resolved once for the loop (minitrain.engine.dispatch)
 
         self.state = RunState(loss_sum=torch.zeros((), device=self.device))
@@ -127,19 +138,27 @@ class Trainer:
         calls it when nobody has."""
         state, limits = self.state, self.limits
         if state.epoch >= self.epochs:
-            raise MinitrainError(f"nothing to train: {state.epoch} of {self.epochs} epochs are done (to train on, "
-                                 "raise epochs: --set epochs=N with --resume, or trainer.epochs)")
+            raise MinitrainError(
+                f"nothing to train: {state.epoch} of {self.epochs} epochs are done (to train on, "
+                "raise epochs: --set epochs=N with --resume, or trainer.epochs)"
+            )
         if limits.max_steps is not None and state.global_step >= limits.max_steps:
-            raise MinitrainError(f"nothing to train: max_steps={limits.max_steps} are done (to train on, raise "
-                                 "max_steps: --set max_steps=N with --resume)")
+            raise MinitrainError(
+                f"nothing to train: max_steps={limits.max_steps} are done (to train on, raise "
+                "max_steps: --set max_steps=N with --resume)"
+            )
         if _length(self.train_loader) == 0:
-            raise MinitrainError("the training loader has no batches (is the data set smaller than one batch "
-                                 "with drop_last?)")
-        for name, limit, loader in (("limit_train_batches", limits.train_batches, self.train_loader),
-                                    ("limit_val_batches", limits.val_batches, self.val_loader)):
+            raise MinitrainError(
+                "the training loader has no batches (is the data set smaller than one batch with drop_last?)"
+            )
+        for name, limit, loader in (
+            ("limit_train_batches", limits.train_batches, self.train_loader),
+            ("limit_val_batches", limits.val_batches, self.val_loader),
+        ):
             if isinstance(limit, float) and loader is not None and _length(loader) is None:
-                raise MinitrainError(f"{name} is a fraction, but the loader has no length to take it of; give a "
-                                     "number of batches")
+                raise MinitrainError(
+                    f"{name} is a fraction, but the loader has no length to take it of; give a number of batches"
+                )
         if self.calls.check:
             self.calls.check(self)
         self.checked = True
@@ -169,8 +188,10 @@ class Trainer:
         self._alone = distributed.world_size() == 1  # under torchrun, ranks stop together (_stopping)
         self._finite_through, first_step, self._skipped_in_fit = self.state.global_step, self.state.global_step, 0
         if self.nonfinite_loss == "skip" and distributed.world_size() > 1:
-            raise MinitrainError("nonfinite_loss=skip needs one process: under torchrun a rank that skips "
-                                 "its backward would leave the others waiting for its gradients")
+            raise MinitrainError(
+                "nonfinite_loss=skip needs one process: under torchrun a rank that skips "
+                "its backward would leave the others waiting for its gradients"
+            )
         guard_observers(self.pm, self._observer_failed)
         with self._holding_run_dir():
             self._fit(first_step)
@@ -182,13 +203,21 @@ class Trainer:
             try:
                 self.calls.setup(self)
                 self.validation.to(self.device)
-                self.emit(ev.FitStart(
-                    epochs=self.epochs, start_epoch=state.epoch + 1, global_step=state.global_step,
-                    steps_per_epoch=self.steps_per_epoch, device=str(self.device),
-                    run_dir=None if self.run_dir is None else str(self.run_dir), config=self.config,
-                    class_names=self.class_names, resumed_from=self.resumed_from, changed=self.config_changes,
-                    restart=self.restart,
-                ))
+                self.emit(
+                    ev.FitStart(
+                        epochs=self.epochs,
+                        start_epoch=state.epoch + 1,
+                        global_step=state.global_step,
+                        steps_per_epoch=self.steps_per_epoch,
+                        device=str(self.device),
+                        run_dir=None if self.run_dir is None else str(self.run_dir),
+                        config=self.config,
+                        class_names=self.class_names,
+                        resumed_from=self.resumed_from,
+                        changed=self.config_changes,
+                        restart=self.restart,
+                    )
+                )
                 while state.epoch < self.epochs and not self._stopping():
                     self._train_epoch()
                 if self._nonfinite is not None:
@@ -196,23 +225,39 @@ class Trainer:
                 if self._signal is not None:
                     raise TrainingInterrupted(self._signal, graceful=True)
                 if state.global_step > first_step and self._skipped_in_fit == state.global_step - first_step:
-                    raise NothingTrained(f"no step trained: all {state.global_step - first_step} steps had a "
-                                         "non-finite loss and were skipped (nonfinite_loss=skip)")
+                    raise NothingTrained(
+                        f"no step trained: all {state.global_step - first_step} steps had a "
+                        "non-finite loss and were skipped (nonfinite_loss=skip)"
+                    )
             except KeyboardInterrupt as exc:
-                self._announce(ev.Interrupted(epoch=self.epoch_number, global_step=state.global_step,
-                                              signal=getattr(exc, "signal", "SIGINT")))
+                self._announce(
+                    ev.Interrupted(
+                        epoch=self.epoch_number, global_step=state.global_step, signal=getattr(exc, "signal", "SIGINT")
+                    )
+                )
                 raise
             except Exception as exc:
                 self._log_error("the run failed", exc)
-                self._announce(ev.ExceptionRaised(
-                    epoch=self.epoch_number, global_step=state.global_step, error_type=type(exc).__name__,
-                    message=str(exc), traceback=traceback.format_exc(),
-                ))
+                self._announce(
+                    ev.ExceptionRaised(
+                        epoch=self.epoch_number,
+                        global_step=state.global_step,
+                        error_type=type(exc).__name__,
+                        message=str(exc),
+                        traceback=traceback.format_exc(),
+                    )
+                )
                 raise
         stop = state.stop
-        self.emit(ev.FitEnd(epochs_completed=state.epoch, global_step=state.global_step, metrics=state.metrics,
-                            stop_reason=None if stop is None else stop.reason,
-                            stop_kind=None if stop is None else stop.kind.value))
+        self.emit(
+            ev.FitEnd(
+                epochs_completed=state.epoch,
+                global_step=state.global_step,
+                metrics=state.metrics,
+                stop_reason=None if stop is None else stop.reason,
+                stop_kind=None if stop is None else stop.kind.value,
+            )
+        )
 
     @property
     def epoch_number(self) -> int:
@@ -226,15 +271,22 @@ class Trainer:
         self._running = number
         skip = self.nonfinite_loss == "skip"
         batches = self._batches()
-        self.emit(ev.EpochStart(epoch=number, global_step=state.global_step, steps=self.steps_per_epoch,
-                                start_batch=state.batch_idx))
+        self.emit(
+            ev.EpochStart(
+                epoch=number, global_step=state.global_step, steps=self.steps_per_epoch, start_batch=state.batch_idx
+            )
+        )
         self.model.train()
         started, samples = time.perf_counter(), 0
         for batch in batches:
             n = batch_size(batch)
             if calls.on_batch_start:  # a per-step event is built only if someone listens, and unvalidated
-                calls.on_batch_start(ev.BatchStart.trusted(
-                    epoch=number, batch_idx=state.batch_idx, global_step=state.global_step, batch_size=n), self)
+                calls.on_batch_start(
+                    ev.BatchStart.trusted(
+                        epoch=number, batch_idx=state.batch_idx, global_step=state.global_step, batch_size=n
+                    ),
+                    self,
+                )
             state.in_step = True
             loss = calls.train_step(self, batch)
             if skip and not torch.isfinite(loss):  # policy "skip" only: a host sync per step
@@ -251,9 +303,16 @@ class Trainer:
             state.in_step = False
             samples += n
             if calls.on_batch_end:
-                calls.on_batch_end(ev.BatchEnd.trusted(
-                    epoch=number, batch_idx=state.batch_idx - 1, global_step=state.global_step, batch_size=n,
-                    loss=loss), self)
+                calls.on_batch_end(
+                    ev.BatchEnd.trusted(
+                        epoch=number,
+                        batch_idx=state.batch_idx - 1,
+                        global_step=state.global_step,
+                        batch_size=n,
+                        loss=loss,
+                    ),
+                    self,
+                )
             if state.stop is not None and self._alone:
                 return  # stopped mid-epoch: progress stays here so a checkpoint resumes from it
 
@@ -279,8 +338,10 @@ class Trainer:
         if skip:
             metrics["skipped_steps"] = float(state.skipped)
             if state.skipped:
-                warnings.warn(f"epoch {number}: skipped {state.skipped} step(s) with a non-finite loss "
-                              "(nonfinite_loss=skip)", stacklevel=2)
+                warnings.warn(
+                    f"epoch {number}: skipped {state.skipped} step(s) with a non-finite loss (nonfinite_loss=skip)",
+                    stacklevel=2,
+                )
         if self.val_loader is not None:
             metrics.update(self.validate(number))
         if self.scheduler is not None and self.scheduler_interval == "epoch":
@@ -346,7 +407,8 @@ class Trainer:
         except AttributeError:  # no spec: an optionalhook implementation alone is not one
             raise MinitrainError(
                 f"event {type(event).__name__} has no hook {event.hook!r}: register its hookspec "
-                "(a plugin's `hookspecs` attribute) before emitting it") from None
+                "(a plugin's `hookspecs` attribute) before emitting it"
+            ) from None
         if notify is not None:
             notify(event, self)
 
@@ -360,8 +422,11 @@ class Trainer:
         planned it, else (a trainer built by hand) those registered."""
         if self.recorded_plugins is not None:
             return dict(self.recorded_plugins)
-        return {name: recorded_options(plugin) for name, plugin in self.pm.list_name_plugin()
-                if plugin is not None and name != CORE}
+        return {
+            name: recorded_options(plugin)
+            for name, plugin in self.pm.list_name_plugin()
+            if plugin is not None and name != CORE
+        }
 
     def remove_plugin(self, plugin: object) -> None:
         """Unregister ``plugin``: the loop makes no more calls to it."""
@@ -386,8 +451,10 @@ class Trainer:
             if not math.isfinite(loss_sum):
                 self._nonfinite = self._nonfinite_loss(loss_sum)
             elif weights and (bad := _nonfinite_tensors(self.module)):
-                self._nonfinite = (f"non-finite weights after step {self.state.global_step} ({', '.join(bad)}); "
-                                   "stopped before saving them")
+                self._nonfinite = (
+                    f"non-finite weights after step {self.state.global_step} ({', '.join(bad)}); "
+                    "stopped before saving them"
+                )
             else:
                 self._finite_through = self.state.global_step
             if self._nonfinite is not None:
@@ -397,8 +464,10 @@ class Trainer:
     def _nonfinite_loss(self, loss_sum: float) -> str:
         first, last = self._finite_through + 1, self.state.global_step
         steps = f"step {last}" if first >= last else f"steps {first}-{last}"
-        return (f"non-finite training loss ({loss_sum}) in epoch {self.state.epoch + 1}, {steps}; stopped "
-                "(--set nonfinite_loss=skip skips such steps instead)")
+        return (
+            f"non-finite training loss ({loss_sum}) in epoch {self.state.epoch + 1}, {steps}; stopped "
+            "(--set nonfinite_loss=skip skips such steps instead)"
+        )
 
     # --- faults -----------------------------------------------------------------------------
 
@@ -467,8 +536,12 @@ class Trainer:
             return
         self.pm.unregister(name=plugin)
         where = self._log_error(f"plugin {plugin!r} failed in {hook} and was disabled", exc)
-        warnings.warn(f"plugin {plugin!r} failed in {hook} ({one_line(exc)}) and is disabled for the rest of "
-                      f"the run; training goes on{where}", ObserverFailed, stacklevel=2)
+        warnings.warn(
+            f"plugin {plugin!r} failed in {hook} ({one_line(exc)}) and is disabled for the rest of "
+            f"the run; training goes on{where}",
+            ObserverFailed,
+            stacklevel=2,
+        )
 
     def _announce(self, event: ev.Event) -> None:
         """Deliver a final event (ExceptionRaised, Interrupted) to every plugin, each on its own,
@@ -482,8 +555,10 @@ class Trainer:
                 except Exception as exc:
                     name = self.pm.get_name(impl.plugin)
                     where = self._log_error(f"plugin {name!r} failed in {hook} while the run was stopping", exc)
-                    warnings.warn(f"plugin {name!r} failed in {hook} while the run was stopping "
-                                  f"({one_line(exc)}){where}", stacklevel=2)
+                    warnings.warn(
+                        f"plugin {name!r} failed in {hook} while the run was stopping ({one_line(exc)}){where}",
+                        stacklevel=2,
+                    )
 
     def _log_error(self, title: str, exc: BaseException) -> str:
         """Append ``exc``'s traceback to the run's error log; returns `` (traceback in PATH)``, or
@@ -512,9 +587,14 @@ class Trainer:
         state = {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "progress": {"epoch": run.epoch, "batch_idx": run.batch_idx, "global_step": run.global_step,
-                         "loss_sum": run.loss_sum.detach().cpu(), "skipped": run.skipped,
-                         "metrics": dict(run.metrics)},
+            "progress": {
+                "epoch": run.epoch,
+                "batch_idx": run.batch_idx,
+                "global_step": run.global_step,
+                "loss_sum": run.loss_sum.detach().cpu(),
+                "skipped": run.skipped,
+                "metrics": dict(run.metrics),
+            },
             "rng": get_rng_state(),
             "plugins": {name: plugin.state_dict() for name, plugin in self._stateful_plugins()},
         }
@@ -542,8 +622,11 @@ class Trainer:
                 plugin.load_state_dict(saved[name])
 
     def _stateful_plugins(self) -> list[tuple[str, Any]]:
-        return [(name, plugin) for name, plugin in self.pm.list_name_plugin()
-                if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None))]
+        return [
+            (name, plugin)
+            for name, plugin in self.pm.list_name_plugin()
+            if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None))
+        ]
 
 
 def _own_entry(ranks: Any) -> dict[str, Any] | None:

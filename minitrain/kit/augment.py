@@ -6,6 +6,7 @@ The untranslated image is the most informative view, so with ``translate`` the s
 together weigh as much as it does (each flip pair is averaged first): the weighting of the fast
 CIFAR-10 scripts.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 def augmented_logits(model, inputs: torch.Tensor, flip: bool = True, translate: int = 0) -> torch.Tensor:
     """``model``'s logits for ``inputs`` (N×C×H×W) averaged over the views described above."""
+
     def mirrored(x: torch.Tensor) -> torch.Tensor:
         return (model(x) + model(x.flip(3))) / 2 if flip else model(x)
 
@@ -22,7 +24,7 @@ def augmented_logits(model, inputs: torch.Tensor, flip: bool = True, translate: 
     if translate:
         t, (h, w) = translate, inputs.shape[2:]
         padded = F.pad(inputs, (t,) * 4, mode="reflect")
-        shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2 * t:, 2 * t:])) / 2
+        shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2 * t :, 2 * t :])) / 2
         logits = (logits + shifted) / 2
     return logits
 

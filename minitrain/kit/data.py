@@ -1,6 +1,7 @@
 """CIFAR-10 from torchvision's on-disk layout, and a loader that batches and augments whole
 tensors (in host memory, or resident on the device) deterministically enough to resume exactly.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,11 @@ def load_cifar10(data_dir: str | Path, train: bool, download: bool = True) -> tu
     differ = [n for n, raw in raws.items() if hashlib.md5(raw).hexdigest() != CIFAR10_MD5[n]]
     if differ and folder not in _checksums_reported and distributed.is_main():  # once per command
         _checksums_reported.add(folder)
-        warnings.warn(f"{folder}: checksums of {', '.join(differ)} differ from the official release "
-                      "(expected for a losslessly rebuilt copy; contents are checked instead)", stacklevel=2)
+        warnings.warn(
+            f"{folder}: checksums of {', '.join(differ)} differ from the official release "
+            "(expected for a losslessly rebuilt copy; contents are checked instead)",
+            stacklevel=2,
+        )
     images, labels = zip(*(_read_batch(folder / n, raw) for n, raw in raws.items()))
     return torch.cat(images), torch.cat(labels)
 
@@ -64,9 +68,14 @@ class _ArraysOnly(pickle.Unpickler):
     """CIFAR-10's batches are pickles, and unpickling can run any code the file names. These
     files only ever hold numpy arrays in plain dicts and lists, so nothing else is looked up."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -82,8 +91,10 @@ def _read_batch(path: Path, raw: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         raise MinitrainError(f"{path}: not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from None
     shape = getattr(data, "shape", None)
     if shape is None or len(shape) != 2 or shape[1] != 3 * 32 * 32 or labels is None or len(labels) != shape[0]:
-        raise MinitrainError(f"{path}: expected 'data' of shape (N, 3072) and N 'labels', "
-                             f"got data {shape} and {None if labels is None else len(labels)} labels")
+        raise MinitrainError(
+            f"{path}: expected 'data' of shape (N, 3072) and N 'labels', "
+            f"got data {shape} and {None if labels is None else len(labels)} labels"
+        )
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     if images.dtype != torch.uint8:
         raise MinitrainError(f"{path}: expected uint8 pixels, got {images.dtype}")
@@ -103,9 +114,11 @@ def _download(root: Path) -> None:
 
 
 def _missing_message(folder: Path, missing: list[str]) -> str:
-    return (f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}. Put the python version of "
-            f"CIFAR-10 ({CIFAR10_URL}) there, unpacked, or point MINITRAIN_DATA / --set data_dir= "
-            "at the folder that holds cifar-10-batches-py/")
+    return (
+        f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}. Put the python version of "
+        f"CIFAR-10 ({CIFAR10_URL}) there, unpacked, or point MINITRAIN_DATA / --set data_dir= "
+        "at the folder that holds cifar-10-batches-py/"
+    )
 
 
 def _seed(*parts: int) -> int:
@@ -139,12 +152,28 @@ class ImageLoader:
     image is counted exactly once. Augmentation draws differ per rank.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 device: str | torch.device = "cpu", resident: bool = False, shuffle: bool = False,
-                 crop: int = 0, pad_mode: str = "constant", flip: str = "none", seed: int = 0,
-                 drop_last: bool = False, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, normalize_once: bool = False,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        device: str | torch.device = "cpu",
+        resident: bool = False,
+        shuffle: bool = False,
+        crop: int = 0,
+        pad_mode: str = "constant",
+        flip: str = "none",
+        seed: int = 0,
+        drop_last: bool = False,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        normalize_once: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         if batch_size < 1:
             raise MinitrainError(f"batch_size must be positive, got {batch_size}")
         if flip not in ("none", "random", "alternate"):
@@ -193,10 +222,10 @@ class ImageLoader:
         else:
             order = torch.arange(len(self.labels), device=self.data_device)
         if self.world_size > 1:
-            order = order[:self.shard_size * self.world_size if self.shuffle else None][self.rank::self.world_size]
+            order = order[: self.shard_size * self.world_size if self.shuffle else None][self.rank :: self.world_size]
         rank = (self.rank,) if self.world_size > 1 else ()  # one process keeps its seeds as they were
         for b in range(start, len(self)):
-            idx = order[b * bs:(b + 1) * bs]
+            idx = order[b * bs : (b + 1) * bs]
             images, labels = self.images[idx], self.labels[idx]
             if self.crop or self.flip != "none":
                 gen.manual_seed(_seed(self.seed, epoch, b, *rank))
@@ -246,14 +275,32 @@ def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator, mode: str 
     return padded[batch, channel, rows, cols]
 
 
-def cifar10_loaders(data_dir: str | Path, batch_size: int, *, device: str | torch.device = "cpu",
-                    resident: bool = False, seed: int = 0, crop: int = 4, flip: str = "random",
-                    eval_batch_size: int | None = None, **options) -> tuple[ImageLoader, ImageLoader]:
+def cifar10_loaders(
+    data_dir: str | Path,
+    batch_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    resident: bool = False,
+    seed: int = 0,
+    crop: int = 4,
+    flip: str = "random",
+    eval_batch_size: int | None = None,
+    **options,
+) -> tuple[ImageLoader, ImageLoader]:
     """Training loader (shuffled, augmented) and test loader for CIFAR-10 in ``data_dir``."""
     train_x, train_y = load_cifar10(data_dir, train=True)
     test_x, test_y = load_cifar10(data_dir, train=False)
-    train = ImageLoader(train_x, train_y, batch_size, device=device, resident=resident, shuffle=True,
-                        crop=crop, flip=flip, seed=seed, **options)
-    test = ImageLoader(test_x, test_y, eval_batch_size or batch_size * 2, device=device,
-                       resident=resident, **options)
+    train = ImageLoader(
+        train_x,
+        train_y,
+        batch_size,
+        device=device,
+        resident=resident,
+        shuffle=True,
+        crop=crop,
+        flip=flip,
+        seed=seed,
+        **options,
+    )
+    test = ImageLoader(test_x, test_y, eval_batch_size or batch_size * 2, device=device, resident=resident, **options)
     return train, test

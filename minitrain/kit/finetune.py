@@ -10,6 +10,7 @@ classes) is an error listing each by name and shape, unless the run asks to skip
 Freezing is a recipe config field every recipe has, ``freeze``: glob patterns matched against
 parameter names and their enclosing modules (``--set freeze=whiten,blocks.0``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -29,11 +30,15 @@ def init_from(model: torch.nn.Module, path: str | Path, skip_mismatched: bool = 
     own = model.state_dict()
     misfits = checkpointing.misfits(own, saved)
     if misfits and not skip_mismatched:
-        raise MinitrainError(f"--init-from {path}: {len(misfits)} tensor(s) do not fit the model: "
-                             f"{'; '.join(misfits)} (--init-skip-mismatched starts them from the recipe's "
-                             "initialisation instead)")
-    model.load_state_dict({name: tensor for name, tensor in saved.items()
-                           if name in own and tensor.shape == own[name].shape}, strict=False)
+        raise MinitrainError(
+            f"--init-from {path}: {len(misfits)} tensor(s) do not fit the model: "
+            f"{'; '.join(misfits)} (--init-skip-mismatched starts them from the recipe's "
+            "initialisation instead)"
+        )
+    model.load_state_dict(
+        {name: tensor for name, tensor in saved.items() if name in own and tensor.shape == own[name].shape},
+        strict=False,
+    )
     return misfits
 
 
@@ -47,8 +52,10 @@ def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:
     matches = {pattern: [n for n in names if _matches(n, pattern)] for pattern in patterns}
     unmatched = [pattern for pattern, found in matches.items() if not found]
     if unmatched:
-        raise MinitrainError(f"freeze: {', '.join(map(repr, unmatched))} match(es) no parameter "
-                             f"(names look like {', '.join(names[:4])}, ...)")
+        raise MinitrainError(
+            f"freeze: {', '.join(map(repr, unmatched))} match(es) no parameter "
+            f"(names look like {', '.join(names[:4])}, ...)"
+        )
     frozen = {name for found in matches.values() for name in found}
     for name, parameter in model.named_parameters():
         if name in frozen:
@@ -60,4 +67,3 @@ def _matches(name: str, pattern: str) -> bool:
     """``blocks.0`` matches ``blocks.0.conv.weight``: the name or one of its dotted prefixes."""
     parts = name.split(".")
     return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
-

@@ -11,6 +11,7 @@ Groups with ``orthogonalize=False`` get plain SGD with coupled weight decay and 
 momentum, the arithmetic of ``torch.optim.SGD``, so a single optimizer — and a single
 learning-rate schedule — covers a model whose filters use Muon while its biases and head do not.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,14 +41,33 @@ class Muon(torch.optim.Optimizer):
     norm sqrt(rows): for filters followed by BatchNorm the scale is irrelevant, and fixing it keeps
     the effective step size fixed, in place of weight decay) and ``ns_steps``."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, orthogonalize: bool = False, normalize: bool = False,
-                 ns_steps: int = 3):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        orthogonalize: bool = False,
+        normalize: bool = False,
+        ns_steps: int = 3,
+    ):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
-            raise ValueError(f"Muon: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay} "
-                             f"or ns_steps={ns_steps}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      orthogonalize=orthogonalize, normalize=normalize, ns_steps=ns_steps))
+            raise ValueError(
+                f"Muon: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay} or ns_steps={ns_steps}"
+            )
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                orthogonalize=orthogonalize,
+                normalize=normalize,
+                ns_steps=ns_steps,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

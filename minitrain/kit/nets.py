@@ -1,4 +1,5 @@
 """Building blocks of the fast CIFAR-10 networks, shared by the recipes."""
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ class PatchWhitening(nn.Conv2d):
     def init_from(self, images: torch.Tensor) -> None:
         """``images``: normalised float N×C×H×W training images (a few thousand suffice)."""
         c, h, w = self.weight.shape[1:]
-        patches = images.float().unfold(2, h, 1).unfold(3, w, 1)          # N, C, H', W', h, w
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1)  # N, C, H', W', h, w
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w).double()
         eigvals, eigvecs = torch.linalg.eigh(patches.T @ patches / len(patches))
         filters = (eigvecs.T / torch.sqrt(eigvals + self.eps)[:, None]).reshape(-1, c, h, w)
@@ -37,19 +38,23 @@ def batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
 class ConvBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, bn_momentum: float):
         super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), batch_norm(c_out, bn_momentum), nn.GELU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), batch_norm(c_out, bn_momentum), nn.GELU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.MaxPool2d(2),
+            batch_norm(c_out, bn_momentum),
+            nn.GELU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            batch_norm(c_out, bn_momentum),
+            nn.GELU(),
         )
         for conv in (self[0], self[4]):  # start near identity on the channels that carry through
-            nn.init.dirac_(conv.weight[:min(conv.in_channels, conv.out_channels)])
+            nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
 
 
 class ConvNet(nn.Module):
     """Patch whitening, three conv blocks that each halve the resolution, max-pool, linear head
     with scaled-down logits."""
 
-    def __init__(self, widths=(64, 256, 256), classes: int = 10, bn_momentum: float = 0.4,
-                 logit_scale: float = 1 / 9):
+    def __init__(self, widths=(64, 256, 256), classes: int = 10, bn_momentum: float = 0.4, logit_scale: float = 1 / 9):
         super().__init__()
         self.whiten = PatchWhitening(3, 2)
         channels = [self.whiten.out_channels, *widths]

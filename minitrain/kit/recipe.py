@@ -4,6 +4,7 @@
 
 A recipe is code and runs with the user's rights, like any script they execute.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from minitrain.engine.errors import MinitrainError, describe_validation_error
 from minitrain.kit.data import default_data_dir
-from minitrain.engine.errors import MinitrainError
-from minitrain.engine.errors import describe_validation_error
 
 
 class RecipeConfig(BaseModel):
@@ -29,9 +29,18 @@ class RecipeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an lr of inf or nan cannot train
 
-    changeable_on_resume: ClassVar[frozenset[str]] = frozenset({
-        "epochs", "device", "data_dir", "nonfinite_loss", "max_steps", "max_time", "limit_train_batches",
-        "limit_val_batches"})
+    changeable_on_resume: ClassVar[frozenset[str]] = frozenset(
+        {
+            "epochs",
+            "device",
+            "data_dir",
+            "nonfinite_loss",
+            "max_steps",
+            "max_time",
+            "limit_train_batches",
+            "limit_val_batches",
+        }
+    )
     """Fields a resumed run may change (``--resume auto --set epochs=12``): the change is applied and
     recorded. Any other field fixes what the checkpoint holds (model shape, batch size, seed, data,
     optimizer settings) and a change is refused. A recipe adds its own fields that can change
@@ -43,17 +52,27 @@ class RecipeConfig(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     data_dir: Path = Field(default_factory=default_data_dir)
-    freeze: list[str] = Field(default_factory=list, description="glob patterns of parameters (or their "
-                              "modules) not to train, e.g. whiten,blocks.0 (see minitrain.kit.finetune)")
-    nonfinite_loss: Literal["stop", "skip"] = Field("stop", description="on a NaN/inf training loss: stop the "
-                                                    "run, or skip the step (a host sync per step)")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of parameters (or their "
+        "modules) not to train, e.g. whiten,blocks.0 (see minitrain.kit.finetune)",
+    )
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="on a NaN/inf training loss: stop the run, or skip the step (a host sync per step)"
+    )
     max_steps: int | None = Field(None, ge=1, description="stop once global_step (batches trained) reaches this")
-    max_time: float | None = Field(None, gt=0, description="stop at the first step boundary after this many "
-                                   "seconds of training (also [D:]HH:MM:SS); resumable, as after SIGTERM")
+    max_time: float | None = Field(
+        None,
+        gt=0,
+        description="stop at the first step boundary after this many "
+        "seconds of training (also [D:]HH:MM:SS); resumable, as after SIGTERM",
+    )
     limit_train_batches: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="train on this many batches per epoch (or this fraction of them)")
+        None, description="train on this many batches per epoch (or this fraction of them)"
+    )
     limit_val_batches: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="validate on this many batches (or this fraction of them)")
+        None, description="validate on this many batches (or this fraction of them)"
+    )
 
     # A recipe that changes a default (`epochs: int = 5`) redeclares the field and so drops the
     # constraints above; these validators are inherited whatever the subclass declares.
@@ -68,8 +87,11 @@ class RecipeConfig(BaseModel):
     @classmethod
     def _patterns_from_text(cls, value):  # `--set freeze=whiten,blocks.0` or a JSON list
         if isinstance(value, str):
-            return json.loads(value) if value.lstrip().startswith("[") else [
-                part.strip() for part in value.split(",") if part.strip()]
+            return (
+                json.loads(value)
+                if value.lstrip().startswith("[")
+                else [part.strip() for part in value.split(",") if part.strip()]
+            )
         return value
 
     @field_validator("max_time", mode="before")
@@ -132,8 +154,9 @@ class Components:
             problems.append(f"scheduler is a {type(self.scheduler).__name__}, which has no step()")
         if self.scheduler_interval not in ("epoch", "step"):
             problems.append(f"scheduler_interval must be 'epoch' or 'step', not {self.scheduler_interval!r}")
-        if self.class_names is not None and not (isinstance(self.class_names, (list, tuple))
-                                                 and all(isinstance(n, str) for n in self.class_names)):
+        if self.class_names is not None and not (
+            isinstance(self.class_names, (list, tuple)) and all(isinstance(n, str) for n in self.class_names)
+        ):
             problems.append("class_names must be a list of strings")
         if problems:
             raise MinitrainError(f"recipe {recipe}: build() returned {'; '.join(problems)}")
@@ -204,8 +227,13 @@ def _structured(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(recipe: ModuleType, overrides: Iterable[str] = (), base: dict[str, Any] | None = None,
-                file: dict[str, Any] | None = None, file_name: str = "") -> RecipeConfig:
+def make_config(
+    recipe: ModuleType,
+    overrides: Iterable[str] = (),
+    base: dict[str, Any] | None = None,
+    file: dict[str, Any] | None = None,
+    file_name: str = "",
+) -> RecipeConfig:
     """The recipe's defaults, or ``base`` (a resumed run's config), with the values of a
     ``--config`` ``file`` over them and ``--set`` overrides over both, validated like any input.
     An error names the file where the file alone is wrong, so a typo there is not blamed on --set."""
@@ -259,5 +287,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        merged[key] = (
+            _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
     return merged

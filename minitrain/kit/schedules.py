@@ -1,11 +1,13 @@
 """Learning-rate schedules the recipes share."""
+
 from __future__ import annotations
 
 import torch
 
 
-def triangular(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.2,
-               start: float = 0.0, end: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def triangular(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.2, start: float = 0.0, end: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear rise from ``start`` to 1 over the first ``warmup`` fraction of steps, then linear
     fall to ``end`` (factors of each group's base lr); stepped once per batch."""
     peak = max(1, round(total_steps * warmup))

@@ -1,6 +1,7 @@
 """What a model is, in a line (the console prints it when a run starts) or in a table per module
 (``minitrain summary RECIPE``: name, type, output shape for one batch, parameters), without
 training."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,9 +17,11 @@ def describe_model(model: nn.Module) -> str:
     size = sum(t.numel() * t.element_size() for t in [*parameters, *model.buffers()])
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in parameters})
     devices = sorted({str(p.device) for p in parameters})
-    return (f"{count(total)} parameters ({count(trainable)} trainable), "
-            f"{f'{size / 1e6:.1f} MB' if size >= 1e5 else f'{size / 1e3:.1f} kB'}, "
-            f"{'/'.join(dtypes) or '-'} on {'/'.join(devices) or '-'}")
+    return (
+        f"{count(total)} parameters ({count(trainable)} trainable), "
+        f"{f'{size / 1e6:.1f} MB' if size >= 1e5 else f'{size / 1e3:.1f} kB'}, "
+        f"{'/'.join(dtypes) or '-'} on {'/'.join(devices) or '-'}"
+    )
 
 
 def count(n: int) -> str:
@@ -33,8 +36,11 @@ def table(model: nn.Module, inputs: Any, depth: int = 3) -> str:
     handles = []
     for name, module in model.named_modules():
         if name.count(".") < depth:
-            handles.append(module.register_forward_hook(
-                lambda module, args, output, name=name: shapes.setdefault(name, _shape(output)) and None))
+            handles.append(
+                module.register_forward_hook(
+                    lambda module, args, output, name=name: shapes.setdefault(name, _shape(output)) and None
+                )
+            )
     was_training = model.training
     try:
         with torch.no_grad():
@@ -50,8 +56,10 @@ def table(model: nn.Module, inputs: Any, depth: int = 3) -> str:
             label = "(model)" if not name else "  " * name.count(".") + name.rsplit(".", 1)[-1]
             rows.append((label, type(module).__name__, shapes.get(name, "-"), f"{own:,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 

@@ -1,13 +1,24 @@
 """How minitrain draws a run's curves, in ``viz``'s plots and ``compare``'s page alike: one colour
 per run, a smoothed line over faint raw values, whole epochs on the x axis, and a log scale for
 values spread over decades."""
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]  # matplotlib's tab10, in its order
+COLORS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]  # matplotlib's tab10, in its order
 
 
 def smooth(values: Sequence[float], span: int | None = None) -> list[float]:

@@ -1,4 +1,5 @@
 """Figures as a person reads them in a table, a page or a report: durations and metric values."""
+
 from __future__ import annotations
 
 

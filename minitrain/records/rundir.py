@@ -20,6 +20,7 @@ records of epoch E and later, and of the steps after its first. The duration is 
 the last start (from ``run.json``'s start time to the log's last write, or to now while it runs)
 plus the training time of the epochs of earlier starts (the log does not record when they ended).
 """
+
 from __future__ import annotations
 
 import json
@@ -109,12 +110,26 @@ class Run:
         return flat
 
     def to_json(self, metric: str | None = None) -> dict[str, Any]:
-        data = {"run": str(self.path), "name": self.name, "recipe": self.recipe, "status": self.status,
-                "stop_reason": self.stop_reason, "error": self.error, "signal": self.signal,
-                "epochs_done": self.epochs_done, "epochs": self.epochs, "global_step": self.global_step,
-                "starts": self.starts, "device": self.device, "duration_s": self.duration,
-                "started": _iso(self.started), "last_write": _iso(self.last_write), "quiet_s": self.quiet_for,
-                "metrics": self.final_metrics, "bad_lines": self.bad_lines}
+        data = {
+            "run": str(self.path),
+            "name": self.name,
+            "recipe": self.recipe,
+            "status": self.status,
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+            "signal": self.signal,
+            "epochs_done": self.epochs_done,
+            "epochs": self.epochs,
+            "global_step": self.global_step,
+            "starts": self.starts,
+            "device": self.device,
+            "duration_s": self.duration,
+            "started": _iso(self.started),
+            "last_write": _iso(self.last_write),
+            "quiet_s": self.quiet_for,
+            "metrics": self.final_metrics,
+            "bad_lines": self.bad_lines,
+        }
         if metric:
             data |= {"metric": metric, "best": self.best(metric), "last": self.last(metric)}
         return data

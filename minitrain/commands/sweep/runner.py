@@ -16,6 +16,7 @@ A Python script that starts a sweep itself (``minitrain.commands.cli.main(["swee
 body with ``if __name__ == "__main__":``, as multiprocessing requires of any program that starts
 processes this way: each child imports the main module.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -32,13 +33,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from minitrain.engine.errors import MinitrainError
-from minitrain.engine.errors import one_line
 from minitrain.commands.sweep.space import Dimension
-from minitrain_plugins import prune
 from minitrain.commands.sweep.study import (
-    HEARTBEAT_S, counts, fail_lost_trials, optuna, orphan_wait, owner, taken, trial_dir_name,
+    HEARTBEAT_S,
+    counts,
+    fail_lost_trials,
+    optuna,
+    orphan_wait,
+    owner,
+    taken,
+    trial_dir_name,
 )
+from minitrain.engine.errors import MinitrainError, one_line
+from minitrain_plugins import prune
 
 INTERRUPTED_CODES = {130: "SIGINT", 143: "SIGTERM", -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM"}
 KILLED_GRACE_S = 1.0
@@ -85,9 +92,14 @@ def _forkserver() -> multiprocessing.context.BaseContext:
     """The forkserver context, its server preloading torch, minitrain and the first-party plugins
     (third-party ones are left to each run, which may be told not to load them)."""
     ctx = multiprocessing.get_context("forkserver")
-    first_party = {ep.module for ep in importlib.metadata.entry_points(group="minitrain")
-                   if ep.dist is not None and ep.dist.name == "minitrain"}
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "minitrain.commands.start", "minitrain.commands.cli", *sorted(first_party)])
+    first_party = {
+        ep.module
+        for ep in importlib.metadata.entry_points(group="minitrain")
+        if ep.dist is not None and ep.dist.name == "minitrain"
+    }
+    ctx.set_forkserver_preload(
+        ["torch", "torch._dynamo", "minitrain.commands.start", "minitrain.commands.cli", *sorted(first_party)]
+    )
     return ctx
 
 
@@ -101,6 +113,7 @@ def warm_up() -> threading.Thread:
         process = ctx.Process(target=os.getpid, name="minitrain-sweep-warm-up")
         process.start()
         process.join()
+
     thread = threading.Thread(target=start, name="sweep-warm-up", daemon=True)
     thread.start()
     return thread
@@ -146,8 +159,10 @@ class Sweep:
 
     def run(self) -> int:
         plan = self.plan
-        threads = [threading.Thread(target=self._worker, args=(i,), name=f"sweep-worker-{i}", daemon=True)
-                   for i in range(plan.workers)]
+        threads = [
+            threading.Thread(target=self._worker, args=(i,), name=f"sweep-worker-{i}", daemon=True)
+            for i in range(plan.workers)
+        ]
         self.running_workers = len(threads)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
@@ -183,8 +198,10 @@ class Sweep:
                 self.stopping = self.stopping or "SIGINT"
                 running = [p for p in list(self.processes.values()) if p.is_alive()]
                 if interrupts == 1:
-                    self._say(f"stopping: no new trials; {len(running)} running trial(s) stop at their next step "
-                              "(Ctrl-C again kills them)")
+                    self._say(
+                        f"stopping: no new trials; {len(running)} running trial(s) stop at their next step "
+                        "(Ctrl-C again kills them)"
+                    )
                 else:
                     for process in running:
                         process.kill()
@@ -198,25 +215,34 @@ class Sweep:
                 os.kill(process.pid, signal.SIGTERM)
 
     def _stopped(self) -> int:
-        self._say(f"minitrain: sweep {self.plan.name} stopped by {self.stopping}; trials cut short will run again "
-                  f"in new directories. Continue with: {shlex.join(self.plan.command)}", err=True)
+        self._say(
+            f"minitrain: sweep {self.plan.name} stopped by {self.stopping}; trials cut short will run again "
+            f"in new directories. Continue with: {shlex.join(self.plan.command)}",
+            err=True,
+        )
         return 130 if self.stopping == "SIGINT" else 143
 
     def _summary(self) -> int:
         trials = self.study.get_trials(deepcopy=False)
         done = [t for t in trials if counts(t)]
         tally = {state: sum(1 for t in done if t.state.name == state) for state in ("COMPLETE", "PRUNED", "FAIL")}
-        self._say(f"done: study {self.plan.name} has {len(done)} trials ({tally['COMPLETE']} complete, "
-                  f"{tally['PRUNED']} pruned, {tally['FAIL']} failed); this command ran {self.started}")
+        self._say(
+            f"done: study {self.plan.name} has {len(done)} trials ({tally['COMPLETE']} complete, "
+            f"{tally['PRUNED']} pruned, {tally['FAIL']} failed); this command ran {self.started}"
+        )
         complete = [t for t in done if t.state == self.state.COMPLETE]
         if not complete:
-            self._say(f"minitrain: error: no trial of study {self.plan.name} completed; see the trials' errors with: "
-                      f"minitrain sweep show {self.plan.name}", err=True)
+            self._say(
+                f"minitrain: error: no trial of study {self.plan.name} completed; see the trials' errors with: "
+                f"minitrain sweep show {self.plan.name}",
+                err=True,
+            )
             return 1
         best = self.study.best_trial
         self._say(f"best: trial {best.number}, {self.plan.monitor} {best.value:.4g} with {_short(best.params)}")
-        self._say(f"  reproduce it: minitrain sweep best {self.plan.name}; "
-                  f"all trials: minitrain sweep show {self.plan.name}")
+        self._say(
+            f"  reproduce it: minitrain sweep best {self.plan.name}; all trials: minitrain sweep show {self.plan.name}"
+        )
         return 0
 
     def _say(self, text: str, err: bool = False) -> None:
@@ -257,8 +283,9 @@ class Sweep:
                 if self.stopping or self.bad_input:
                     return None
                 for number in fail_lost_trials(study):
-                    self._say(f"trial {number} was running when its sweep stopped: marked failed, its values "
-                              "queued again")
+                    self._say(
+                        f"trial {number} was running when its sweep stopped: marked failed, its values queued again"
+                    )
                 if taken(study) < plan.trials:
                     break
                 wait = orphan_wait(study)  # a trial whose sweep was killed as it asked for it may yet be lost
@@ -289,19 +316,30 @@ class Sweep:
 
     def _argv(self, run: TrialRun) -> list[str]:
         plan = self.plan
-        pruning = (f"{prune.NAME}:study={plan.name},trial={run.trial.number},monitor={plan.monitor},"
-                   f"direction={plan.direction}")
-        return ["run", plan.recipe_path, *(f"--set={o}" for o in [*plan.fixed, *run.overrides]),
-                *(f"--plugin={p}" for p in plan.plugins), f"--plugin={pruning}",
-                *(f"--no-plugin={d}" for d in plan.disabled), "--run-dir", str(run.run_dir)]
+        pruning = (
+            f"{prune.NAME}:study={plan.name},trial={run.trial.number},monitor={plan.monitor},direction={plan.direction}"
+        )
+        return [
+            "run",
+            plan.recipe_path,
+            *(f"--set={o}" for o in [*plan.fixed, *run.overrides]),
+            *(f"--plugin={p}" for p in plan.plugins),
+            f"--plugin={pruning}",
+            *(f"--no-plugin={d}" for d in plan.disabled),
+            "--run-dir",
+            str(run.run_dir),
+        ]
 
     def _run(self, run: TrialRun, env: dict[str, str]) -> None:
         number = run.trial.number
         run.log.parent.mkdir(parents=True, exist_ok=True)
         self._say(f"trial {number} started: {_short(run.params)} ({run.run_dir})")
         ours, theirs = self.ctx.Pipe()
-        process = self.ctx.Process(target=_trial_main, name=f"minitrain-trial-{number}",
-                                   args=(self._argv(run), env, os.getcwd(), str(run.log), theirs, self.plan.threads))
+        process = self.ctx.Process(
+            target=_trial_main,
+            name=f"minitrain-trial-{number}",
+            args=(self._argv(run), env, os.getcwd(), str(run.log), theirs, self.plan.threads),
+        )
         started = time.monotonic()
         with self.lock:
             if self.stopping:  # asked for before Ctrl-C, not yet started: it runs again later
@@ -357,14 +395,17 @@ class Sweep:
                 value = end.get("value")
                 if pruned:
                     self.study.tell(trial, state=self.state.PRUNED)
-                    self._say(f"trial {number} pruned after epoch {end.get('epochs')}: {monitor} {_number(value)} "
-                              f"({took})")
+                    self._say(
+                        f"trial {number} pruned after epoch {end.get('epochs')}: {monitor} {_number(value)} ({took})"
+                    )
                     return
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.study.tell(trial, float(value))
                     epochs = end.get("epochs")
-                    self._say(f"trial {number} complete: {monitor} {value:.4g} after {epochs} "
-                              f"epoch{'' if epochs == 1 else 's'} ({took})")
+                    self._say(
+                        f"trial {number} complete: {monitor} {value:.4g} after {epochs} "
+                        f"epoch{'' if epochs == 1 else 's'} ({took})"
+                    )
                     return
                 self._fail(trial, f"the run reported no finite {monitor} (got {value})", run.log)
             elif interrupted:
@@ -374,8 +415,10 @@ class Sweep:
             else:
                 self._fail(trial, _error_line(run.log, code), run.log, bad_input=code == 2)
         except (RuntimeError, ValueError) as exc:  # the study no longer takes it (marked lost meanwhile)
-            self._say(f"trial {number}: its result could not be recorded ({one_line(exc)}); "
-                      f"its run directory {run.run_dir} is kept")
+            self._say(
+                f"trial {number}: its result could not be recorded ({one_line(exc)}); "
+                f"its run directory {run.run_dir} is kept"
+            )
 
     def _fail(self, trial, error: str, log: Path, bad_input: bool = False) -> None:
         """Record a failed trial. One whose input was refused before training (exit code 2) while
@@ -414,8 +457,9 @@ def _error_line(log: Path, code: int | None) -> str:
 
 def _short(params: dict[str, Any]) -> str:
     """``lr=0.04127, widths=[32, 64]``: values as a person reads them (the run gets them exactly)."""
-    return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in params.items())
+    return ", ".join(
+        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items()
+    )
 
 
 def _duration(seconds: float) -> str:

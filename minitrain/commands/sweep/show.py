@@ -6,6 +6,7 @@ importances, slice) into the sweep's folder and writes ``sweep.html`` there, lin
 ``report.html`` (built from its event log, as ``minitrain report`` does, when it has none yet).
 ``best`` prints the ``minitrain run`` command that reproduces the best trial.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,12 +21,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from minitrain.engine.errors import MinitrainError
-from minitrain.engine.files import write_atomic
-from minitrain.engine.errors import one_line
 from minitrain.commands.sweep.study import (
-    JOURNAL, SETTINGS_ATTR, SWEEP_FILE, masked, open_storage, optuna, read_sweep_file, sweep_dir,
+    JOURNAL,
+    SETTINGS_ATTR,
+    SWEEP_FILE,
+    masked,
+    open_storage,
+    optuna,
+    read_sweep_file,
+    sweep_dir,
 )
+from minitrain.engine.errors import MinitrainError, one_line
+from minitrain.engine.files import write_atomic
 
 ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 PLOTS = {  # file -> title
@@ -41,8 +48,10 @@ def load(name_or_dir: str, storage_url: str | None):
     folder = sweep_dir(name_or_dir)
     recorded = read_sweep_file(folder)
     if not recorded and storage_url is None:
-        raise MinitrainError(f"no sweep {name_or_dir!r}: {folder / SWEEP_FILE} not found (give a study's name, its "
-                             "folder, or for a study kept in a database --storage URL)")
+        raise MinitrainError(
+            f"no sweep {name_or_dir!r}: {folder / SWEEP_FILE} not found (give a study's name, its "
+            "folder, or for a study kept in a database --storage URL)"
+        )
     name = recorded.get("study") or Path(name_or_dir).name
     url = storage_url or recorded.get("storage")
     if url is None and not (folder / JOURNAL).is_file():
@@ -73,24 +82,39 @@ def rows(study, folder: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
             seconds = None
         run_dir = attrs.get("run_dir")
         here = run_dir is not None and (folder / run_dir).is_dir()
-        note = attrs.get("error") or attrs.get("stop_reason") or (
-            f"stopped by {attrs['interrupted']}; its values were queued again" if attrs.get("interrupted") else None)
+        note = (
+            attrs.get("error")
+            or attrs.get("stop_reason")
+            or (
+                f"stopped by {attrs['interrupted']}; its values were queued again" if attrs.get("interrupted") else None
+            )
+        )
         if state == "FAIL" and note is None:
             note = "its sweep stopped while it ran; its values were queued again"
         if attrs.get("retry_of") is not None:
             note = f"retry of trial {attrs['retry_of']}" + (f"; {note}" if note else "")
-        out.append({
-            "number": t.number, "state": state, "params": dict(t.params), "overrides": attrs.get("overrides", []),
-            "value": t.value, "epochs": attrs.get("epochs", len(t.intermediate_values) or None),
-            "seconds": seconds, "run_dir": str(folder / run_dir) if here else None, "host": attrs.get("host"),
-            "log": str(folder / "logs" / f"{run_dir}.log") if here else None, "note": note,
-        })
+        out.append(
+            {
+                "number": t.number,
+                "state": state,
+                "params": dict(t.params),
+                "overrides": attrs.get("overrides", []),
+                "value": t.value,
+                "epochs": attrs.get("epochs", len(t.intermediate_values) or None),
+                "seconds": seconds,
+                "run_dir": str(folder / run_dir) if here else None,
+                "host": attrs.get("host"),
+                "log": str(folder / "logs" / f"{run_dir}.log") if here else None,
+                "note": note,
+            }
+        )
     sign = -1 if settings.get("direction", "max") == "max" else 1
 
     def key(row):
         value = row["value"]
         ranked = value is not None and math.isfinite(value) and row["state"] in ("COMPLETE", "PRUNED")
         return ORDER.get(row["state"], 5), sign * value if ranked else 0.0, row["number"]
+
     return sorted(out, key=key)
 
 
@@ -103,16 +127,39 @@ def show(name_or_dir: str, storage_url: str | None, as_json: bool) -> int:
     plots = _plots(study, folder, monitor)
     page = _write_html(folder, name, study, settings, table, reports, plots, best)
     if as_json:
-        print(json.dumps({"study": name, "folder": str(folder), "settings": settings,
-                          "best": best and best["number"], "command": best and reproduce(settings, best),
-                          "trials": table, "html": str(page)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "study": name,
+                    "folder": str(folder),
+                    "settings": settings,
+                    "best": best and best["number"],
+                    "command": best and reproduce(settings, best),
+                    "trials": table,
+                    "html": str(page),
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"study {name}: {len(table)} trials of {settings.get('recipe', '?')}, "
-          f"{'maximising' if settings.get('direction') == 'max' else 'minimising'} {monitor}")
+    print(
+        f"study {name}: {len(table)} trials of {settings.get('recipe', '?')}, "
+        f"{'maximising' if settings.get('direction') == 'max' else 'minimising'} {monitor}"
+    )
     keys = list(settings.get("space", {})) or sorted({k for r in table for k in r["params"]})
     header = ["trial", "state", monitor, "epochs", "time", *keys, "run dir"]
-    lines = [[str(r["number"]), r["state"].lower(), _fmt(r["value"]), _fmt(r["epochs"]), _time(r["seconds"]),
-              *(_fmt(r["params"].get(k)) for k in keys), r["run_dir"] or _elsewhere(r)] for r in table]
+    lines = [
+        [
+            str(r["number"]),
+            r["state"].lower(),
+            _fmt(r["value"]),
+            _fmt(r["epochs"]),
+            _time(r["seconds"]),
+            *(_fmt(r["params"].get(k)) for k in keys),
+            r["run_dir"] or _elsewhere(r),
+        ]
+        for r in table
+    ]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     for row, r in zip([header, *lines], [None, *table]):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -132,8 +179,11 @@ def best(name_or_dir: str, storage_url: str | None) -> int:
     if top is None:
         raise MinitrainError(f"study {name} has no complete trial yet")
     epochs = top["epochs"]
-    print(f"# trial {top['number']}: {settings.get('monitor')} {_fmt(top['value'])} after {_fmt(epochs)} "
-          f"epoch{'' if epochs == 1 else 's'}; its run: {top['run_dir'] or _elsewhere(top)}", file=sys.stderr)
+    print(
+        f"# trial {top['number']}: {settings.get('monitor')} {_fmt(top['value'])} after {_fmt(epochs)} "
+        f"epoch{'' if epochs == 1 else 's'}; its run: {top['run_dir'] or _elsewhere(top)}",
+        file=sys.stderr,
+    )
     print(shlex.join(reproduce(settings, top)))
     return 0
 
@@ -192,6 +242,7 @@ def _plots(study, folder: Path, monitor: str) -> dict[str, str | None]:
     """Optuna's matplotlib plots of the study, in the sweep's folder: file -> None when drawn, or
     why not. A plot that cannot be drawn now leaves no older image of it behind."""
     import matplotlib
+
     matplotlib.use("Agg")  # a file, never a window
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as plot
@@ -203,11 +254,13 @@ def _plots(study, folder: Path, monitor: str) -> dict[str, str | None]:
         if len(complete) < 2:
             raise ValueError("needs two complete trials")
         from optuna.importance import PedAnovaImportanceEvaluator  # no scikit-learn needed
+
         return plot.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), target_name=monitor)
 
     draw = {
-        "history.png": lambda: (plot.plot_optimization_history(study, target_name=monitor) if complete
-                                else _raise("no complete trial")),
+        "history.png": lambda: (
+            plot.plot_optimization_history(study, target_name=monitor) if complete else _raise("no complete trial")
+        ),
         "intermediate.png": lambda: plot.plot_intermediate_values(study) if curves else _raise("no trial reported yet"),
         "importances.png": importances,
         "slice.png": lambda: plot.plot_slice(study, target_name=monitor) if complete else _raise("no complete trial"),
@@ -223,12 +276,13 @@ def _plots(study, folder: Path, monitor: str) -> dict[str, str | None]:
             for ax in every:
                 _tidy(ax, file, monitor)
             figure = every[0].figure
-            figure.set_size_inches(max(figure.get_size_inches()[0], 6.4, 3.6 * len(every)),
-                                   max(figure.get_size_inches()[1], 4.0))
+            figure.set_size_inches(
+                max(figure.get_size_inches()[0], 6.4, 3.6 * len(every)), max(figure.get_size_inches()[1], 4.0)
+            )
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
             plt.close(figure)
-            write_atomic(path, lambda f: f.write(buffer.getvalue()), what="plot")
+            write_atomic(path, lambda f: f.write(buffer.getvalue()), what="plot")  # noqa: B023 (called at once)
             problems[file] = None
         except Exception as exc:
             plt.close("all")
@@ -259,8 +313,16 @@ def _raise(reason: str):
     raise ValueError(reason)
 
 
-def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table: list[dict[str, Any]],
-                reports: dict[int, str], plots: dict[str, str | None], best: dict[str, Any] | None) -> Path:
+def _write_html(
+    folder: Path,
+    name: str,
+    study,
+    settings: dict[str, Any],
+    table: list[dict[str, Any]],
+    reports: dict[int, str],
+    plots: dict[str, str | None],
+    best: dict[str, Any] | None,
+) -> Path:
     esc = html.escape
     monitor = settings.get("monitor", "value")
     keys = list(settings.get("space", {})) or sorted({k for r in table for k in r["params"]})
@@ -274,16 +336,26 @@ def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table:
     notes = any(r["note"] for r in table)
     trs = []
     for r in table:
-        links = " ".join(filter(None, [link(reports.get(r["number"]), "report"), link(r["run_dir"], "run dir"),
-                                       link(r["log"], "log")])) or esc(_elsewhere(r))
+        links = " ".join(
+            filter(
+                None, [link(reports.get(r["number"]), "report"), link(r["run_dir"], "run dir"), link(r["log"], "log")]
+            )
+        ) or esc(_elsewhere(r))
         cls = r["state"].lower() + (" best" if best and r["number"] == best["number"] else "")
-        trs.append(f'<tr class="{cls}"><td>{r["number"]}</td><td>{esc(r["state"].lower())}</td>'
-                   f'<td class="num">{esc(_fmt(r["value"]))}</td><td class="num">{esc(_fmt(r["epochs"]))}</td>'
-                   f'<td class="num">{esc(_time(r["seconds"]))}</td>'
-                   + "".join(f'<td class="num">{esc(_fmt(r["params"].get(k)))}</td>' for k in keys)
-                   + f'<td>{links}</td>' + (f'<td class="note">{esc(r["note"] or "")}</td>' if notes else "") + "</tr>")
-    figures = [f'<figure><img src="{file}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption></figure>'
-               for file, title in PLOTS.items() if plots.get(file) is None and (folder / file).is_file()]
+        trs.append(
+            f'<tr class="{cls}"><td>{r["number"]}</td><td>{esc(r["state"].lower())}</td>'
+            f'<td class="num">{esc(_fmt(r["value"]))}</td><td class="num">{esc(_fmt(r["epochs"]))}</td>'
+            f'<td class="num">{esc(_time(r["seconds"]))}</td>'
+            + "".join(f'<td class="num">{esc(_fmt(r["params"].get(k)))}</td>' for k in keys)
+            + f"<td>{links}</td>"
+            + (f'<td class="note">{esc(r["note"] or "")}</td>' if notes else "")
+            + "</tr>"
+        )
+    figures = [
+        f'<figure><img src="{file}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption></figure>'
+        for file, title in PLOTS.items()
+        if plots.get(file) is None and (folder / file).is_file()
+    ]
     missing = [f"{esc(PLOTS[file].split(' (')[0])}: {esc(problem)}" for file, problem in plots.items() if problem]
     counts = {}
     for r in table:
@@ -297,9 +369,12 @@ def _write_html(folder: Path, name: str, study, settings: dict[str, Any], table:
         "trials": ", ".join(f"{n} {state}" for state, n in counts.items()) or "none yet",
     }
     summary = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in described.items())
-    best_html = (f'<p class="best">Best: trial {best["number"]}, {esc(monitor)} {esc(_fmt(best["value"]))}. '
-                 f'Reproduce it with:</p><pre>{esc(shlex.join(reproduce(settings, best)))}</pre>'
-                 if best else "<p>No trial has completed yet.</p>")
+    best_html = (
+        f'<p class="best">Best: trial {best["number"]}, {esc(monitor)} {esc(_fmt(best["value"]))}. '
+        f"Reproduce it with:</p><pre>{esc(shlex.join(reproduce(settings, best)))}</pre>"
+        if best
+        else "<p>No trial has completed yet.</p>"
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>minitrain sweep: {esc(name)}</title>
 <style>

@@ -6,6 +6,7 @@ that hold commas). Every key is a field of the recipe's ``Config``, and its boun
 validated by that ``Config`` before any trial runs, so a sampled value can only be one the recipe
 accepts. Nothing here imports Optuna: a dimension only tells a trial what to suggest.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ class Dimension:
             return [value for value, _ in self.choices]
         if self.kind == "int":
             return list(range(self.low, self.high + 1))
-        raise MinitrainError(f"--sampler grid: {self.key}={self.spec} is a continuous range, which has no grid; "
-                             f"give its values (choice:...) or use --sampler tpe or random")
+        raise MinitrainError(
+            f"--sampler grid: {self.key}={self.spec} is a continuous range, which has no grid; "
+            f"give its values (choice:...) or use --sampler tpe or random"
+        )
 
     def override(self, value: Any) -> str:
         """``KEY=VALUE`` for ``minitrain run --set``."""
@@ -72,6 +75,7 @@ class Dimension:
 
 def parse_spec(key: str, spec: str, where: str = "--space") -> Dimension:
     """``float:1e-4:1:log`` -> Dimension, or one MinitrainError line naming what is wrong."""
+
     def fail(reason: str) -> MinitrainError:
         return MinitrainError(f"{where} {key}={spec}: {reason}")
 
@@ -149,10 +153,12 @@ def build_space(recipe: ModuleType, given: Iterable[str], fixed: Mapping[str, st
     """The recipe's ``SPACE`` with ``--space KEY=SPEC`` items replacing its entries key by key.
     A key that ``--set`` fixes leaves the recipe's space; naming it in ``--space`` too is an error."""
     declared = getattr(recipe, "SPACE", None) or {}
-    if not isinstance(declared, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
-                                                    for k, v in declared.items()):
-        raise MinitrainError(f"recipe {recipe.__file__}: SPACE must be a dict of KEY: SPEC strings, "
-                             "e.g. {'lr': 'float:1e-3:1:log'}")
+    if not isinstance(declared, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in declared.items()
+    ):
+        raise MinitrainError(
+            f"recipe {recipe.__file__}: SPACE must be a dict of KEY: SPEC strings, e.g. {{'lr': 'float:1e-3:1:log'}}"
+        )
     space = {key: parse_spec(key, spec, "the recipe's SPACE:") for key, spec in declared.items() if key not in fixed}
     for item in given:
         key, sep, spec = item.partition("=")
@@ -160,12 +166,15 @@ def build_space(recipe: ModuleType, given: Iterable[str], fixed: Mapping[str, st
         if not sep or not key or not spec.strip():
             raise MinitrainError(f"--space {item!r}: expected KEY=SPEC, e.g. lr=float:1e-3:1:log")
         if key in fixed:
-            raise MinitrainError(f"--space {item}: {key} is also fixed by --set {key}={fixed[key]}; "
-                                 "search it or fix it")
+            raise MinitrainError(
+                f"--space {item}: {key} is also fixed by --set {key}={fixed[key]}; search it or fix it"
+            )
         space[key] = parse_spec(key, spec.strip())
     if not space:
-        raise MinitrainError("nothing to search: give --space KEY=SPEC (e.g. --space lr=float:1e-3:1:log), "
-                             "or declare SPACE = {...} in the recipe")
+        raise MinitrainError(
+            "nothing to search: give --space KEY=SPEC (e.g. --space lr=float:1e-3:1:log), "
+            "or declare SPACE = {...} in the recipe"
+        )
     return list(space.values())
 
 
@@ -178,21 +187,25 @@ def check_space(space: list[Dimension], recipe: ModuleType, fixed: list[str]) ->
     for dim in space:
         top = dim.key.split(".")[0]
         if top not in fields:
-            raise MinitrainError(f"--space {dim.key}={dim.spec}: the recipe's Config has no field {top!r} "
-                                 f"(its fields: {', '.join(fields)})")
+            raise MinitrainError(
+                f"--space {dim.key}={dim.spec}: the recipe's Config has no field {top!r} "
+                f"(its fields: {', '.join(fields)})"
+            )
         for text in dim.probes():
             try:
                 make_config(recipe, [*fixed, f"{dim.key}={text}"])
             except MinitrainError as exc:
                 reason = str(exc).removeprefix("--set: ")
-                raise MinitrainError(f"--space {dim.key}={dim.spec}: the recipe's Config refuses {dim.key}={text}: "
-                                     f"{reason}") from None
+                raise MinitrainError(
+                    f"--space {dim.key}={dim.spec}: the recipe's Config refuses {dim.key}={text}: {reason}"
+                ) from None
 
 
 def grid_space(space: list[Dimension]) -> dict[str, list[Any]]:
     grid = {dim.key: dim.grid() for dim in space}
     points = math.prod(len(values) for values in grid.values())
     if points > GRID_LIMIT:
-        raise MinitrainError(f"--sampler grid: the space has {points} points (more than {GRID_LIMIT}); "
-                             "use --sampler tpe or random")
+        raise MinitrainError(
+            f"--sampler grid: the space has {points} points (more than {GRID_LIMIT}); use --sampler tpe or random"
+        )
     return grid

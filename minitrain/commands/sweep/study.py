@@ -12,6 +12,7 @@ Which trials count towards ``--trials N``: complete, pruned, and failed ones who
 machine) does not count: it is marked failed and its parameters are queued again, for a new trial
 in a new directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minitrain.engine.errors import MinitrainError
+from minitrain.engine.errors import MinitrainError, one_line
 from minitrain.engine.files import write_atomic
-from minitrain.engine.errors import one_line
 
 SWEEPS = Path("runs") / "sweeps"
 SWEEP_FILE = "sweep.json"
@@ -48,8 +48,9 @@ def optuna():
     try:
         import optuna as module
     except ImportError:
-        raise MinitrainError("minitrain sweep needs Optuna: pip install 'minitrain[sweep]' "
-                             "(or pip install optuna)") from None
+        raise MinitrainError(
+            "minitrain sweep needs Optuna: pip install 'minitrain[sweep]' (or pip install optuna)"
+        ) from None
     module.logging.set_verbosity(module.logging.WARNING)  # the sweep prints its own lines
     warnings.filterwarnings("ignore", category=module.exceptions.ExperimentalWarning)
     return module
@@ -75,6 +76,7 @@ def masked(url: str | None) -> str | None:
         return url
     try:
         from sqlalchemy.engine import make_url
+
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
@@ -99,14 +101,17 @@ def open_storage(url: str | None, folder: Path):
         except OSError as exc:
             raise MinitrainError(f"study journal {path}: {exc.strerror or exc}") from None
     if "***" in url:
-        raise MinitrainError(f"--storage {url}: the password was left out when it was recorded; give the URL "
-                             "with it (or set PGPASSWORD / use ~/.pgpass and leave it out of the URL)")
+        raise MinitrainError(
+            f"--storage {url}: the password was left out when it was recorded; give the URL "
+            "with it (or set PGPASSWORD / use ~/.pgpass and leave it out of the URL)"
+        )
     try:
         return RDBStorage(url)
     except ImportError as exc:
         missing = f"--storage {masked(url)}: the database driver is missing ({one_line(exc)})"
-        raise MinitrainError(f"{missing}; for PostgreSQL: pip install 'psycopg[binary]' and a URL "
-                             "postgresql+psycopg://...") from None
+        raise MinitrainError(
+            f"{missing}; for PostgreSQL: pip install 'psycopg[binary]' and a URL postgresql+psycopg://..."
+        ) from None
     except Exception as exc:
         raise MinitrainError(f"--storage {masked(url)}: cannot open the study database: {one_line(exc)}") from None
 
@@ -127,8 +132,11 @@ class Settings:
         return dict(vars(self))
 
     def differences(self, other: dict[str, Any]) -> list[str]:
-        return [f"{key} ({other.get(key)!r} in the study, {value!r} now)"
-                for key, value in self.to_dict().items() if other.get(key) != value]
+        return [
+            f"{key} ({other.get(key)!r} in the study, {value!r} now)"
+            for key, value in self.to_dict().items()
+            if other.get(key) != value
+        ]
 
 
 def open_study(name: str, storage, settings: Settings, sampler, pruner):
@@ -136,8 +144,9 @@ def open_study(name: str, storage, settings: Settings, sampler, pruner):
     op = optuna()
     direction = "maximize" if settings.direction == "max" else "minimize"
     try:
-        study = op.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
+        study = op.create_study(
+            study_name=name, storage=storage, direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True
+        )
     except ValueError as exc:  # an existing study with the other direction
         raise MinitrainError(f"study {name}: {one_line(exc)}") from None
     recorded = study.user_attrs.get(SETTINGS_ATTR)
@@ -145,12 +154,16 @@ def open_study(name: str, storage, settings: Settings, sampler, pruner):
     if recorded is None or (recorded != settings.to_dict() and not measured):
         study.set_user_attr(SETTINGS_ATTR, settings.to_dict())  # new, or nothing measured yet
     elif differences := settings.differences(recorded):
-        raise MinitrainError(f"study {name} searches something else: {'; '.join(differences)}. A study measures one "
-                             "search: continue it with the same recipe, space, --set, plugins and metric, "
-                             "or start another (--study NEW)")
+        raise MinitrainError(
+            f"study {name} searches something else: {'; '.join(differences)}. A study measures one "
+            "search: continue it with the same recipe, space, --set, plugins and metric, "
+            "or start another (--study NEW)"
+        )
     if study.direction.name.lower() != direction:
-        raise MinitrainError(f"study {name} {study.direction.name.lower()}s its metric; this command asks to "
-                             f"{direction} it (--direction; or start another study: --study NEW)")
+        raise MinitrainError(
+            f"study {name} {study.direction.name.lower()}s its metric; this command asks to "
+            f"{direction} it (--direction; or start another study: --study NEW)"
+        )
     return study
 
 
@@ -158,8 +171,18 @@ def write_sweep_file(folder: Path, name: str, storage_url: str | None, settings:
     path = folder / SWEEP_FILE
     if path.is_file():
         return
-    text = json.dumps({"study": name, "storage": masked(storage_url), "settings": settings.to_dict(),
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n"
+    text = (
+        json.dumps(
+            {
+                "study": name,
+                "storage": masked(storage_url),
+                "settings": settings.to_dict(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     write_atomic(path, lambda file: file.write(text.encode()), what="sweep file")
 
 
@@ -176,6 +199,7 @@ def trial_dir_name(number: int) -> str:
 
 # --- which trials count, and which are lost -------------------------------------------------------
 
+
 def counts(trial) -> bool:
     """Whether a finished trial counts towards ``--trials``: it ran to an outcome (complete,
     pruned, or failed while training), rather than being cut short by its sweep's end."""
@@ -188,8 +212,12 @@ def counts(trial) -> bool:
 
 def owner() -> dict[str, Any]:
     """Who runs a trial: this host and process (its start time tells a reused pid apart)."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-            "alive": time.time()}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()),
+        "alive": time.time(),
+    }
 
 
 def _process_start(pid: int) -> str | None:
@@ -237,8 +265,11 @@ def orphan_wait(study, now: float | None = None) -> float:
     and looks again, rather than stopping short of ``--trials``."""
     op = optuna()
     now = time.time() if now is None else now
-    ages = [now - _started(t, now) for t in study.get_trials(deepcopy=False, states=(op.trial.TrialState.RUNNING,))
-            if not _owned(t)]
+    ages = [
+        now - _started(t, now)
+        for t in study.get_trials(deepcopy=False, states=(op.trial.TrialState.RUNNING,))
+        if not _owned(t)
+    ]
     return max((ORPHAN_AFTER_S - age + 0.1 for age in ages), default=0.0)
 
 
@@ -262,5 +293,8 @@ def taken(study, before: int | None = None) -> int:
     """Trials that count or may yet count (running), among those numbered below ``before``."""
     op = optuna()
     running = op.trial.TrialState.RUNNING
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if (before is None or t.number < before) and (counts(t) or t.state == running))
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if (before is None or t.number < before) and (counts(t) or t.state == running)
+    )
