@@ -25,7 +25,7 @@ def resolve_monitor(plugin: str, monitor: str | None, mode: Mode, trainer) -> tu
             f"{plugin}: monitor {monitor!r} is not a metric this run reports (it reports {', '.join(names)})"
         )
     if mode == "auto":
-        mode = trainer.metric_mode(base) or ("max" if "acc" in monitor.lower() else "min")
+        return monitor, trainer.metric_mode(base) or ("max" if "acc" in monitor.lower() else "min")
     return monitor, mode
 
 

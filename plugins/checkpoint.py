@@ -86,12 +86,15 @@ from minitrain.engine.events import Count, Event
 from minitrain.engine.files import check_writable
 from minitrain_plugins._metric import Mode, improves, resolve_monitor
 
+Kind = Literal["last", "best", "topk"]
+"""Which of the plugin's files a checkpoint is."""
+
 
 class CheckpointSaved(Event):
     """A checkpoint file was written (and is complete on disk)."""
 
     path: str = Field(description="the file written")
-    kind: Literal["last", "best", "topk"] = Field(description="which of the plugin's files it is")
+    kind: Kind = Field(description="which of the plugin's files it is")
     epoch: Count = Field(description="epochs completed when saved (with batch_idx: where a resume starts)")
     batch_idx: Count = Field(description="batches of the next epoch already done (0 at an epoch end)")
     global_step: Count
@@ -140,7 +143,8 @@ class Checkpoint:
         self.folder: Path | None = None  # set at fit start; None: the trainer has no run directory to write to
         self.last_saved: tuple[int, int, int] | None = None  # (epoch, batch_idx, step) in last.pt
         if not config.every_steps:
-            self.on_batch_end = None  # not a hook implementation then: no call at every step
+            # not a hook implementation then: no call at every step (mypy: shadowing a method is deliberate)
+            self.on_batch_end = None  # type: ignore[method-assign, assignment]
 
     def checkpoint_dir(self, run_dir: str | Path) -> Path:
         """Where this plugin writes for ``run_dir`` (``--resume auto`` looks here)."""
@@ -172,17 +176,19 @@ class Checkpoint:
 
     def _set_aside_later_than(self, step: int) -> None:
         """Move the checkpoints of steps after ``step``, which this run redoes, to a subfolder."""
+        folder = self.folder
+        assert folder is not None  # called only with a folder to write to
         later = [
             path
-            for path in sorted(self.folder.glob("*.pt"))
+            for path in sorted(folder.glob("*.pt"))
             if (head := checkpointing.read_header(path)) is not None and head.get("global_step", 0) > step
         ]
         if not later:
             return
-        aside, tries = self.folder / f"set-aside-after-step-{step}", 1
+        aside, tries = folder / f"set-aside-after-step-{step}", 1
         while aside.exists():  # set aside at this step before: keep that too
             tries += 1
-            aside = self.folder / f"set-aside-after-step-{step}-{tries}"
+            aside = folder / f"set-aside-after-step-{step}-{tries}"
         aside.mkdir()
         for path in later:
             os.replace(path, aside / path.name)
@@ -207,7 +213,9 @@ class Checkpoint:
         due = self.folder is not None and self.config.every and trainer.state.epoch % self.config.every == 0
         if not due or not self._finite(trainer):
             return  # (a non-finite state enters no ranking either)
-        files, dropped = {}, []
+        assert self.folder is not None  # implied by due
+        files: dict[Kind, str] = {}
+        dropped: list[dict] = []
         metric = event.metrics.get(self.monitor) if self.config.top_k else None
         if metric is not None:  # (an epoch without validation enters no ranking)
             files, dropped = self._rank(metric, trainer)
@@ -266,12 +274,13 @@ class Checkpoint:
 
     # --- what to save ------------------------------------------------------------------------
 
-    def _rank(self, metric: float, trainer) -> tuple[dict[str, str], list[dict]]:
+    def _rank(self, metric: float, trainer) -> tuple[dict[Kind, str], list[dict]]:
         """Enter this epoch in the best-k list if it qualifies. Returns the files to write for it
         and the entries it pushed out (whose files go once the new ones are safely written)."""
         worst = self.top[-1]["metric"] if len(self.top) == self.config.top_k else None
         if not improves(metric, worst, self.mode):
             return {}, []
+        assert self.monitor is not None  # the metric ranked is event.metrics[self.monitor]
         name = re.sub(r"[^\w.-]", "_", self.monitor)
         entry = {
             "metric": metric,
@@ -281,7 +290,7 @@ class Checkpoint:
         }
         ranked = sorted([*self.top, entry], key=lambda e: e["metric"], reverse=self.mode == "max")
         self.top, dropped = ranked[: self.config.top_k], ranked[self.config.top_k :]
-        files = {"topk": entry["file"]} if self.config.top_k > 1 else {}
+        files: dict[Kind, str] = {"topk": entry["file"]} if self.config.top_k > 1 else {}
         if ranked[0] is entry:
             files["best"] = "best.pt"
         return files, dropped if self.config.top_k > 1 else []  # top-1 keeps best.pt alone, no copy
@@ -292,12 +301,13 @@ class Checkpoint:
         finite = trainer.check_finite(weights=True)
         return all(distributed.gather(finite)) if distributed.world_size() > 1 else finite
 
-    def _save(self, trainer, files: dict[str, str], metric: float | None = None) -> None:
+    def _save(self, trainer, files: dict[Kind, str], metric: float | None = None) -> None:
         """Write one trainer state, finite (see :meth:`_finite`), to each of ``files`` (kind -> file
         name), announcing each. Under torchrun every rank calls this at the same point: the state
         holds each rank's own part, rank 0 writes, and the others wait until it has."""
         if not files:
             return
+        assert self.folder is not None  # every caller checks it
         state = trainer.state_dict(gather=True)
         monitor = self.monitor if metric is not None else None
         for kind, name in files.items():

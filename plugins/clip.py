@@ -52,6 +52,7 @@ class Clip:
             if self.config.max_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(self.parameters, self.config.max_norm, norm)
             else:
+                assert self.config.value is not None  # Config allows exactly one of max_norm and value
                 torch.nn.utils.clip_grad_value_(self.parameters, self.config.value)
             trainer.shared.step_metrics["grad_norm"] = norm
         return (yield)

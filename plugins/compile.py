@@ -84,6 +84,7 @@ class Compile:
 
     def _fall_back(self, exc: Exception) -> None:
         self.eager = True
+        assert self.module is not None  # set by setup, before any step
         self.module._compiled_call_impl = None  # what nn.Module.compile set: calls go to forward again
         warnings.warn(f"compile: torch.compile failed ({one_line(exc)}); training goes on eager", stacklevel=2)
 

@@ -58,6 +58,7 @@ class CsvLog:
             csv.DictWriter(file, self.fields, restval="").writerow(row)
 
     def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        assert self.path is not None  # called only with a run directory
         with open(self.path, newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
             return list(reader.fieldnames or []), list(reader)
@@ -65,6 +66,7 @@ class CsvLog:
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         """Header and ``rows`` into a new file that then replaces the old one in one step: a crash
         leaves the old table or the new one."""
+        assert self.path is not None and self.fields is not None  # called only with both known
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, self.fields, restval="")
         writer.writeheader()

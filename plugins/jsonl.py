@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from pydantic import Field
@@ -44,7 +45,7 @@ class JsonlLog:
     def __init__(self, config: Config):
         self.config = config
         self.event_log = config.filename  # recorded in run.json, where report and replay look for it
-        self.file = None
+        self.file: BinaryIO | None = None
         self.held: list[Event] = []  # not yet grouped
         self.held_limit = 2 * config.flush_every  # two events per step
         self.deadline = 0.0  # when the held events must be grouped, whatever their number
@@ -98,13 +99,12 @@ class JsonlLog:
             losses = iter(copy.get().tolist() if copy is not None else ())
             lines = []
             for e in events:
-                kind = type(e)
-                if kind is BatchStart:
+                if type(e) is BatchStart:
                     lines.append(
                         f'{{"event":"BatchStart","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
                         f'"global_step":{e.global_step},"batch_size":{e.batch_size}}}\n'
                     )
-                elif kind is BatchEnd:
+                elif type(e) is BatchEnd:
                     loss = next(losses)
                     lines.append(
                         f'{{"event":"BatchEnd","epoch":{e.epoch},"batch_idx":{e.batch_idx},'
@@ -112,6 +112,7 @@ class JsonlLog:
                     )
                 else:
                     lines.append(e.to_json() + "\n")
+            assert self.file is not None  # on_event writes only with the file open
             self.file.write("".join(lines).encode())
 
 

@@ -48,6 +48,7 @@ class Lookahead:
         and hands it to the model at the last step."""
         if step % self.config.every == 0:
             decay = self.config.decay**self.config.every * min(step / self.total, 1.0) ** self.config.ramp
+            assert self.average is not None  # set by start(), like self.total above
             torch._foreach_lerp_(self.average, self.tracked, 1 - decay)
             torch._foreach_copy_(self.tracked, self.average)
         if step >= self.total:

@@ -46,6 +46,7 @@ not log. Under torchrun it runs on rank 0 only.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.util
 import json
 import os
@@ -58,7 +59,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -66,13 +67,16 @@ from pydantic import Field
 from minitrain import PluginConfig, __version__, hookimpl
 from minitrain.engine.device import HostCopy
 from minitrain.engine.errors import MinitrainError, one_line
-from minitrain.engine.events import ExceptionRaised, FitEnd, Interrupted
+from minitrain.engine.events import Event, ExceptionRaised, FitEnd, Interrupted
 from minitrain.engine.files import read_json
 from minitrain.records.rundir import flatten, parse_time
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STEP_METRIC = "train_loss_step"
-STATUS = {FitEnd: "FINISHED", ExceptionRaised: "FAILED", Interrupted: "KILLED"}
+STATUS: dict[type[Event], str] = {FitEnd: "FINISHED", ExceptionRaised: "FAILED", Interrupted: "KILLED"}
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a parameter's value since 2.x (characters)
 TAG_VALUE_LIMIT = 8000
 KEY_LIMIT = 250
@@ -194,7 +198,8 @@ class MlflowLog:
             if len(history) >= self.segments:
                 start_time = _ms(parse_time(history[self.segments - 1].get("started")))
         git_dir = Path(recipe).parent if recipe else Path.cwd()
-        start = dict(
+        start = functools.partial(
+            self._start,
             uri=self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
             experiment=self.config.experiment or name,
             run_name=self.config.run_name or (run_dir.name if run_dir else None),
@@ -210,7 +215,7 @@ class MlflowLog:
             ):
                 os.environ.setdefault(variable, str(value))  # read by MLflow at each request
             self.worker = _Worker()
-        self.worker.submit(lambda: self._start(**start))
+        self.worker.submit(start)
 
     def _start(
         self,
@@ -229,6 +234,7 @@ class MlflowLog:
         from mlflow.exceptions import MlflowException
 
         worker = self.worker
+        assert worker is not None  # this runs in it
         if worker.client is None or worker.uri != uri:
             worker.client, worker.uri = MlflowClient(tracking_uri=uri), uri
         client = worker.client
@@ -301,6 +307,7 @@ class MlflowLog:
         held, self.held = self.held, []
         if not held:
             return
+        assert self.worker is not None  # losses are held only after on_fit_start started it
         names = [(STEP_METRIC, step, stamp) for step, _, stamp, _ in held]
         values = [loss for _, loss, _, _ in held]
         for step, _, stamp, published in held:
@@ -319,7 +326,8 @@ class MlflowLog:
     def _log_metrics(self, metrics: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
 
-        self.worker.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v, step, stamp in metrics])
+        client, run_id = self._open_run()
+        client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v, step, stamp in metrics])
 
     @hookimpl
     def on_epoch_end(self, event) -> None:
@@ -327,6 +335,7 @@ class MlflowLog:
         stamp = int(time.time() * 1000)
         metrics = [(key, float(value), event.global_step, stamp) for key, value in event.metrics.items()]
         metrics.append(("epoch", float(event.epoch), event.global_step, stamp))
+        assert self.worker is not None  # started by on_fit_start
         self.worker.submit(lambda: self._log_metrics(metrics))
 
     @hookimpl(optionalhook=True)  # declared by the checkpoint plugin, which may be off
@@ -396,17 +405,17 @@ class MlflowLog:
                 _join_at_exit(self.worker)
 
     def _end(self, files: list[tuple[Path, str]], tags: dict[str, str], status: str, end_time: int | None) -> None:
-        client = self.worker.client
+        client, run_id = self._open_run()
         from mlflow.entities import RunTag
 
         if tags:
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         for path, folder in files:
             if path.is_dir():
-                client.log_artifacts(self.run_id, str(path), folder)
+                client.log_artifacts(run_id, str(path), folder)
             elif path.is_file():
-                client.log_artifact(self.run_id, str(path), folder or None)
-        client.set_terminated(self.run_id, status, end_time)
+                client.log_artifact(run_id, str(path), folder or None)
+        client.set_terminated(run_id, status, end_time)
 
     def _upload_log(self, path: Path, final: tuple[str, int] | None) -> None:
         """The event log, once it ends with ``final`` (its last event and step): the ``jsonl``
@@ -415,7 +424,14 @@ class MlflowLog:
         while final is not None and path.is_file() and _last_event(path) != final and time.monotonic() < deadline:
             time.sleep(0.01)
         if path.is_file():
-            self.worker.client.log_artifact(self.run_id, str(path))
+            client, run_id = self._open_run()
+            client.log_artifact(run_id, str(path))
+
+    def _open_run(self) -> tuple[MlflowClient, str]:
+        """In the worker, after ``_start`` (a task runs only if every earlier one succeeded): the
+        MLflow client and the run's id."""
+        assert self.worker is not None and self.worker.client is not None and self.run_id is not None
+        return self.worker.client, self.run_id
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for everything handed to the background thread, the event log's upload included
@@ -444,7 +460,8 @@ class _Worker:
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.failure: BaseException | None = None
         self.notes: list[str] = []  # warnings to give on the training thread
-        self.client = self.uri = None
+        self.client: MlflowClient | None = None  # opened by the first task (MlflowLog._start)
+        self.uri: str | None = None
         self.abandoned = False
         self.thread = threading.Thread(target=self._run, name="minitrain-mlflow", daemon=True)
         self.thread.start()

@@ -95,6 +95,7 @@ class Profile:
             print(f"profile: wrote {self.folder / 'trace.json'} and {self.folder / 'tensorboard'}", flush=True)
 
     def _finish(self, trainer) -> None:
+        assert self.profiler is not None  # both callers check it
         self.profiler.stop()
         self.profiler = None
         trainer.remove_plugin(self)  # the window is over: no more calls at every step

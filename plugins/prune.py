@@ -72,7 +72,7 @@ class Prune:
 
     def __init__(self, config: Config):
         self.config = config
-        self.conn = None
+        self.conn: Connection | None = None  # set by check, which fails without one
         self.last: float | None = None  # the last value reported
 
     @hookimpl
@@ -99,6 +99,7 @@ class Prune:
             return  # an epoch without validation (the validation plugin)
         self.last = value
         final = event.epoch >= trainer.epochs  # reported, but not judged: stopping now would save nothing
+        assert self.conn is not None  # check() ensured it
         try:
             send(self.conn, {"kind": "report", "epoch": event.epoch, "value": value, "final": final})
             answer = receive(self.conn)
@@ -114,6 +115,7 @@ class Prune:
     @hookimpl
     def on_fit_end(self, event) -> None:
         value = event.metrics.get(self.config.monitor, self.last)
+        assert self.conn is not None  # check() ensured it
         try:
             send(
                 self.conn,

@@ -33,6 +33,7 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from matplotlib.figure import Figure
@@ -83,7 +84,9 @@ class Visualization:
         self.confusion_epoch = 0
         self.stop_reason: str | None = None
         self.starts: list[dict] = []  # each resume or restart: {"restart", "resumed_from", "epoch", "global_step"}
-        self.status, self.error, self.device = "running", None, None
+        self.status = "running"
+        self.error: str | None = None
+        self.device: str | None = None
         self.started, self.start_epoch, self.replaying = time.time(), 1, False
         self.plugins: list[str] = []
         self.steps_per_epoch: int | None = None
@@ -136,7 +139,7 @@ class Visualization:
     def steps(self) -> list[tuple[int, float]]:
         """Every step's loss so far, as ``(global step, loss)``."""
         self._group()
-        out = []
+        out: list[tuple[int, float]] = []
         for first, losses in self.step_losses:
             values = losses.get() if isinstance(losses, HostCopy) else losses
             out += zip(range(first, first + len(values)), values.tolist())
@@ -151,7 +154,7 @@ class Visualization:
         if kept and kept[-1][0] + len(kept[-1][1]) - 1 > step:
             first, losses = kept[-1]
             kept[-1] = (first, losses[: step - first + 1])
-        self.step_losses = kept
+        self.step_losses = cast("list[tuple[int, HostCopy | torch.Tensor]]", kept)  # (list is invariant)
 
     @hookimpl
     def on_validation_start(self, event) -> None:
@@ -178,7 +181,12 @@ class Visualization:
         ):
             return  # not images, or not a classifier's outputs
         preds = logits.argmax(1)
-        parts = (images.to(logits.device, non_blocking=True), targets, preds, preds != targets)
+        parts: tuple[torch.Tensor, ...] = (
+            images.to(logits.device, non_blocking=True),
+            targets,
+            preds,
+            preds != targets,
+        )
         parts = _first_wrong(parts, self.config.max_images)
         if self.buffer is not None:
             parts = _first_wrong(tuple(torch.cat(p) for p in zip(self.buffer, parts)), self.config.max_images)
@@ -264,12 +272,15 @@ class Visualization:
         if self.confusion is not None:
             plot_confusion(self.confusion, self.class_names, self.confusion_epoch, plots / "confusion.png")
         if self.misclassified is not None:
+            assert self.confusion is not None  # needed to count the errors (without it this failed before too)
             errors = sum(sum(row) - row[i] for i, row in enumerate(self.confusion))
-            plot_misclassified(*self.misclassified, self.class_names, errors, plots / "misclassified.png")
+            images, targets, preds, wrong = self.misclassified
+            plot_misclassified(images, targets, preds, wrong, self.class_names, errors, plots / "misclassified.png")
         write_report(self.run_dir, self.run_config, epochs, self.stop_reason, self.summary())
 
     def summary(self) -> dict:
         """What the report says about the run as a whole."""
+        assert self.run_dir is not None  # only a run with a run directory writes a report
         if self.replaying:  # the run's own times, from its files (minitrain.commands.runs), not the replay's
             duration = read_run(self.run_dir).duration
         else:  # this start's wall time, and the training time of the epochs of earlier starts
@@ -360,7 +371,7 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str] | None, epoch
                 ax.text(
                     j,
                     i,
-                    int(counts[i, j]),
+                    str(int(counts[i, j])),
                     ha="center",
                     va="center",
                     fontsize=8,
@@ -389,12 +400,12 @@ def plot_misclassified(
         return
     flat = images.flatten(1)
     low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
-    images = ((images - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1).numpy()
-    cols = min(8, len(images))
-    rows = -(-len(images) // cols)
+    pixels = ((images - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1).numpy()
+    cols = min(8, len(pixels))
+    rows = -(-len(pixels) // cols)
     fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4), layout="constrained")
-    fig.suptitle(f"Misclassified validation images ({len(images)} of {total_wrong})")
-    for i, (image, t, p) in enumerate(zip(images, targets.tolist(), preds.tolist())):
+    fig.suptitle(f"Misclassified validation images ({len(pixels)} of {total_wrong})")
+    for i, (image, t, p) in enumerate(zip(pixels, targets.tolist(), preds.tolist())):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(image.squeeze(2) if image.shape[2] == 1 else image, cmap="gray", interpolation="nearest")
         ax.set_title(f"true: {_label(class_names, t)}\npred: {_label(class_names, p)}", fontsize=8)

@@ -59,7 +59,7 @@ def plugins(args: argparse.Namespace) -> int:
             for hook, impls in order.items():
                 print(f"{hook}: " + " -> ".join(impls))
         return 0
-    rows = [
+    rows: list[dict[str, typing.Any]] = [
         {
             "name": info.name,
             "version": info.version,

@@ -67,12 +67,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"import no third-party plugin unless named with --plugin (as {DISABLE_AUTOLOAD_ENV}=1)",
     )
+    sub: argparse._SubParsersAction[argparse.ArgumentParser]  # (of _Parser ones) so that `common` may be a parent
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], allow_abbrev=False, **kwargs)
 
-    command.common = common  # for commands with sub-commands of their own
+    command.common = common  # type: ignore[attr-defined]  # a function attribute: for commands with sub-commands
 
     run.add_parser(command)
     config.add_parser(command)

@@ -14,6 +14,7 @@ import itertools
 import math
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,9 +89,9 @@ def main(args: argparse.Namespace) -> int:
 
 def lr_find(
     recipe_path: str | Path,
-    overrides: list[str] = (),
-    plugin_specs: list[str] = (),
-    disabled: list[str] = (),
+    overrides: Sequence[str] = (),
+    plugin_specs: Sequence[str] = (),
+    disabled: Sequence[str] = (),
     min_lr: float = 1e-6,
     max_lr: float = 10.0,
     steps: int = 100,

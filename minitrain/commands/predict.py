@@ -68,7 +68,8 @@ def predict(
     if resize not in RESIZE:
         raise MinitrainError(f"--resize must be one of {', '.join(RESIZE)}, not {resize!r}")
     model, metadata = export.load(model_path)
-    pixels, results = [], []
+    pixels: list[np.ndarray] = []
+    results: list[dict[str, Any]] = []
     for path in images:
         try:
             pixels.append(read(Path(path), metadata, resize))
@@ -102,6 +103,7 @@ def read(path: Path, metadata: dict[str, Any], resize: str = "stretch") -> np.nd
     channels = len(metadata["mean"])
     if channels not in (1, 3):
         raise MinitrainError(f"cannot feed images to a model with {channels} input channels")
+    image: Image.Image  # the file's, then converted and resized
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned

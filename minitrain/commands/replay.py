@@ -103,6 +103,7 @@ class ReplayTrainer:
 
     def plugin_options(self) -> dict[str, dict[str, Any]]:
         """The replayed run's plugins, as its ``run.json`` records them."""
+        assert self.run_dir is not None  # a replay's run directory (None only on the RunView surface)
         return dict(read_json(self.run_dir / "run.json").get("plugins") or {})
 
     def remove_plugin(self, plugin: object) -> None:

@@ -77,6 +77,7 @@ class Smoke:
     def report(self, recipe: str, trainer: Trainer, seconds: float, keep: bool) -> str:
         """What the run checked, as lines; MinitrainError for a plugin that never ran."""
         self.stop_monitoring()
+        assert trainer.run_dir is not None  # a smoke test runs in a directory (--run-dir or a scratch one)
         run_dir = Path(trainer.run_dir)
         validated = {k: v for k, v in trainer.state.metrics.items() if k.startswith("val_")}
         lines = [

@@ -25,7 +25,7 @@ from minitrain.engine.errors import MinitrainError, one_line
 from minitrain.engine.files import write_atomic
 
 if TYPE_CHECKING:
-    from minitrain.engine.surface import TrainerView
+    from minitrain.engine.trainer import Trainer
 
 FORMAT = "minitrain-checkpoint"
 FORMAT_VERSION = 1
@@ -34,7 +34,7 @@ DEFAULT_DIR = "checkpoints"
 :func:`checkpoint_dirs`)."""
 
 
-def header(trainer: TrainerView, **extra: Any) -> dict[str, Any]:
+def header(trainer: Trainer, **extra: Any) -> dict[str, Any]:
     """What a file says about itself: format, versions, the exact position it resumes at
     (``epoch`` full epochs done plus ``batch_idx`` batches of the next), the recipe config the
     run was using and its plugins with their options (a resume starts from both), and its
@@ -173,7 +173,7 @@ def any_files(folders: list[Path]) -> bool:
     return any(path.is_file() for folder in folders for path in folder.glob("*.pt"))
 
 
-def restore(trainer: TrainerView, path: Path, checkpoint: dict[str, Any]) -> None:
+def restore(trainer: Trainer, path: Path, checkpoint: dict[str, Any]) -> None:
     """Put ``trainer`` where ``checkpoint`` (read from ``path``) left its run."""
     saved = checkpoint["trainer"].get("model") if isinstance(checkpoint["trainer"], dict) else None
     wrong = misfits(trainer.module.state_dict(), saved) if isinstance(saved, dict) else []
@@ -200,7 +200,7 @@ def _processes(n: int) -> str:
     return f"{n} process{'es' if n != 1 else ''}"
 
 
-def resume(trainer: TrainerView, spec: str | Path) -> Path | None:
+def resume(trainer: Trainer, spec: str | Path) -> Path | None:
     """Restore ``trainer`` from ``spec``: a checkpoint file, or ``"auto"`` for the newest readable
     one in the run's checkpoint folder. Returns the file used, or None when ``auto`` found none.
     ``minitrain run`` does more (the run's config comes from the checkpoint, see

@@ -64,6 +64,7 @@ class HostCopy:
 
     def get(self) -> torch.Tensor:
         if not self.ready():
+            assert self.event is not None  # ready() is True without an event
             self.event.synchronize()
         return self.value
 

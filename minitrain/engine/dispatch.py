@@ -68,6 +68,13 @@ class Calls:
     first result that is not ``None``. Resolved on first use, and again after :meth:`forget`.
     """
 
+    # The core (minitrain.engine.default_protocol) implements these, so they are never None:
+    setup: Callable[..., Any]
+    train_step: Callable[..., Any]
+    backward: Callable[..., Any]
+    optimizer_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+
     def __init__(self, pm: PluginManager):
         self._pm = pm
 
@@ -94,6 +101,7 @@ def _resolve(callers: list[pluggy.HookCaller], traced: bool) -> Callable | None:
     if not impls:
         return None
     spec = callers[0].spec
+    assert spec is not None  # Calls.__getattr__ resolves only hooks that have a spec
     if traced or spec.opts.get("historic") or any(impl.wrapper or impl.hookwrapper for impl in impls):
         return _through_pluggy(callers, spec.argnames)
     return _compiled(callers[0].name, spec.argnames, impls, bool(spec.opts.get("firstresult")))
@@ -109,7 +117,9 @@ def _compiled(hook: str, argnames: tuple[str, ...], impls: list[pluggy.HookImpl]
         function, failed = impl.function, getattr(impl.function, "minitrain_failed", None)
         if len(impls) == 1 and failed is None and tuple(impl.argnames) == argnames:
             return function  # nothing to adapt
-        scope[f"_impl{i}"] = function if failed is None else function.__wrapped__
+        scope[f"_impl{i}"] = (
+            function if failed is None else function.__wrapped__  # type: ignore[attr-defined]  # set by functools.wraps
+        )
         call = f"{'_result = ' if firstresult else ''}_impl{i}({', '.join(impl.argnames)})"
         if failed is None:
             body.append(f"    {call}")

@@ -59,7 +59,7 @@ def setup(trainer: TrainerView) -> None:
 
 
 @hookspec(firstresult=True)
-def train_step(trainer: TrainerView, batch: Any) -> torch.Tensor:
+def train_step(trainer: TrainerView, batch: Any) -> torch.Tensor:  # type: ignore[empty-body]  # a spec: never run
     """Forward pass and loss for one training batch; return the loss tensor (not yet backwarded).
 
     Default: move ``batch = (inputs, targets)`` to the device, ``trainer.loss_fn(model(x), y)``.
@@ -68,19 +68,21 @@ def train_step(trainer: TrainerView, batch: Any) -> torch.Tensor:
 
 
 @hookspec(firstresult=True)
-def backward(trainer: TrainerView, loss: torch.Tensor) -> bool:
+def backward(trainer: TrainerView, loss: torch.Tensor) -> bool:  # type: ignore[empty-body]  # a spec: never run
     """Back-propagate ``loss``. Default: ``loss.backward()``; a gradient scaler overrides it."""
 
 
 @hookspec(firstresult=True)
-def optimizer_step(trainer: TrainerView) -> bool:
+def optimizer_step(trainer: TrainerView) -> bool:  # type: ignore[empty-body]  # a spec: never run
     """Apply the gradients. Default: ``optimizer.step()``, ``zero_grad(set_to_none=True)`` and,
     when the recipe's scheduler steps per batch, ``scheduler.step()``. Wrap it for gradient
     clipping or accumulation."""
 
 
 @hookspec(firstresult=True)
-def eval_step(trainer: TrainerView, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_step(  # type: ignore[empty-body]  # a spec: never run
+    trainer: TrainerView, batch: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluate one validation batch under ``torch.no_grad``; return ``(outputs, targets)``.
 
     The core feeds these to the validation loss and the recipe's metrics (``minitrain.engine.metrics``),

@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from minitrain.engine.errors import MinitrainError
 
@@ -32,7 +33,7 @@ class RunDirLock:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
-        self.file = None
+        self.file: TextIO | None = None
         self.created_dir = False  # this lock created the run directory (a failed start removes it again)
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,8 @@ class MeanLoss(Metric):
 
     full_state_update = False
     higher_is_better = False
+    total: torch.Tensor  # states made by add_state
+    count: torch.Tensor
 
     def __init__(self):
         super().__init__()
@@ -108,7 +110,13 @@ class Validation:
 
     def names(self) -> list[str]:
         """The scalar metrics a validation reports (vector metrics add ``_i`` suffixes)."""
-        keys = list(self.metrics.keys()) if self.metrics is not None else ["acc"] if self.classifier else []
+        keys: list[str] = (
+            cast("list[str]", list(self.metrics.keys()))  # a MetricCollection's keys are str
+            if self.metrics is not None
+            else ["acc"]
+            if self.classifier
+            else []
+        )
         return ["val_loss", *(metric_name(k) for k in keys if "confusion" not in k)]
 
     def mode(self, name: str) -> str | None:

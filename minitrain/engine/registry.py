@@ -25,9 +25,9 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -160,7 +160,7 @@ def _create(info: PluginInfo, options: dict[str, Any]) -> Any:
         if options:
             raise MinitrainError(f"plugin {info.name!r} takes no options (got {', '.join(options)})")
         return target()
-    return target(validate_options(info.name, model, options))
+    return cast("Callable[..., Any]", target)(validate_options(info.name, model, options))  # a class taking its Config
 
 
 def validate_options(plugin: str, model: type[BaseModel], options: dict[str, Any]) -> BaseModel:
@@ -221,7 +221,7 @@ def changes_training(plugin: Any) -> bool:
 def recorded_options(plugin: Any) -> dict[str, Any]:
     """A plugin's options as ``run.json`` and checkpoints record them (JSON values): its
     ``config``, plus ``role`` where this run overrode the class's."""
-    config = getattr(plugin, "config", None)
+    config: Any = getattr(plugin, "config", None)  # a pydantic model, where the plugin has options
     options = config.model_dump(mode="json") if hasattr(config, "model_dump") else {}
     if not inspect.ismodule(plugin) and "role" in vars(plugin):
         options[ROLE_OPTION] = plugin.role
@@ -274,7 +274,7 @@ def resolve_resumed(
         if before is not None and after == before:
             continue
         changed = {key for key in {*after, *(before or {})} if (before or {}).get(key) != after.get(key)}
-        changeable = getattr(getattr(plugin, "config", None), "changeable_on_resume", frozenset())
+        changeable: Set[str] = getattr(getattr(plugin, "config", None), "changeable_on_resume", frozenset())
         if changes_training(plugin) and not (before is not None and changed <= changeable):
             refused.append(f"change the options of plugin {name}" if before is not None else f"add plugin {name}")
             continue
@@ -314,7 +314,9 @@ def guard_observers(pm: PluginManager, on_failure: Callable[[str, str, Exception
                 continue
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper or _is_guarded(impl.function)):
-                    impl.function = _guarded(impl.function, name, caller.name, on_failure)
+                    impl.function = _guarded(  # type: ignore[misc]  # Final in pluggy; wrapped in place on purpose
+                        impl.function, name, caller.name, on_failure
+                    )
     pm.calls.forget()
 
 
@@ -329,7 +331,7 @@ def _guarded(function: Callable, plugin: str, hook: str, on_failure: Callable) -
         except Exception as exc:
             failed(exc)
 
-    guarded.minitrain_failed = failed  # minitrain.engine.dispatch calls `function` and this itself
+    guarded.minitrain_failed = failed  # type: ignore[attr-defined]  # dispatch calls `function` and this itself
     return guarded
 
 
@@ -365,7 +367,7 @@ def _default_name(plugin: Any) -> str:
 
 def resolve(
     requests: list[PluginRequest | object],
-    disabled: set[str] = frozenset(),
+    disabled: Set[str] = frozenset(),
     available: dict[str, PluginInfo] | None = None,
 ) -> list[tuple[str, Any]]:
     """Turn the default plugins plus ``requests`` (names with options, or plugin objects given
@@ -436,4 +438,6 @@ def hook_order(pm: pluggy.PluginManager) -> dict[str, list[str]]:
 
 def _describe_impl(pm: pluggy.PluginManager, impl: Any) -> str:
     tags = [t for t in ("wrapper", "hookwrapper", "tryfirst", "trylast") if getattr(impl, t)]
-    return pm.get_name(impl.plugin) + (f" ({', '.join(tags)})" if tags else "")
+    name = pm.get_name(impl.plugin)
+    assert name is not None  # impl is a registered plugin's
+    return name + (f" ({', '.join(tags)})" if tags else "")

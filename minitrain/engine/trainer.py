@@ -392,7 +392,7 @@ class Trainer:
         if hasattr(loader, "set_position"):
             loader.set_position(state.epoch, state.batch_idx)
             return loader if stop is None else itertools.islice(loader, stop - state.batch_idx)
-        sampler = getattr(loader, "sampler", None)
+        sampler: Any = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         return itertools.islice(loader, state.batch_idx, stop) if state.batch_idx or stop is not None else loader
@@ -584,7 +584,7 @@ class Trainer:
         restores every rank as it was. That is a collective: every rank must call it, at the same
         point (the ``checkpoint`` plugin does, at its save points). With one process it adds nothing."""
         run = self.state
-        state = {
+        state: dict[str, Any] = {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "progress": {
@@ -649,6 +649,7 @@ def _limit(length: int | None, limit: int | float | None) -> int | None:
     if limit is None:
         return length
     if isinstance(limit, float):
+        assert length is not None  # check() refuses a fraction of a loader without a length
         return max(1, int(length * limit))
     return limit if length is None else min(length, limit)
 

@@ -83,6 +83,7 @@ class Muon(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         grad, momentum = p.grad, group["momentum"]
+        assert grad is not None  # step() updates only parameters that have a gradient
         if group["weight_decay"]:
             grad = grad.add(p, alpha=group["weight_decay"])
         state = self.state[p]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -25,6 +27,7 @@ class PatchWhitening(nn.Conv2d):
         eigvals, eigvecs = torch.linalg.eigh(patches.T @ patches / len(patches))
         filters = (eigvecs.T / torch.sqrt(eigvals + self.eps)[:, None]).reshape(-1, c, h, w)
         self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
+        assert self.bias is not None  # built with bias=True
         self.bias.zero_()
 
 
@@ -46,7 +49,8 @@ class ConvBlock(nn.Sequential):
             batch_norm(c_out, bn_momentum),
             nn.GELU(),
         )
-        for conv in (self[0], self[4]):  # start near identity on the channels that carry through
+        convs = cast("tuple[nn.Conv2d, nn.Conv2d]", (self[0], self[4]))  # the two convolutions above
+        for conv in convs:  # start near identity on the channels that carry through
             nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
 
 

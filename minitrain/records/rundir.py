@@ -166,6 +166,7 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
                 continue
             if line.startswith(_BATCH_END):
                 if steps:
+                    assert run.steps is not None  # a list whenever steps=True
                     try:
                         data = json.loads(line)
                         run.steps.append((data["global_step"], float(data["loss"])))

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 from minitrain.commands.sweep.space import Dimension
 from minitrain.commands.sweep.study import (
@@ -88,7 +88,7 @@ class TrialRun:
     log: Path
 
 
-def _forkserver() -> multiprocessing.context.BaseContext:
+def _forkserver() -> multiprocessing.context.ForkServerContext:
     """The forkserver context, its server preloading torch, minitrain and the first-party plugins
     (third-party ones are left to each run, which may be told not to load them)."""
     ctx = multiprocessing.get_context("forkserver")
@@ -149,7 +149,7 @@ class Sweep:
         self.print_lock = threading.Lock()
         self.stopping: str | None = None  # the signal that stops the sweep
         self.bad_input: str | None = None  # a trial that could not start: every other would fail alike
-        self.processes: dict[int, multiprocessing.Process] = {}
+        self.processes: dict[int, multiprocessing.context.ForkServerProcess] = {}
         self.started = 0
         self.ctx = _forkserver()
         self.warming = warming
@@ -272,7 +272,7 @@ class Sweep:
             env["CUDA_VISIBLE_DEVICES"] = self.plan.gpus[index % len(self.plan.gpus)]
         return env
 
-    def _next_trial(self) -> TrialRun | None | bool:
+    def _next_trial(self) -> TrialRun | None | Literal[False]:
         """The next trial to run, None when the study has enough (or the sweep stops), or False
         for a trial that was recorded failed without running (its values were refused)."""
         from minitrain.kit.recipe import make_config
@@ -385,7 +385,8 @@ class Sweep:
         """Tell the study how the trial ended, and say so."""
         trial, number, monitor = run.trial, run.trial.number, self.plan.monitor
         took = _duration(seconds)
-        interrupted = INTERRUPTED_CODES.get(code) or (self.stopping if code != 0 else None)
+        signalled = INTERRUPTED_CODES.get(code) if code is not None else None
+        interrupted = signalled or (self.stopping if code != 0 else None)
         try:
             if end is not None:
                 trial.set_user_attr("epochs", end.get("epochs"))

@@ -357,7 +357,7 @@ def _write_html(
         if plots.get(file) is None and (folder / file).is_file()
     ]
     missing = [f"{esc(PLOTS[file].split(' (')[0])}: {esc(problem)}" for file, problem in plots.items() if problem]
-    counts = {}
+    counts: dict[str, int] = {}
     for r in table:
         counts[r["state"].lower()] = counts.get(r["state"].lower(), 0) + 1
     described = {

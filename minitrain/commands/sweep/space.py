@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from minitrain.engine.errors import MinitrainError
 
@@ -47,7 +47,7 @@ class Dimension:
         if self.kind == "choice":
             return [value for value, _ in self.choices]
         if self.kind == "int":
-            return list(range(self.low, self.high + 1))
+            return list(range(cast(int, self.low), cast(int, self.high) + 1))  # parse_spec: int bounds
         raise MinitrainError(
             f"--sampler grid: {self.key}={self.spec} is a continuous range, which has no grid; "
             f"give its values (choice:...) or use --sampler tpe or random"
@@ -67,6 +67,7 @@ class Dimension:
             return [text for _, text in self.choices]
         if self.kind == "int":
             return [str(self.low), str(self.high)]
+        assert self.low is not None and self.high is not None  # a float dimension has bounds
         inside = math.sqrt(self.low * self.high) if self.log else self.low + 0.37 * (self.high - self.low)
         if float(inside).is_integer():
             inside = math.nextafter(inside, self.high)
@@ -93,6 +94,8 @@ def parse_spec(key: str, spec: str, where: str = "--space") -> Dimension:
         log = False
     else:
         raise fail(f"expected {kind}:LOW:HIGH or {kind}:LOW:HIGH:log")
+    low: float  # an int for kind int
+    high: float
     if kind == "int":
         try:
             low, high = (int(p) for p in parts)
