@@ -44,6 +44,7 @@ from minitrain.engine.registry import (
     register_plugin,
     resolve,
 )
+from minitrain.engine.state import Steps
 from minitrain.kit.data import load_cifar10
 from minitrain.kit.recipe import load_recipe, make_config
 from minitrain_plugins.amp import DTYPES, to_half, unsupported
@@ -131,7 +132,7 @@ def framework_run(recipe, config, device, data, plugins, timer, run_dir, extra=(
         parts.val_loader,
         epochs=config.epochs,
         loss_fn=parts.loss_fn,
-        scheduler=parts.scheduler,
+        make_scheduler=parts.make_scheduler,
         scheduler_interval=parts.scheduler_interval,
         device=device,
         run_dir=str(run_dir),
@@ -157,7 +158,8 @@ def bare_run(recipe, config, device, data, plugins, timer) -> Run:
     model = recipe.make_model(config, device)
     timer.start()
     parts = recipe.make_training(config, device, model, train, test)
-    optimizer, scheduler, loss_fn = parts.optimizer, parts.scheduler, parts.loss_fn
+    optimizer, loss_fn = parts.optimizer, parts.loss_fn
+    scheduler = parts.make_scheduler(Steps(len(train), config.epochs * len(train), config.epochs))
     if dtype is not None and mode == "pure":
         to_half(model, dtype)
     if compiler:

@@ -12,8 +12,9 @@ whether the current batch steps, for plugins that must act only then.
 
 ``global_step`` and ``BatchEnd`` still count batches: every batch is a ``BatchEnd``, and
 ``global_step``, ``max_steps`` and ``checkpoint:every_steps`` are in batches. A per-step schedule
-advances once per optimizer step, K times less often than per batch; a recipe that sizes it as
-``epochs * len(train_loader)`` steps should divide by K (the plugin warns).
+advances once per optimizer step, K times less often than per batch: a schedule from the recipe's
+``make_scheduler`` is sized in optimizer steps (``batches_per_step``); one that the recipe sizes
+itself as ``epochs * len(train_loader)`` steps should divide by K (the plugin warns).
 
 Under DDP the batches that do not step skip the gradient all-reduce (``require_backward_grad_sync``,
 what ``no_sync()`` sets): the ranks exchange gradients once per window. A checkpoint may fall inside
@@ -53,12 +54,18 @@ class Accumulate:
                 "accumulate: nonfinite_loss=skip would drop a batch from a window without its "
                 "step; use nonfinite_loss=stop with accumulation"
             )
-        if self.config.steps > 1 and trainer.scheduler is not None and trainer.scheduler_interval == "step":
+        per_step = trainer.scheduler is not None and trainer.scheduler_interval == "step"
+        if self.config.steps > 1 and per_step and getattr(trainer, "schedule_steps", None) is None:  # not sized by it
             warnings.warn(
                 f"accumulate: the recipe's per-step schedule advances once per optimizer step, every "
                 f"{self.config.steps} batches; if it counts batches it will not finish",
                 stacklevel=2,
             )
+
+    @property
+    def batches_per_step(self) -> int:
+        """What the trainer divides batches by to size a recipe's ``make_scheduler``."""
+        return self.config.steps
 
     @hookimpl(trylast=True)
     def setup(self, trainer) -> None:

@@ -79,7 +79,6 @@ def build(config: Config, device: torch.device) -> minitrain.Components:
         nesterov=True,
         weight_decay=config.weight_decay,
     )
-    scheduler = triangular(optimizer, total_steps=config.epochs * len(train), warmup=0.2)
     return minitrain.Components(
         model=model,
         optimizer=optimizer,
@@ -87,7 +86,7 @@ def build(config: Config, device: torch.device) -> minitrain.Components:
         val_loader=test,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         eval_loss_fn=F.cross_entropy,
-        scheduler=scheduler,
+        make_scheduler=lambda steps: triangular(optimizer, total_steps=steps.total, warmup=0.2),
         scheduler_interval="step",
         class_names=CIFAR10_CLASSES[: config.classes],
     )

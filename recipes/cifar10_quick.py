@@ -34,7 +34,7 @@ class Config(minitrain.RecipeConfig):
 
     @field_validator("widths")
     @classmethod
-    def _positive(cls, widths):
+    def _positive_widths(cls, widths):
         if min(widths) < 1:
             raise ValueError("every width must be at least 1")
         return widths
@@ -72,7 +72,6 @@ def build(config: Config, device: torch.device) -> minitrain.Components:
         nesterov=True,
         weight_decay=config.weight_decay,
     )
-    scheduler = triangular(optimizer, total_steps=config.epochs * len(train), warmup=config.warmup)
     return minitrain.Components(
         model=model,
         optimizer=optimizer,
@@ -80,7 +79,8 @@ def build(config: Config, device: torch.device) -> minitrain.Components:
         val_loader=test,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         eval_loss_fn=F.cross_entropy,
-        scheduler=scheduler,
+        # sized by the trainer from the steps the run makes (limits, max_steps, accumulate counted)
+        make_scheduler=lambda steps: triangular(optimizer, total_steps=steps.total, warmup=config.warmup),
         scheduler_interval="step",
         class_names=CIFAR10_CLASSES,
     )

@@ -134,7 +134,7 @@ def make_training(
         val_loader=test,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum"),
         eval_loss_fn=F.cross_entropy,
-        scheduler=triangular(optimizer, config.epochs * len(train), warmup=0.2, start=0.2, end=0.07),
+        make_scheduler=lambda steps: triangular(optimizer, steps.total, warmup=0.2, start=0.2, end=0.07),
         scheduler_interval="step",
         class_names=CIFAR10_CLASSES,
     )

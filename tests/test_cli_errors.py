@@ -106,6 +106,31 @@ def test_unknown_set_key(capsys, recipe):
     assert "learning_rate" in line and "unknown key" in line
 
 
+def test_unknown_set_key_names_the_closest_field(capsys, recipe):
+    line = run_cli(capsys, "run", recipe, "--set", "epoch=2")
+    assert line == (
+        "minitrain: error: --set: epoch: unknown key; did you mean epochs? "
+        f"(minitrain config {recipe.name} lists the fields)"
+    )
+
+
+QUICK_RECIPE = pathlib.Path(__file__).resolve().parent.parent / "recipes" / "cifar10_quick.py"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("widths=[32,64]", "widths: expected 3 values, got 2"),
+        ("widths=[32,64,128,256]", "widths: expected 3 values, got 4"),
+        ("limit_train_batches=abc", "limit_train_batches: expected "),
+    ],
+)
+def test_bad_value_says_what_was_expected_in_plain_words(capsys, override, message):
+    line = run_cli(capsys, "config", QUICK_RECIPE, "--set", override)
+    assert line.startswith(f"minitrain: error: --set: {message}")
+    assert not any(leak in line for leak in ("Field required", "Input should", "constrained-", ".int", ".float")), line
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -160,11 +185,18 @@ def test_no_plugin_of_unknown_name(capsys, recipe):
     assert "--no-plugin" in line and "'consol'" in line and "console" in line
 
 
-def test_unwritable_run_dir(capsys, recipe, tmp_path):
+def test_run_dir_under_a_file_names_the_file(capsys, recipe, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     line = run_cli(capsys, "run", recipe, "--run-dir", blocker / "run")
-    assert str(blocker / "run") in line and "not writable" in line
+    assert line == f"minitrain: error: --run-dir {blocker / 'run'}: {blocker} is a file, not a folder"
+
+
+def test_output_under_a_file_names_the_file(capsys, recipe, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    line = run_cli(capsys, "lr-find", recipe, "--out", blocker / "deeper" / "lr.png")
+    assert line.endswith(f": {blocker} is a file, not a folder")
 
 
 def test_bad_plugin_hook_through_cli(capsys, recipe, install_dist):

@@ -4,8 +4,10 @@ the fine-tuning recipe's comparison runs end to end."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from minitrain.commands.cli import main
 from minitrain.commands.start import RunRequest, prepare
 from minitrain.engine import checkpointing
 from minitrain.engine.errors import MinitrainError
+from minitrain.engine.state import RunState
 from minitrain.kit.recipe import load_recipe
 
 FINETUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_finetune.py"
@@ -59,9 +62,46 @@ def test_a_mismatched_head_is_listed_with_shapes(tiny, pretrained, capsys):
     assert "head.weight (5, 8) in the checkpoint" in capsys.readouterr().err
 
 
+def test_many_misfits_are_counted_and_the_first_few_named(tiny, pretrained, capsys):
+    _, checkpoint = pretrained
+    wider = [*(s for s in tiny if not s.startswith("widths=")), "widths=8,8,8"]
+    args = ["run", str(FINETUNE_RECIPE), *sum((["--set", s] for s in wider), []), "--init-from", str(checkpoint)]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("minitrain: error: ") and err.count("\n") == 1 and "Traceback" not in out + err, err
+    found = re.search(r"(\d+) tensor\(s\) do not fit the model: (.*); and (\d+) more, which --debug lists \(", err)
+    assert found, err
+    total, shown, more = int(found[1]), found[2].split("; "), int(found[3])
+    assert len(shown) == 3 and total == 3 + more and more > 0
+    assert shown[0] == "blocks.0.0.weight (4, 24, 3, 3) in the checkpoint, (8, 24, 3, 3) in the model"
+    with pytest.raises(MinitrainError) as info:  # --debug: the traceback, and the full list in its note
+        main([*args, "--debug"])
+    listed = info.value.__notes__[0].splitlines()[1:]
+    assert len(listed) == total and listed[:3] == [f"  {misfit}" for misfit in shown]
+    assert "  head.weight (5, 8) in the checkpoint, (10, 8) in the model" in listed
+
+
+def test_a_checkpoint_that_fits_no_parameter_is_refused_even_when_skipping(tiny, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    trainer = SimpleNamespace(state=RunState(batch_idx=5, global_step=5), config={}, recorded_plugins=None)
+    state = {
+        "2.weight": torch.zeros(10, 12),
+        "2.bias": torch.zeros(10),
+        "blocks.0.2.num_batches_tracked": torch.tensor(3),
+    }
+    checkpointing.save(other, checkpointing.header(trainer), {"model": state})  # a buffer fits, no weight does
+    args = ["run", str(FINETUNE_RECIPE), *sum((["--set", s] for s in tiny), []), "--init-from", str(other)]
+    for skip in ([], ["--init-skip-mismatched"]):
+        assert main([*args, *skip]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith("minitrain: error: ") and err.count("\n") == 1 and "Traceback" not in out + err, err
+        assert f"--init-from {other}: probably the wrong checkpoint: none of the model's " in err
+        assert "parameters fits it; " in err and "which --debug lists" in err and "--init-skip-mismatched" not in err
+
+
 def test_init_from_takes_weights_only(tiny, pretrained):
     before, checkpoint = pretrained
-    with pytest.warns(UserWarning, match=r"recipe's initialisation for head.weight \(5, 8\)"):
+    with pytest.warns(UserWarning, match=r"recipe's initialisation for 1 tensor\(s\): head.weight \(5, 8\)"):
         trainer = prepare(
             RunRequest(FINETUNE_RECIPE, tiny, [], ["console"], "new", init_from=checkpoint, init_skip_mismatched=True)
         )

@@ -17,9 +17,12 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from minitrain.engine.errors import MinitrainError, RunComplete, one_line
-from minitrain.engine.trainer import ERROR_LOG, Trainer
+from minitrain.engine.errors import ERROR_LOG, MinitrainError, RunComplete, one_line
+
+if TYPE_CHECKING:
+    from minitrain.engine.trainer import Trainer
 
 BAD_INPUT, FAILED, INTERRUPTED = 2, 1, 130
 

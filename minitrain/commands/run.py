@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from minitrain.commands import exits, launch, options, smoke
 from minitrain.commands.exits import RunFailed, failure
-from minitrain.commands.start import NO_CHECKPOINT, RunRequest, prepare, resume_command
+from minitrain.commands.start import NO_CHECKPOINT, RunRequest, new_run_hint, prepare, resume_command
 from minitrain.engine import checkpointing, distributed
 from minitrain.engine.errors import MinitrainError, TrainingInterrupted
 from minitrain.engine.trainer import Trainer
+from minitrain.records.losses import loss_reduction, per_sample_metrics
 
 
 def add_parser(command) -> None:
@@ -148,14 +150,24 @@ def say_done(trainer: Trainer, args: argparse.Namespace) -> None:
     if not distributed.is_main():
         return
     state = trainer.state
-    summary = ", ".join(f"{key}={value:.4g}" for key, value in state.metrics.items())
-    print(f"done: {state.epoch} epochs, {state.global_step} steps; {summary}; run dir: {trainer.run_dir}")
+    shown = per_sample_metrics(state.metrics, trainer.config.get("batch_size"), loss_reduction(trainer.loss_fn))
+    metrics = ", ".join(f"{key}={value:.4g}" for key, value in shown.items())  # none before an epoch ends
+    parts = [f"done: {state.epoch} epochs, {state.global_step} steps", metrics, f"run dir: {trainer.run_dir}"]
+    print("; ".join(part for part in parts if part))
     if state.stop is not None and state.stop.at_limit:
-        more = " and a larger --set max_steps=N" if state.stop.kind == "max_steps" else ""
-        print(
-            f"minitrain: stopped at step {state.global_step}: {state.stop.reason}; {resume_hint(args, trainer)}{more}",
-            file=sys.stderr,
-        )
+        if state.stop.kind == "max_steps" and trainer.schedule_steps is not None:  # max_steps sized the schedule
+            hint = new_run_hint(newest) if (newest := _newest_checkpoint(trainer)) else NO_CHECKPOINT
+        else:
+            more = " and a larger --set max_steps=N" if state.stop.kind == "max_steps" else ""
+            hint = f"{resume_hint(args, trainer)}{more}"
+        print(f"minitrain: stopped at step {state.global_step}: {state.stop.reason}; {hint}", file=sys.stderr)
+
+
+def _newest_checkpoint(trainer: Trainer) -> Path | None:
+    """The run's newest checkpoint file, by name only (nothing is loaded)."""
+    folders = checkpointing.checkpoint_dirs(trainer.run_dir, [p for _, p in trainer.pm.list_name_plugin()])
+    files = [path for folder in folders for path in folder.glob("*.pt") if path.is_file()]
+    return max(files, key=lambda path: path.stat().st_mtime_ns, default=None)
 
 
 def resume_hint(args: argparse.Namespace, trainer: Trainer) -> str:

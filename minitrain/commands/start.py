@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -29,11 +30,12 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from minitrain.engine import __version__, checkpointing, distributed
 from minitrain.engine.device import resolve_device, seed_everything
 from minitrain.engine.errors import MinitrainError, RunComplete
-from minitrain.engine.files import read_json, write_atomic
+from minitrain.engine.files import read_json, writable_problem, write_atomic
 from minitrain.engine.lock import LOCK_FILE, RunDirLock
 from minitrain.engine.registry import (
     PluginRequest,
@@ -44,10 +46,11 @@ from minitrain.engine.registry import (
     resolve,
     resolve_resumed,
 )
-from minitrain.engine.state import Limits
+from minitrain.engine.state import Limits, Steps
 from minitrain.engine.trainer import Trainer
 from minitrain.kit import finetune
 from minitrain.kit.recipe import Components, RecipeConfig, load_recipe, make_config, read_config_file
+from minitrain.records.losses import loss_reduction
 
 RUN_FILES = ("config.json", "run.json")
 
@@ -217,16 +220,81 @@ def _continue(
         _configure(planned, saved, overrides, from_file, f"--resume {path}")
     head, config = checkpoint["header"], planned.config
     where = str(run_dir) if str(resume) == "auto" else str(path)
+    sized = _schedule_steps(checkpoint) is not None  # its schedule ends here: a larger size is refused
     if head["epoch"] >= config.epochs:
-        raise RunComplete(
-            f"run already complete: {head['epoch']} of {config.epochs} epochs ({where}); raise epochs "
-            "to train more (--set epochs=N)"
-        )
+        more = new_run_hint(path) if sized else "raise epochs to train more (--set epochs=N)"
+        raise RunComplete(f"run already complete: {head['epoch']} of {config.epochs} epochs ({where}); {more}")
     if config.max_steps is not None and head["global_step"] >= config.max_steps:
-        raise RunComplete(
-            f"run already complete: max_steps={config.max_steps} reached ({where}); raise max_steps to "
-            "train more (--set max_steps=N)"
+        more = new_run_hint(path) if sized else "raise max_steps to train more (--set max_steps=N)"
+        raise RunComplete(f"run already complete: max_steps={config.max_steps} reached ({where}); {more}")
+
+
+SCHEDULE_SIZING = ("epochs", "max_steps", "limit_train_batches")
+"""The config fields that decide a run's :class:`~minitrain.engine.state.Steps`, and with them
+the size of a schedule from ``make_scheduler``."""
+
+
+def new_run_hint(checkpoint: str | Path) -> str:
+    """How to train on after a run whose schedule has ended: a new run, from its weights."""
+    return (
+        "its learning-rate schedule has ended; to train on, start a new run from its weights: "
+        f"--init-from {checkpoint} --run-dir NEW_DIR"
+    )
+
+
+def _schedule_steps(checkpoint: dict[str, Any]) -> dict[str, int] | None:
+    """The Steps a checkpoint's schedule was sized for, if the trainer sized it (``make_scheduler``)."""
+    state = checkpoint.get("trainer")
+    return state.get("schedule_steps") if isinstance(state, dict) else None
+
+
+def _check_schedule(planned: Plan, trainer: Trainer) -> None:
+    """Before a resume restores the trainer: refuse a ``--set`` that would re-size a schedule from
+    ``make_scheduler`` mid-run (``epochs=12`` after 8). Re-sized, its lr would jump at the resume
+    point; held at its last value, it would train at the end of a decay, often zero."""
+    changed, (path, checkpoint) = _sizing_changes(planned), planned.resumed or (None, {})
+    saved = _schedule_steps(checkpoint)
+    if changed and saved is not None and trainer.schedule_steps is not None:
+        old, new = Steps(**saved), trainer.schedule_steps
+        if old != new:
+            why = (
+                f"the learning-rate schedule was sized for {old.total} optimizer steps and would be re-sized to "
+                f"{new.total} mid-run, so the lr would jump here"
+            )
+            raise MinitrainError(_refusal(path, changed, why))
+
+
+def _check_built_schedule(planned: Plan, trainer: Trainer) -> None:
+    """Once a resume has restored the trainer: the same for a schedule that ``build`` sized itself
+    from the config. A ``LambdaLR`` (the usual warm-up and decay) is asked for the lr at the resume
+    step, which the checkpoint recorded; other schedulers restore their size from the checkpoint."""
+    changed, scheduler = _sizing_changes(planned), trainer.scheduler
+    if not changed or trainer.schedule_steps is not None or not isinstance(scheduler, LambdaLR):
+        return
+    try:
+        now = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    except Exception:  # the recipe's function, at a step it was not written for: no verdict
+        return
+    was = scheduler.get_last_lr()
+    if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) for a, b in zip(now, was)):
+        why = (
+            f"the learning-rate schedule that build() made depends on {'it' if len(changed) == 1 else 'them'}: "
+            f"the lr would jump from {was[0]:.4g} to {now[0]:.4g} here"
         )
+        raise MinitrainError(_refusal(planned.resumed[0] if planned.resumed else None, changed, why))
+
+
+def _sizing_changes(planned: Plan) -> dict[str, list[Any]]:
+    return {key: planned.changes[key] for key in SCHEDULE_SIZING if key in planned.changes}
+
+
+def _refusal(path: Path | None, changed: dict[str, list[Any]], why: str) -> str:
+    listed = ", ".join(f"{key} ({old!r} in the checkpoint, {new!r} now)" for key, (old, new) in changed.items())
+    return (
+        f"--resume {path}: cannot change {listed}: {why}. Resume without changing "
+        f"{'it' if len(changed) == 1 else 'them'}, or train on in a new run from its weights: --init-from {path} "
+        "--run-dir NEW_DIR"
+    )
 
 
 def _start_again(
@@ -274,7 +342,7 @@ def _configure(
     asked = planned.config
     config = make_config(planned.recipe, overrides, base={**saved, "device": asked.device}, file=from_file)
     new = config.model_dump(mode="json")
-    changes = {key: [saved.get(key), value] for key, value in new.items() if saved.get(key) != value}
+    changes = {key: [saved.get(key), value] for key, value in new.items() if _differ(saved.get(key), value)}
     refused = {
         key: change
         for key, change in changes.items()  # a field new to the recipe: recorded, not refused
@@ -289,6 +357,11 @@ def _configure(
             "--init-from CHECKPOINT starts from its weights)"
         )
     planned.config, planned.changes = config, changes
+
+
+def _differ(old: Any, new: Any) -> bool:
+    """Whether a config value changed; ``1`` and ``1.0`` differ (one batch, or all of them)."""
+    return old != new or type(old) is not type(new)
 
 
 def new_run_dir(recipe_path: Path, root: Path = Path("runs")) -> Path:
@@ -317,10 +390,7 @@ def run_dir_problem(run_dir: Path, fresh: bool, move_aside: bool) -> str | None:
             return (
                 f"--move-aside: {run_dir} holds files that are not a minitrain run ({shown}); choose another --run-dir"
             )
-    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"run directory {run_dir} is not writable: {existing} does not let this user create files"
-    return None
+    return writable_problem(run_dir, "--run-dir")
 
 
 def prepare(request: RunRequest) -> Trainer:
@@ -340,7 +410,9 @@ def prepare(request: RunRequest) -> Trainer:
         trainer.recorded_plugins = {name: recorded_options(plugin) for name, plugin in planned.plugins}
         trainer.restart = planned.restart
         if planned.resumed is not None:
+            _check_schedule(planned, trainer)
             checkpointing.restore(trainer, *planned.resumed)
+            _check_built_schedule(planned, trainer)
         trainer.check()
         if lock is not None:
             lock = _write_run_files(planned, parts, trainer, init_from, lock)
@@ -387,7 +459,11 @@ def build_trainer(
     if init_from is not None:
         skipped = finetune.init_from(parts.model, init_from, init_skip_mismatched)
         if skipped and distributed.is_main():
-            warnings.warn(f"--init-from: kept the recipe's initialisation for {'; '.join(skipped)}", stacklevel=2)
+            first = skipped[: finetune.SHOWN_MISFITS]
+            shown = "; ".join(first) + ("; ..." if len(skipped) > len(first) else "")
+            warnings.warn(
+                f"--init-from: kept the recipe's initialisation for {len(skipped)} tensor(s): {shown}", stacklevel=2
+            )
     finetune.freeze(parts.model, config.freeze)
 
     pm = make_plugin_manager()
@@ -401,6 +477,7 @@ def build_trainer(
         epochs=config.epochs,
         loss_fn=parts.loss_fn,
         scheduler=parts.scheduler,
+        make_scheduler=parts.make_scheduler,
         scheduler_interval=parts.scheduler_interval,
         device=planned.device,
         run_dir=None if run_dir is None else str(run_dir),
@@ -449,6 +526,7 @@ def _write_run_files(
             "recipe": str(planned.recipe_path.resolve()),
             "plugins": trainer.recorded_plugins,
             "event_log": next((p.event_log for _, p in planned.plugins if getattr(p, "event_log", None)), None),
+            "loss_reduction": loss_reduction(trainer.loss_fn),  # how readers show its training loss
             "checkpoints": [
                 os.path.relpath(folder, run_dir)
                 for folder in checkpointing.checkpoint_dirs(run_dir, [p for _, p in planned.plugins])

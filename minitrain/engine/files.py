@@ -57,12 +57,27 @@ def read_json(path: str | Path) -> dict:
 def check_writable(path: str | Path, what: str = "folder") -> None:
     """Refuse, before any work, a ``path`` (a folder a plugin or command will write to) that this
     user cannot create or write: it, or its nearest existing parent, must be a writable folder."""
+    problem = writable_problem(path, what)
+    if problem:
+        raise MinitrainError(problem)
+
+
+def writable_problem(path: str | Path, what: str = "folder") -> str | None:
+    """Why this user cannot create or write the folder ``path``, in one line that starts with
+    ``what`` and ``path`` (``--run-dir runs/a: ...``), or None. Checks the path itself, else its
+    nearest existing parent: a file on the way (``/etc/passwd/run``) is named as the culprit, not
+    reported as a permission problem; so is a link that leads nowhere."""
     path = Path(path)
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    for existing in (path, *path.absolute().parents):
+        if existing.is_symlink() and not existing.exists():
+            return f"{what} {path}: {existing} is a link to {os.readlink(existing)}, which does not exist"
+        if existing.exists():
+            break
     if not existing.is_dir():
-        raise MinitrainError(f"{what} {path}: {existing} is a file, not a folder")
+        return f"{what} {path}: {existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise MinitrainError(f"{what} {path} is not writable: {existing} does not let this user create files")
+        return f"{what} {path} is not writable: {existing} does not let this user create files"
+    return None
 
 
 def _umask() -> int:

@@ -47,6 +47,22 @@ class Limits:
     val_batches: int | float | None = None
 
 
+@dataclass(frozen=True)
+class Steps:
+    """The optimizer steps a run will make, known once its loaders, limits and plugins are: what a
+    recipe's ``make_scheduler`` sizes a schedule from, so that a warm-up and a decay end where the
+    run ends (``limit_train_batches``, ``max_steps`` and gradient accumulation counted)."""
+
+    per_epoch: int
+    """Optimizer steps in a full epoch: its batches (after ``limit_train_batches``), divided by the
+    batches each step takes (``accumulate``), rounded up, as the epoch's last batch steps."""
+    total: int
+    """Optimizer steps in the whole run, from its first step: ``epochs * per_epoch``, or fewer where
+    ``max_steps`` ends it sooner. A per-step schedule is stepped this many times."""
+    epochs: int
+    """Epochs the run trains, the last perhaps in part (``max_steps``): what an epoch schedule spans."""
+
+
 @dataclass
 class RunState:
     """Progress, counted so that a checkpoint can stop and resume the loop between any two

@@ -14,6 +14,7 @@ step boundary; a non-finite loss stops it (or, by policy, the step is skipped).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import signal
@@ -32,8 +33,14 @@ from minitrain.engine import distributed
 from minitrain.engine import events as ev
 from minitrain.engine.device import batch_size, get_rng_state, resolve_device, set_rng_state
 from minitrain.engine.dispatch import PluginManager
-from minitrain.engine.errors import MinitrainError, NonFiniteError, NothingTrained, TrainingInterrupted, one_line
-from minitrain.engine.metrics import Validation, collection, is_classifier
+from minitrain.engine.errors import (
+    ERROR_LOG,
+    MinitrainError,
+    NonFiniteError,
+    NothingTrained,
+    TrainingInterrupted,
+    one_line,
+)
 from minitrain.engine.registry import (
     CORE,
     ObserverFailed,
@@ -44,11 +51,9 @@ from minitrain.engine.registry import (
     register_plugin,
     resolve,
 )
-from minitrain.engine.state import Limits, RunState, Stop, StopKind
+from minitrain.engine.state import Limits, RunState, Steps, Stop, StopKind
 from minitrain.engine.surface import Shared
 
-ERROR_LOG = "errors.log"
-"""In the run directory: the full traceback of every plugin failure and of the error ending a run."""
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -74,7 +79,10 @@ class Trainer:
         metrics: Any = None,
         eval_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         limits: Limits | None = None,
+        make_scheduler: Callable[[Steps], Any] | None = None,
     ):
+        if scheduler is not None and make_scheduler is not None:
+            raise MinitrainError("give a scheduler or make_scheduler, not both")
         if scheduler_interval not in ("epoch", "step"):
             raise MinitrainError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -90,11 +98,15 @@ class Trainer:
         self.loss_fn = loss_fn
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
+        self.make_scheduler = make_scheduler  # called with the run's Steps, once they are known (below)
+        self.schedule_steps: Steps | None = None  # the Steps the schedule was sized for, if make_scheduler made it
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.config = config or {}
         self.class_names = class_names
         self.nonfinite_loss = nonfinite_loss
+        from minitrain.engine.metrics import Validation, collection, is_classifier  # torchmetrics: seconds
+
         self.validation = Validation(
             collection(metrics),
             eval_loss_fn or loss_fn,
@@ -111,6 +123,8 @@ class Trainer:
         check_hooks(self.pm)
         self.hook = self.pm.hook  # pluggy's hook callers, for calls outside the loop
         self.calls = self.pm.calls  # the same hooks, resolved once for the loop (minitrain.engine.dispatch)
+        if make_scheduler is not None:  # loaders, limits and plugins (accumulate) are known now
+            self._size_schedule(self.planned_steps())
 
         self.state = RunState(loss_sum=torch.zeros((), device=self.device))
         self.shared = Shared()  # what the step's plugins share (minitrain.engine.surface)
@@ -380,6 +394,36 @@ class Trainer:
         """Batches an epoch trains: the loader's length, or ``limit_train_batches`` of it."""
         return _limit(_length(self.train_loader), self.limits.train_batches)
 
+    def planned_steps(self) -> Steps:
+        """The optimizer steps this run makes from its first step to its end: batches per epoch
+        after ``limit_train_batches``, ``epochs`` of them or fewer under ``max_steps``, and one
+        optimizer step per ``batches_per_step`` batches where a plugin (``accumulate``) says so."""
+        batches = self.steps_per_epoch
+        if batches is None:
+            raise MinitrainError(
+                "the schedule cannot be sized: the training loader has no length "
+                "(give limit_train_batches as a number of batches)"
+            )
+        every = max([1, *(getattr(p, "batches_per_step", 1) for p in self.pm.get_plugins())])
+        trained = self.epochs * batches
+        if self.limits.max_steps is not None:
+            trained = min(trained, self.limits.max_steps)
+        full, rest = divmod(trained, batches)
+        per_epoch = -(-batches // every)  # an epoch's last batch steps, its window full or not
+        return Steps(per_epoch=per_epoch, total=full * per_epoch + rest // every, epochs=full + (rest > 0))
+
+    def _size_schedule(self, steps: Steps) -> None:
+        assert self.make_scheduler is not None
+        try:
+            scheduler = self.make_scheduler(steps)
+        except MinitrainError:
+            raise
+        except Exception as exc:  # the recipe's code: one line, as for an exception in build()
+            raise MinitrainError(f"make_scheduler({steps}) failed: {type(exc).__name__}: {exc}") from exc
+        if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+            raise MinitrainError(f"make_scheduler returned a {type(scheduler).__name__}, which has no step()")
+        self.scheduler, self.schedule_steps = scheduler, steps
+
     def _batches(self) -> Iterable:
         """This epoch's batches from `batch_idx` on, up to the epoch's limit and ``max_steps``. A
         loader with ``set_position(epoch, batch_idx)`` starts there without loading earlier
@@ -600,11 +644,28 @@ class Trainer:
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        if self.schedule_steps is not None:  # what a resume sizes the schedule from (load_state_dict)
+            state["schedule_steps"] = dataclasses.asdict(self.schedule_steps)
         if gather and distributed.world_size() > 1:
             state["ranks"] = distributed.gather({"loss_sum": state["progress"]["loss_sum"], "rng": state["rng"]})
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on where ``state`` left off. A schedule that ``make_scheduler`` made keeps the size
+        the run started with, so that its shape does not change at the resume point: it is made
+        again from the saved ``Steps`` if this trainer's differ (``minitrain run`` refuses a
+        ``--set`` that would change them, see docs/runs-and-resume.md)."""
+        saved_steps = state.get("schedule_steps")
+        if self.make_scheduler is not None and saved_steps is not None:
+            steps, now = Steps(**saved_steps), self.schedule_steps
+            if steps != now:  # before the optimizer's state: making a schedule sets the lr
+                if distributed.is_main() and now is not None:
+                    warnings.warn(
+                        f"the learning-rate schedule keeps the size it had when the run started, {steps.total} "
+                        f"optimizer steps ({now.total} with this trainer's settings)",
+                        stacklevel=2,
+                    )
+                self._size_schedule(steps)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:

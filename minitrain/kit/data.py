@@ -23,18 +23,21 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
-# md5 of each file of the official release; a rebuilt copy may differ in metadata only.
-CIFAR10_MD5 = {
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
+# The contents of each file of the official release: sha256 of its pixels (uint8, N×3×32×32 in
+# the file's order) followed by its labels (int64, little-endian), as `content_digest` computes it.
+# Contents, not file bytes: a copy rebuilt losslessly (re-pickled, other per-image filenames) has
+# other bytes but the same images and labels, and one damaged in its pixels or labels does not.
+CIFAR10_SHA256 = {
+    "data_batch_1": "54b2ed21fbd6a52cfc507fb5af63b8610e1938828f3017b159e69e87bb1965db",
+    "data_batch_2": "a860ea80505c3e017d336ca80eca64bdc58099bf285ae8650980ed6c846f5e53",
+    "data_batch_3": "701e5e97f12252a2ec703b29fe275315471b883e27926ec8e9d3b08ca81b2fab",
+    "data_batch_4": "6c9358a56fb97959b9b494683c1c1ef9f0c4f291f3686302835e08a0b0ab2f47",
+    "data_batch_5": "c2108fec4d9d07a51c26c680b5886f54ff810c859a3f7ba7efe3a4a82a838293",
+    "test_batch": "2c33b053d1cd726af8d86e174a96dd89d7000ba1412add026d68142375b89d51",
 }
 
 
-_checksums_reported: set[Path] = set()
+_contents_reported: set[Path] = set()  # folders already warned about in this process
 
 
 def default_data_dir() -> Path:
@@ -51,16 +54,17 @@ def load_cifar10(data_dir: str | Path, train: bool, download: bool = True) -> tu
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise MinitrainError(_missing_message(folder, missing))
-    raws = {n: (folder / n).read_bytes() for n in names}
-    differ = [n for n, raw in raws.items() if hashlib.md5(raw).hexdigest() != CIFAR10_MD5[n]]
-    if differ and folder not in _checksums_reported and distributed.is_main():  # once per command
-        _checksums_reported.add(folder)
+    batches = {n: _read_batch(folder / n, (folder / n).read_bytes()) for n in names}
+    differ = [n for n, (x, y) in batches.items() if content_digest(x, y) != CIFAR10_SHA256[n]]
+    if differ and folder not in _contents_reported and distributed.is_main():  # once per folder and command
+        _contents_reported.add(folder)
+        named = [n for n in CIFAR10_SHA256 if n in differ or (n not in batches and _differs(folder / n))]
         warnings.warn(
-            f"{folder}: checksums of {', '.join(differ)} differ from the official release "
-            "(expected for a losslessly rebuilt copy; contents are checked instead)",
+            f"{folder}: the images or labels of {', '.join(named)} differ from the official "
+            "release of CIFAR-10 (a damaged or modified copy, or other data); training on them as they are",
             stacklevel=2,
         )
-    images, labels = zip(*(_read_batch(folder / n, raw) for n, raw in raws.items()))
+    images, labels = zip(*batches.values())
     return torch.cat(images), torch.cat(labels)
 
 
@@ -102,6 +106,24 @@ def _read_batch(path: Path, raw: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     if targets.numel() and (targets.min() < 0 or targets.max() > 9):
         raise MinitrainError(f"{path}: labels outside 0..9")
     return images, targets
+
+
+def content_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of a batch's pixels then labels (``CIFAR10_SHA256``): what the file holds, whatever
+    else its pickle carries or however it was written."""
+    digest = hashlib.sha256(images.contiguous().numpy().data)  # (a view: 30 MB are not copied)
+    digest.update(labels.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def _differs(path: Path) -> bool:
+    """Whether a batch file that this command does not load differs from the release too, so that
+    the one warning names every such file (a file that is missing or unreadable is left to the load
+    that needs it)."""
+    try:
+        return content_digest(*_read_batch(path, path.read_bytes())) != CIFAR10_SHA256[path.name]
+    except (OSError, MinitrainError):
+        return False
 
 
 def _download(root: Path) -> None:

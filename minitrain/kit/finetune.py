@@ -4,8 +4,9 @@
 recipe's freshly built model, and nothing else: optimizer, schedule, progress, random state and
 plugin state start anew, as the new task needs (``--resume`` is the way to continue a run). A
 tensor that the new model lacks or shapes differently (a classifier head for another number of
-classes) is an error listing each by name and shape, unless the run asks to skip those
-(``--init-skip-mismatched``): they then keep the recipe's initialisation.
+classes) is an error naming the first few by name and shape (``--debug`` lists every one),
+unless the run asks to skip those (``--init-skip-mismatched``): they then keep the recipe's
+initialisation. A checkpoint that fits none of the model's parameters is refused either way.
 
 Freezing is a recipe config field every recipe has, ``freeze``: glob patterns matched against
 parameter names and their enclosing modules (``--set freeze=whiten,blocks.0``).
@@ -25,21 +26,46 @@ from minitrain.engine.errors import MinitrainError
 
 def init_from(model: torch.nn.Module, path: str | Path, skip_mismatched: bool = False) -> list[str]:
     """Load the weights of checkpoint ``path`` into ``model``. Returns what was skipped (empty
-    when everything fitted); raises naming each misfit unless ``skip_mismatched``."""
+    when everything fitted); raises, naming the first few misfits (``--debug`` shows every one, in
+    the error's notes), unless ``skip_mismatched``. A checkpoint none of whose tensors fits a
+    parameter of the model is refused even then: skipping everything would train from scratch."""
     saved = checkpointing.load(path)["trainer"]["model"]
     own = model.state_dict()
     misfits = checkpointing.misfits(own, saved)
-    if misfits and not skip_mismatched:
-        raise MinitrainError(
-            f"--init-from {path}: {len(misfits)} tensor(s) do not fit the model: "
-            f"{'; '.join(misfits)} (--init-skip-mismatched starts them from the recipe's "
-            "initialisation instead)"
+    fitting = {name: tensor for name, tensor in saved.items() if name in own and tensor.shape == own[name].shape}
+    parameters = [name for name, _ in model.named_parameters()]
+    if misfits and parameters and not any(name in fitting for name in parameters):
+        raise _misfit_error(
+            f"--init-from {path}: probably the wrong checkpoint: none of the model's {len(parameters)} parameters "
+            f"fits it; {len(misfits)} tensor(s) do not fit: {{shown}}",
+            misfits,
         )
-    model.load_state_dict(
-        {name: tensor for name, tensor in saved.items() if name in own and tensor.shape == own[name].shape},
-        strict=False,
-    )
+    if misfits and not skip_mismatched:
+        raise _misfit_error(
+            f"--init-from {path}: {len(misfits)} tensor(s) do not fit the model: {{shown}} "
+            "(--init-skip-mismatched starts them from the recipe's initialisation instead)",
+            misfits,
+        )
+    model.load_state_dict(fitting, strict=False)
     return misfits
+
+
+SHOWN_MISFITS = 3
+"""How many misfits an ``--init-from`` error names; ``--debug`` shows all of them."""
+
+
+def summary(misfits: list[str], shown: int = SHOWN_MISFITS) -> str:
+    """The first ``shown`` misfits and how many more: for one line (an error, a warning)."""
+    text = "; ".join(misfits[:shown])
+    return text + (f"; and {len(misfits) - shown} more, which --debug lists" if len(misfits) > shown else "")
+
+
+def _misfit_error(template: str, misfits: list[str]) -> MinitrainError:
+    """The one line ``template``, its ``{shown}`` the :func:`summary` of the misfits; the full
+    list is the error's note, which ``--debug`` (the traceback) shows, one tensor a line."""
+    error = MinitrainError(template.replace("{shown}", summary(misfits)))
+    error.add_note("every tensor that does not fit:\n" + "\n".join(f"  {misfit}" for misfit in misfits))
+    return error
 
 
 def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:

@@ -14,14 +14,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from minitrain.engine.errors import MinitrainError, describe_validation_error
+from minitrain.engine.state import Steps
 from minitrain.kit.data import default_data_dir
+
+BATCH_LIMIT = "expected a number of batches (an int >= 1) or a fraction of them (a float in (0, 1])"
 
 
 class RecipeConfig(BaseModel):
@@ -67,15 +70,30 @@ class RecipeConfig(BaseModel):
         description="stop at the first step boundary after this many "
         "seconds of training (also [D:]HH:MM:SS); resumable, as after SIGTERM",
     )
-    limit_train_batches: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="train on this many batches per epoch (or this fraction of them)"
+    # int | float, not a union of constrained types: pydantic's smart union read "1.0" as the int 1
+    # (one batch, not all of them). `_batch_limit` decides the type and the range.
+    limit_train_batches: int | float | None = Field(
+        None, description="train on this many batches per epoch (an int), or this fraction of them (a float: 1.0 = all)"
     )
-    limit_val_batches: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="validate on this many batches (or this fraction of them)"
+    limit_val_batches: int | float | None = Field(
+        None, description="validate on this many batches (an int), or this fraction of them (a float: 1.0 = all)"
     )
 
     # A recipe that changes a default (`epochs: int = 5`) redeclares the field and so drops the
     # constraints above; these validators are inherited whatever the subclass declares.
+    # A validator of the same name in a subclass would replace one of them without a word (a
+    # recipe's `_positive` for its widths once let `lr=-1` through): refused when the class is made.
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        own = RecipeConfig.__pydantic_decorators__.field_validators
+        hidden = sorted(name for name in own if name in vars(cls) and cls is not RecipeConfig)
+        if hidden:
+            raise TypeError(
+                f"{cls.__name__} defines {', '.join(hidden)}, which would replace RecipeConfig's check of "
+                f"{', '.join(f for name in hidden for f in own[name].info.fields)}; name it otherwise"
+            )
+
     @field_validator("epochs", "batch_size")
     @classmethod
     def _at_least_one(cls, value: int) -> int:
@@ -107,6 +125,25 @@ class RecipeConfig(BaseModel):
             return sum(part * unit for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)))
         return value
 
+    @field_validator("limit_train_batches", "limit_val_batches", mode="before")
+    @classmethod
+    def _batch_limit(cls, value):
+        """Keep ``1`` (one batch) and ``1.0`` (every batch) apart, as PyTorch Lightning does: text
+        with a point or an exponent is a fraction, other text a number of batches."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = float(text) if any(c in text for c in ".eE") else int(text)
+            except ValueError:
+                value = None
+        if isinstance(value, bool) or not (
+            (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value <= 1)
+        ):
+            raise ValueError(BATCH_LIMIT)
+        return value
+
     @field_validator("lr")
     @classmethod
     def _positive(cls, value: float) -> float:
@@ -123,7 +160,12 @@ class Components:
     dict of them; default for a classifier: accuracy and confusion matrix, see
     :mod:`minitrain.engine.metrics`). ``eval_loss_fn``: the loss ``val_loss`` reports, if not
     ``loss_fn``. ``inputs``: what an exported model expects, ``{"size": [H, W], "mean": [...],
-    "std": [...]}``, for a recipe whose loader does not say (``ImageLoader`` does)."""
+    "std": [...]}``, for a recipe whose loader does not say (``ImageLoader`` does).
+
+    ``make_scheduler``: instead of ``scheduler``, a function of the run's
+    :class:`~minitrain.engine.state.Steps` returning it. The trainer calls it once the loaders,
+    run limits and plugins are known, so a schedule spans the steps the run really makes, and it
+    keeps that size when the run is resumed."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -136,6 +178,7 @@ class Components:
     metrics: Any = None
     eval_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     inputs: dict[str, Any] | None = None
+    make_scheduler: Callable[[Steps], Any] | None = None
 
     def check(self, recipe: str | Path) -> None:
         """Refuse, with one line, parts that the loop could only fail on later."""
@@ -152,6 +195,10 @@ class Components:
             problems.append("loss_fn and eval_loss_fn must be callable")
         if self.scheduler is not None and not callable(getattr(self.scheduler, "step", None)):
             problems.append(f"scheduler is a {type(self.scheduler).__name__}, which has no step()")
+        if self.make_scheduler is not None and not callable(self.make_scheduler):
+            problems.append(f"make_scheduler is a {type(self.make_scheduler).__name__}, which cannot be called")
+        if self.make_scheduler is not None and self.scheduler is not None:
+            problems.append("both scheduler and make_scheduler are set; give one")
         if self.scheduler_interval not in ("epoch", "step"):
             problems.append(f"scheduler_interval must be 'epoch' or 'step', not {self.scheduler_interval!r}")
         if self.class_names is not None and not (
@@ -250,7 +297,14 @@ def make_config(
             except ValidationError as file_error:
                 error, given = file_error, f"--config {file_name}".strip()
         where = given if base is None else f"the resumed run's config with {given}"
-        raise MinitrainError(f"{where}: {describe_validation_error(error)}") from None
+        hint = ""
+        if any(err["type"] == "extra_forbidden" for err in error.errors()):  # a typo: say where the names are
+            import shlex
+
+            path = Path(getattr(recipe, "__file__", None) or "RECIPE")
+            shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+            hint = f" (minitrain config {shlex.quote(str(shown))} lists the fields)"
+        raise MinitrainError(f"{where}: {describe_validation_error(error, recipe.Config)}{hint}") from None
 
 
 def as_overrides(values: dict[str, Any], prefix: str = "") -> list[str]:
