@@ -3,7 +3,9 @@
 On a terminal the bar is tqdm's; in a log file (not a terminal) it prints plain lines instead,
 so logs hold no control characters. The loss is shown every ``refresh_every`` steps only; on an
 accelerator it is the loss of the previous refresh, copied to the host in the background, so the
-display never makes the host wait for the device.
+display never makes the host wait for the device. A loss the recipe sums over each batch is shown
+per sample, as every report shows it (:mod:`minitrain.records.losses`), and a line at the start
+says so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from minitrain import PluginConfig, hookimpl
 from minitrain.engine import distributed
 from minitrain.engine.device import HostCopy
 from minitrain.kit.summary import describe_model
+from minitrain.records.losses import MEAN, NOTE, SUM, loss_reduction, per_sample_metrics
 
 
 class Console:
@@ -37,6 +40,9 @@ class Console:
         self.bar: tqdm | None = None
         self.every, self.start_batch = sys.maxsize, 0  # steps between progress updates; set per epoch
         self.pending: dict[str, HostCopy] = {}  # the values (loss, grad_norm) asked for at the last refresh
+        self.divisors: dict[str, int] = {}  # what each is shown divided by (a summed loss: its batch's size)
+        self.reduction = MEAN  # "sum": the loss is shown per sample (minitrain.records.losses)
+        self.batch_size: int | None = None  # the recipe's: what an epoch's summed train_loss is divided by
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
@@ -59,6 +65,11 @@ class Console:
         resumed = f" from epoch {event.start_epoch}" if event.start_epoch > 1 else ""
         print(f"training {event.epochs} epochs on {event.device}{resumed}{where}", flush=True)
         print(f"model: {describe_model(trainer.module)}", flush=True)
+        self.reduction = loss_reduction(getattr(trainer, "loss_fn", None))
+        batch_size = trainer.config.get("batch_size")
+        self.batch_size = batch_size if isinstance(batch_size, int) else None
+        if self.reduction == SUM:
+            print(f"loss: {NOTE}", flush=True)
 
     @hookimpl
     def on_epoch_start(self, event) -> None:
@@ -86,9 +97,8 @@ class Console:
             return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = done * event.batch_size / elapsed  # as if every batch were this one's size
-        values = {
-            name: self._read(name, value) for name, value in {"loss": event.loss, **trainer.shared.step_metrics}.items()
-        }
+        values = {"loss": self._read("loss", event.loss, event.batch_size if self.reduction == SUM else 1)}
+        values |= {name: self._read(name, value) for name, value in trainer.shared.step_metrics.items()}
         if self.bar is not None:
             self.bar.set_postfix(**values, rate=f"{rate:.0f}/s", refresh=False)
             self.bar.update(event.batch_idx + 1 - self.bar.n)
@@ -102,18 +112,20 @@ class Console:
                 flush=True,
             )
 
-    def _read(self, name: str, value) -> str:
-        """A per-step value as text, without making the host wait: on an accelerator, the value
-        asked for at the previous refresh, if its copy has arrived."""
+    def _read(self, name: str, value, divisor: int = 1) -> str:
+        """A per-step value as text (divided by ``divisor``: a summed loss by its batch's size),
+        without making the host wait: on an accelerator, the value asked for at the previous
+        refresh, if its copy has arrived."""
         if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
-            return f"{float(value):.4f}"
+            return f"{float(value) / divisor:.4f}"
         shown, self.pending[name] = self.pending.get(name), HostCopy(value)
-        return f"{float(shown.get()):.4f}" if shown is not None and shown.ready() else "-"
+        by, self.divisors[name] = self.divisors.get(name, 1), divisor
+        return f"{float(shown.get()) / by:.4f}" if shown is not None and shown.ready() else "-"
 
     @hookimpl
     def on_epoch_end(self, event) -> None:
         self._close_bar()
-        m = event.metrics
+        m = per_sample_metrics(event.metrics, self.batch_size, self.reduction)
         parts = [f"{k} {m[k]:.4f}" for k in m if k == "train_loss" or k.startswith("val_")]
         print(
             f"epoch {event.epoch}/{self.epochs}: "

@@ -3,21 +3,27 @@
 Written at the end of the fit (and after every epoch with ``every_epoch=true``):
 
 * ``loss.png``: the training loss at every step (smoothed, the raw values faint) and the
-  validation loss per epoch; ``accuracy.png`` (validation accuracy, for a classifier),
-  ``metrics.png`` (the recipe's other validation metrics) and ``lr.png`` (learning rate), by epoch;
+  validation loss per epoch, per sample where the recipe's loss sums over the batch
+  (:mod:`minitrain.records.losses`); ``accuracy.png`` (validation accuracy, for a classifier) and
+  ``metrics.png`` (the recipe's other validation metrics), by epoch; ``lr.png``: the learning rate
+  each step trained at, where the run is live, else (a replay) at the end of each epoch;
 * for a classifier, ``confusion.png``: the last validation's confusion matrix, with the recipe's
   class names, and ``misclassified.png``: up to ``max_images`` validation images the final model
   got wrong;
 * ``report.html``, titled with the recipe's name: the run's status (finished, stopped, failed,
-  interrupted, or running while ``every_epoch`` redraws), duration, device, plugins, stop
+  interrupted, or running while ``every_epoch`` redraws), wall time (one definition with
+  ``minitrain runs`` and ``compare``: :func:`minitrain.records.rundir.wall_time`), device, plugins, stop
   reason and errors, each resume and restart of the run (where it went on from), the plots
   (relative links, so it works offline), final metrics and config.
 
-Everything but the image grid is drawn from events alone (FitStart's config and class names,
-BatchEnd's losses, EpochEnd's metrics, ValidationEnd's confusion matrix), which is why
-``minitrain report RUN_DIR`` can redraw it from ``events.jsonl`` without training. The per-step
-losses cost the loop one list append per step: the loss tensors are held, and every 256 steps
-(and at each epoch's end) go to the host in one copy that nobody waits for, as ``jsonl`` does.
+Everything but the image grid and the per-step learning rate is drawn from events alone
+(FitStart's config and class names, BatchEnd's losses, EpochEnd's metrics, ValidationEnd's
+confusion matrix), which is why ``minitrain report RUN_DIR`` can redraw it from ``events.jsonl``
+without training. The per-step losses cost the loop one list append per step: the loss tensors are
+held, and every 256 steps (and at each epoch's end) go to the host in one copy that nobody waits
+for, as ``jsonl`` does. The events carry the learning rate at each epoch's end only, so a live run
+reads the optimizer's after each step (a float, no sync: a second append) and keeps it in its
+checkpoints; a replay draws the one per epoch.
 The grid needs the images themselves: a wrapper on ``eval_step`` collects them on the device
 during the last scheduled epoch's validation only, in fixed-size buffers (no host sync per
 batch), and moves them to the host once. A replay has no images, so it keeps a grid that is
@@ -33,18 +39,19 @@ import html
 import json
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
-from matplotlib.figure import Figure
 from pydantic import Field
 
 from minitrain import PluginConfig, hookimpl
 from minitrain.engine.device import HostCopy
 from minitrain.engine.files import read_json
+from minitrain.engine.surface import TrainerView
 from minitrain.records.curves import epoch_axis, smooth
 from minitrain.records.formats import format_duration
-from minitrain.records.rundir import read_run
+from minitrain.records.losses import MEAN, NOTE, SUM, loss_reduction, per_sample_metrics, recorded_reduction
+from minitrain.records.rundir import read_run, wall_time
 
 PLOTS = "plots"
 HOLD = 256  # per-step losses held before they go to the host together
@@ -92,7 +99,12 @@ class Visualization:
         self.steps_per_epoch: int | None = None
         self.held: list = []  # this group's batch losses (tensors until they reach the host)
         self.held_from = 0  # the global step of the first of them
-        self.step_losses: list[tuple[int, HostCopy | torch.Tensor]] = []  # (first step, losses) per group
+        self.held_sizes: list[int] = []  # their batch sizes, kept for a loss summed over the batch only
+        self.step_losses: list[tuple[int, HostCopy | torch.Tensor, torch.Tensor | None]] = []
+        # (first step, losses, their batch sizes where the losses are sums) per group
+        self.summed = False  # the recipe's loss sums over the batch: shown per sample (minitrain.records.losses)
+        self.optimizer: Any = None  # a live run's, whose lr is read after each step
+        self.step_lrs: list[tuple[int, float]] = []  # (global step, the lr it trained at), from a live run
         self.capturing = False
         self.buffer: tuple[torch.Tensor, ...] | None = None  # (images, targets, preds, wrong) on the device
         self.misclassified: tuple[torch.Tensor, ...] | None = None  # the same, on the host
@@ -119,6 +131,20 @@ class Visualization:
             )
         self._group()
         self._forget_steps_after(event.global_step)  # a resume from an earlier step redoes the later ones
+        live = not trainer.replaying and isinstance(trainer, TrainerView)
+        if live:  # the recipe's loss itself; a replay reads what the run recorded
+            self.summed = loss_reduction(trainer.loss_fn) == SUM
+        else:
+            self.summed = self.run_dir is not None and recorded_reduction(read_json(self.run_dir / "run.json")) == SUM
+        # the lr is read after each step: a float costs nothing; a tensor (a capturable optimizer's) would sync
+        self.optimizer = trainer.optimizer if live and _is_number(trainer.optimizer.param_groups[0]["lr"]) else None
+
+    @hookimpl
+    def on_epoch_start(self, event) -> None:
+        if self.optimizer is not None:  # an epoch's schedule steps after the last BatchEnd of the one before
+            if self.step_lrs and self.step_lrs[-1][0] == event.global_step + 1:
+                self.step_lrs.pop()
+            self.step_lrs.append((event.global_step + 1, float(self.optimizer.param_groups[0]["lr"])))
 
     @hookimpl
     def on_batch_end(self, event) -> None:
@@ -126,35 +152,50 @@ class Visualization:
         if not held:
             self.held_from = event.global_step
         held.append(event.loss)
+        if self.summed:
+            self.held_sizes.append(event.batch_size)
+        if self.optimizer is not None:  # the rate the next step trains at, the schedule stepped
+            self.step_lrs.append((event.global_step + 1, self.optimizer.param_groups[0]["lr"]))
         if len(held) == HOLD:
             self._group()
 
     def _group(self) -> None:
         """Start moving the held losses to the host, in one copy that nobody waits for here."""
         held, self.held = self.held, []
+        sizes, self.held_sizes = self.held_sizes, []
         if not held:
             return
-        self.step_losses.append((self.held_from, HostCopy(torch.stack(held).reshape(-1).float())))
+        divisors = torch.tensor(sizes, dtype=torch.float32) if sizes else None  # on the host, applied there
+        self.step_losses.append((self.held_from, HostCopy(torch.stack(held).reshape(-1).float()), divisors))
 
     def steps(self) -> list[tuple[int, float]]:
-        """Every step's loss so far, as ``(global step, loss)``."""
+        """Every step's loss so far, as ``(global step, loss)``; per sample for a summed loss."""
         self._group()
         out: list[tuple[int, float]] = []
-        for first, losses in self.step_losses:
+        for first, losses, sizes in self.step_losses:
             values = losses.get() if isinstance(losses, HostCopy) else losses
+            if sizes is not None:
+                values = values / sizes
             out += zip(range(first, first + len(values)), values.tolist())
         return out
 
     def _forget_steps_after(self, step: int) -> None:
         kept = [
-            (first, losses if isinstance(losses, torch.Tensor) else losses.get())
-            for first, losses in self.step_losses
+            (first, losses if isinstance(losses, torch.Tensor) else losses.get(), sizes)
+            for first, losses, sizes in self.step_losses
             if first <= step
         ]
         if kept and kept[-1][0] + len(kept[-1][1]) - 1 > step:
-            first, losses = kept[-1]
-            kept[-1] = (first, losses[: step - first + 1])
-        self.step_losses = cast("list[tuple[int, HostCopy | torch.Tensor]]", kept)  # (list is invariant)
+            first, losses, sizes = kept[-1]
+            end = step - first + 1
+            kept[-1] = (first, losses[:end], None if sizes is None else sizes[:end])
+        self.step_losses = cast("list[tuple[int, HostCopy | torch.Tensor, torch.Tensor | None]]", kept)
+        self.step_lrs = [(s, lr) for s, lr in self.step_lrs if s <= step]
+
+    def lrs(self, last: int) -> list[tuple[int, float]]:
+        """The learning rate of every step up to ``last``, as ``(global step, lr)`` (a live run's;
+        the rate after the last step is the next one's)."""
+        return [(s, float(lr)) for s, lr in self.step_lrs if s <= last]
 
     @hookimpl
     def on_validation_start(self, event) -> None:
@@ -231,20 +272,23 @@ class Visualization:
             "confusion_epoch": self.confusion_epoch,
             "starts": [dict(start) for start in self.starts],
             "loss_steps": torch.tensor([s for s, _ in steps], dtype=torch.int64),
-            "losses": torch.tensor([v for _, v in steps], dtype=torch.float32),
+            "losses": torch.tensor([v for _, v in steps], dtype=torch.float32),  # per sample, as drawn
+            "lr_steps": torch.tensor([s for s, _ in self.step_lrs], dtype=torch.int64),
+            "lrs": torch.tensor([lr for _, lr in self.step_lrs], dtype=torch.float64),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs = {int(k): dict(v) for k, v in state["epochs"].items()}
         self.confusion, self.confusion_epoch = state["confusion"], state["confusion_epoch"]
         self.starts = [dict(start) for start in state.get("starts", [])]  # (older checkpoints have none)
-        self.held, self.step_losses = [], []
+        self.held, self.held_sizes, self.step_losses = [], [], []
         if "losses" in state and len(state["losses"]):  # (checkpoints of earlier versions have none)
             steps = state["loss_steps"].tolist()
             if steps == list(range(steps[0], steps[0] + len(steps))):
-                self.step_losses = [(steps[0], state["losses"].float())]
+                self.step_losses = [(steps[0], state["losses"].float(), None)]
             else:
-                self.step_losses = [(s, state["losses"][i : i + 1].float()) for i, s in enumerate(steps)]
+                self.step_losses = [(s, state["losses"][i : i + 1].float(), None) for i, s in enumerate(steps)]
+        self.step_lrs = list(zip(state["lr_steps"].tolist(), state["lrs"].tolist())) if "lrs" in state else []
 
     # --- drawing ------------------------------------------------------------------------------
 
@@ -253,11 +297,20 @@ class Visualization:
             return
         plots = self.run_dir / PLOTS
         plots.mkdir(parents=True, exist_ok=True)
-        epochs = [{"epoch": e} | self.epochs[e] for e in sorted(self.epochs)]
+        batch_size = self.run_config.get("batch_size")
+        reduction = SUM if self.summed else MEAN
+        epochs = [
+            {"epoch": e}
+            | per_sample_metrics(self.epochs[e], batch_size if isinstance(batch_size, int) else None, reduction)
+            for e in sorted(self.epochs)
+        ]
         steps = self.steps()
+        lrs = self.lrs(steps[-1][0] if steps else 0)
         for name, (title, ylabel, series) in CURVES.items():
             if name == "loss.png" and steps:
-                plot_loss(epochs, steps, self.steps_per_epoch, plots / name)
+                plot_loss(epochs, steps, self.steps_per_epoch, plots / name, per_sample=self.summed)
+            elif name == "lr.png" and lrs:
+                plot_lr(lrs, self.steps_per_epoch, plots / name)
             else:
                 plot_curve(epochs, series, title, ylabel, plots / name)
         shown = {key for _, _, series in CURVES.values() for key, _ in series}
@@ -281,21 +334,18 @@ class Visualization:
     def summary(self) -> dict:
         """What the report says about the run as a whole."""
         assert self.run_dir is not None  # only a run with a run directory writes a report
-        if self.replaying:  # the run's own times, from its files (minitrain.commands.runs), not the replay's
-            duration = read_run(self.run_dir).duration
-        else:  # this start's wall time, and the training time of the epochs of earlier starts
-            duration = (
-                time.time()
-                - self.started
-                + sum(m.get("epoch_time", 0.0) for e, m in self.epochs.items() if e < self.start_epoch)
-            )
-        info = read_json(self.run_dir / "run.json")
-        recipe = info.get("recipe")
+        run = read_run(self.run_dir)  # its start times and its log: what `minitrain runs` reads
+        if self.replaying:  # the run's own wall time, not the replay's
+            duration = run.duration
+        else:  # the same, up to now; without an event log, the epochs this plugin has seen stand in for it
+            earlier = sum(m.get("epoch_time", 0.0) for e, m in self.epochs.items() if e < self.start_epoch)
+            duration = wall_time(run.training_times or [earlier, 0.0], run.last_start or self.started, time.time())
         errors = self.run_dir / "errors.log"
         return {
-            "recipe": Path(recipe).stem if recipe else None,
+            "recipe": run.recipe,
             "status": self.status,
             "duration": duration,
+            "loss_reduction": SUM if self.summed else MEAN,
             "device": self.device,
             "plugins": self.plugins,
             "stop_reason": self.stop_reason,
@@ -303,6 +353,17 @@ class Visualization:
             "error_log": _error_titles(errors) if errors.is_file() else [],
             "starts": self.starts,
         }
+
+
+def _figure(**kwargs: Any) -> Any:
+    """A matplotlib Figure; matplotlib is imported at the first plot, not when plugins are listed."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _first_wrong(parts: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
@@ -321,7 +382,7 @@ def plot_curve(epochs: list[dict], series: list[tuple[str, str]], title: str, yl
     lines = [(label, points) for label, points in lines if points]
     if not lines:
         return
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = _figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     for label, points in lines:
         ax.plot(*zip(*points), marker="o", markersize=3, label=label)
@@ -333,22 +394,41 @@ def plot_curve(epochs: list[dict], series: list[tuple[str, str]], title: str, yl
     fig.savefig(path, dpi=100)
 
 
-def plot_loss(epochs: list[dict], steps: list[tuple[int, float]], steps_per_epoch: int | None, path: Path) -> None:
+def plot_loss(
+    epochs: list[dict], steps: list[tuple[int, float]], steps_per_epoch: int | None, path: Path, per_sample=False
+) -> None:
     """The training loss at every step, smoothed, over its raw values drawn faint, and the
-    validation loss at the end of each epoch; against epochs where the epoch length is known."""
+    validation loss at the end of each epoch; against epochs where the epoch length is known.
+    ``per_sample``: the recipe's loss sums over the batch, and ``steps`` are those sums over the
+    batch size, on the validation loss's scale (the axis says so)."""
     per_epoch = steps_per_epoch or None
     x = [s / per_epoch if per_epoch else s for s, _ in steps]
     losses = [loss for _, loss in steps]
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = _figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(x, losses, color="C0", alpha=0.25, linewidth=0.8)
     ax.plot(x, smooth(losses), color="C0", linewidth=1.8, label="train (per step, smoothed)")
     validation = [(m["epoch"], m["val_loss"]) for m in epochs if "val_loss" in m]
     if validation and per_epoch:  # (a loader without a length: steps alone, as epochs cannot be placed)
         ax.plot(*zip(*validation), color="C1", marker="o", markersize=3, label="validation")
-    ax.set(title="Loss", xlabel="epoch" if per_epoch else "step", ylabel="loss")
+    ax.set(title="Loss", xlabel="epoch" if per_epoch else "step", ylabel="loss per sample" if per_sample else "loss")
+    if per_sample:
+        ax.set_title("Loss per sample (the recipe's loss sums over each batch)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def plot_lr(lrs: list[tuple[int, float]], steps_per_epoch: int | None, path: Path) -> None:
+    """The learning rate each step trained at (parameter group 0's, as ``EpochEnd`` reports it),
+    against epochs where the epoch length is known, as the loss is."""
+    per_epoch = steps_per_epoch or None
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([s / per_epoch if per_epoch else s for s, _ in lrs], [lr for _, lr in lrs], color="C0", linewidth=1.5)
+    ax.set(title="Learning rate (per step)", xlabel="epoch" if per_epoch else "step", ylabel="learning rate")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
 
 
@@ -359,7 +439,7 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str] | None, epoch
     names = [_label(class_names, i) for i in range(n)]
     fractions = counts / counts.sum(1, keepdim=True).clamp(min=1)
     size = min(4 + 0.55 * n, 20)
-    fig = Figure(figsize=(size + 1, size), layout="constrained")
+    fig = _figure(figsize=(size + 1, size), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="fraction of true class", shrink=0.8)
@@ -403,7 +483,7 @@ def plot_misclassified(
     pixels = ((images - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1).numpy()
     cols = min(8, len(pixels))
     rows = -(-len(pixels) // cols)
-    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4), layout="constrained")
+    fig = _figure(figsize=(1.6 * cols, 1.8 * rows + 0.4), layout="constrained")
     fig.suptitle(f"Misclassified validation images ({len(pixels)} of {total_wrong})")
     for i, (image, t, p) in enumerate(zip(pixels, targets.tolist(), preds.tolist())):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -433,11 +513,13 @@ def write_report(
     facts = [
         ("status", f'<span class="status-{esc(status)}">{esc(status)}</span>'),
         ("epochs", f"{len(epochs)} recorded"),
-        ("duration", esc(format_duration(summary.get("duration")))),
+        ("wall time", esc(format_duration(summary.get("duration")))),
         ("device", esc(summary.get("device") or "-")),
         ("plugins", esc(", ".join(summary.get("plugins") or []) or "-")),
         ("run directory", esc(str(run_dir.absolute()))),
     ]
+    if summary.get("loss_reduction") == SUM:
+        facts.append(("training loss", esc(NOTE)))
     if stop_reason:
         facts.insert(1, ("stop reason", esc(stop_reason)))
     if summary.get("error"):

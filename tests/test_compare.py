@@ -146,6 +146,27 @@ def test_compare_gives_each_run_its_own_status_metrics_and_curves(two_runs, tmp_
             assert lines[run.name].get_color() == COLORS[i]
 
 
+def test_compare_draws_a_summed_loss_per_sample_and_says_wall_time(two_runs, tmp_path):
+    """A run that records its loss as summed over each batch (run.json's loss_reduction) is drawn
+    per sample, on the scale of a run whose loss is a mean; the duration column says what it is."""
+    from minitrain.commands.compare import _figures
+    from minitrain.records.rundir import read_run
+
+    fast, slow = two_runs
+    info = json.loads((fast / "run.json").read_text())
+    (fast / "run.json").write_text(json.dumps(info | {"loss_reduction": "sum"}))
+    logged = [json.loads(line) for line in (fast / "events.jsonl").read_text().splitlines()]
+    sums = [e["loss"] for e in logged if e["event"] == "BatchEnd"]
+    runs = [read_run(path, steps=True) for path in two_runs]
+    title, figure = next(iter(_figures(runs, ["fast", "slow"])))
+    assert title == "Training loss" and figure.axes[0].get_ylabel() == "loss per sample"
+    raw = [line for line in figure.axes[0].get_lines() if line.get_alpha() == 0.2]  # the faint raw values
+    assert list(raw[0].get_ydata()) == pytest.approx([loss / 16 for loss in sums])
+    out = tmp_path / "page.html"
+    assert main(["compare", *map(str, two_runs), "-o", str(out)]) == 0
+    assert "<th>steps</th><th>wall time</th>" in out.read_text()
+
+
 def test_compare_refuses_what_is_not_a_run(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     assert main(["compare", str(tmp_path / "plain")]) == 2

@@ -4,6 +4,7 @@ order and augmentation, and set_position (what exact resume relies on)."""
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from minitrain.kit.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     ImageLoader,
+    _read_batch,
     cifar10_loaders,
+    content_digest,
     load_cifar10,
     random_crop,
 )
@@ -46,9 +49,86 @@ def test_load_cifar10_reads_what_was_written(fake_cifar):
     assert test_labels.tolist() == test["labels"]
 
 
-def test_rebuilt_copy_is_accepted_with_a_warning(fake_cifar):
-    with pytest.warns(UserWarning, match="differ from the official release"):
+def test_data_that_is_not_the_release_gets_one_warning_naming_every_file(fake_cifar):
+    """Generated data (or any other data in CIFAR-10's layout): one warning per folder and command,
+    naming each file whose images or labels are not the release's, the files not loaded yet too."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         load_cifar10(fake_cifar, train=False)
+        load_cifar10(fake_cifar, train=True)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "the images or labels of data_batch_1, data_batch_2" in message and "test_batch" in message
+    assert "differ from the official release of CIFAR-10" in message and "checksums" not in message
+
+
+@pytest.fixture
+def known(fake_cifar, monkeypatch):
+    """The generated files taken for the release: their content digests become the known ones."""
+    digests = {}
+    for name in minitrain.kit.data.CIFAR10_SHA256:
+        path = fake_cifar / CIFAR10_FOLDER / name
+        digests[name] = content_digest(*_read_batch(path, path.read_bytes()))
+    monkeypatch.setattr(minitrain.kit.data, "CIFAR10_SHA256", digests)
+    return fake_cifar
+
+
+def _quietly_loaded(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        return load_cifar10(folder, train=True), load_cifar10(folder, train=False)
+
+
+def test_a_rebuilt_copy_with_the_same_contents_loads_without_a_word(known):
+    """Other bytes (re-pickled, other per-image filenames, as the copy in ~/.cache is), the same
+    pixels and labels in the same order: nothing to say."""
+    path = known / CIFAR10_FOLDER / "data_batch_2"
+    batch = _pickled(known, "data_batch_2")
+    batch["filenames"] = [f"renamed_{i}.png" for i in range(len(batch["labels"]))]
+    batch["batch_label"] = "rebuilt"
+    rebuilt = pickle.dumps(batch)
+    assert rebuilt != path.read_bytes()
+    path.write_bytes(rebuilt)
+    (train, _), (test, _) = _quietly_loaded(known)
+    assert train.shape == (80, 3, 32, 32) and test.shape == (32, 3, 32, 32)
+
+
+def test_a_copy_with_flipped_pixel_bytes_is_named_file_by_file(known):
+    """The issue's copy: bytes flipped in one file's pixels trained with the same warning as a
+    sound copy. Now the warning names that file, and that file only."""
+    _quietly_loaded(known)  # sound: not a word
+    minitrain.kit.data._contents_reported.clear()  # (a new command)
+    path = known / CIFAR10_FOLDER / "data_batch_3"
+    raw = bytearray(path.read_bytes())
+    pixels = _pickled(known, "data_batch_3")["data"].tobytes()
+    offset = bytes(raw).index(pixels[:64])
+    for i in range(offset + 100, offset + 400):  # 300 bytes of pixels flipped
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning) as caught:
+        load_cifar10(known, train=True)
+    (message,) = [str(w.message) for w in caught]
+    assert "the images or labels of data_batch_3 differ from the official release" in message
+    assert "data_batch_1" not in message and "test_batch" not in message
+    _quietly_loaded(known)  # said once per folder and command
+
+
+def test_changed_labels_are_found_too(known):
+    batch = _pickled(known, "test_batch")
+    batch["labels"] = [(label + 1) % 10 for label in batch["labels"]]
+    (known / CIFAR10_FOLDER / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.warns(UserWarning, match="the images or labels of test_batch differ"):
+        load_cifar10(known, train=False)
+
+
+def test_the_known_digests_are_of_the_release_contents():
+    """The digests were computed from a copy with the release's pixels and labels (checked
+    against the official archive's order); a digest is of the decoded arrays alone."""
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.tensor([3, 8])
+    assert content_digest(images, labels) != content_digest(images, torch.tensor([8, 3]))
+    assert sorted(minitrain.kit.data.CIFAR10_SHA256) == [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    assert all(len(digest) == 64 for digest in minitrain.kit.data.CIFAR10_SHA256.values())
 
 
 def test_missing_files_are_downloaded_first(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import time
 from minitrain.commands.cli import main
 from minitrain.engine import events as ev
 from minitrain.engine.lock import RunDirLock
-from minitrain.records.rundir import differing, find_runs, read_run
+from minitrain.records.rundir import differing, find_runs, read_run, wall_time
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "early_stopping"}
 
@@ -100,8 +100,9 @@ def test_a_resumed_run_reads_as_its_last_start(recipe, tmp_path):
     assert resumed.duration >= sum(m["epoch_time"] for m in first.epoch_metrics.values())
 
 
-def write_log(run_dir, events, history=1):
-    """A run directory whose log holds ``events`` (generated, in the real format)."""
+def write_log(run_dir, events, history=1, **recorded):
+    """A run directory whose log holds ``events`` (generated, in the real format); ``recorded``:
+    more of run.json."""
     run_dir.mkdir()
     (run_dir / "run.json").write_text(
         json.dumps(
@@ -111,6 +112,7 @@ def write_log(run_dir, events, history=1):
                 "event_log": "events.jsonl",
                 "history": [{"started": "2024-05-01T12:00:00+0000"}] * history,
             }
+            | recorded
         )
     )
     (run_dir / "events.jsonl").write_text("".join(e.to_json() + "\n" for e in events))
@@ -253,3 +255,24 @@ def test_lines_that_are_not_events_are_counted_not_fatal(tmp_path):
         log.write('{"event":"EpochEnd","epoch":"two"}\n[1, 2]\nnot json\n{"event":"BatchEnd","glob')
     run = read_run(run_dir, steps=True)
     assert (run.status, run.epochs_done, len(run.steps), run.bad_lines) == ("running", 1, 5, 3)
+
+
+def test_wall_time_is_the_last_start_s_clock_and_earlier_starts_training():
+    """The one definition of a run's duration, for runs, compare and the viz report."""
+    assert wall_time([30.0, 40.0], last_start=1000.0, end=1100.0) == 130.0  # 30 s trained before, 100 s now
+    assert wall_time([30.0, 40.0], last_start=None, end=1100.0) == 70.0  # no start time: training time
+    assert wall_time([30.0, 40.0], last_start=1000.0, end=900.0) == 70.0  # a clock that went back
+    assert wall_time([], last_start=1000.0, end=1100.0) is None  # no start in the log
+
+
+def test_a_summed_loss_reads_per_sample(tmp_path):
+    """A run that recorded its loss as summed over each batch (run.json's loss_reduction) reads,
+    for runs and compare, per sample: each step's sum over its batch size, an epoch's over the
+    recipe's batch size."""
+    first = start(1, 1, 0).model_copy(update={"config": {"lr": 0.1, "batch_size": 4}})
+    events = [first, *epoch(1, 5, 8.0)]  # batches of 4, summed: 2.0 a sample
+    summed = read_run(write_log(tmp_path / "summed", events, loss_reduction="sum"), steps=True)
+    assert summed.loss_reduction == "sum" and summed.steps == [(s, 2.0) for s in range(1, 6)]
+    assert summed.values("train_loss") == [(1, 2.0)] and summed.to_json()["loss_reduction"] == "sum"
+    mean = read_run(write_log(tmp_path / "mean", events), steps=True)
+    assert mean.steps == [(s, 8.0) for s in range(1, 6)] and mean.values("train_loss") == [(1, 8.0)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 import warnings
 
 import numpy as np
@@ -197,7 +198,10 @@ def test_the_loss_plot_has_every_step_live_and_from_the_log(recipe, tmp_path, mo
     monkeypatch.setattr(
         viz,
         "plot_loss",
-        lambda epochs, steps, per_epoch, path: (drawn.append((steps, per_epoch)), real(epochs, steps, per_epoch, path)),
+        lambda epochs, steps, per_epoch, path, **kw: (
+            drawn.append((steps, per_epoch)),
+            real(epochs, steps, per_epoch, path, **kw),
+        ),
     )
     run = tmp_path / "run"
     trainer = fit(recipe, run, epochs=3)
@@ -244,7 +248,7 @@ def test_the_report_says_how_the_run_went(recipe, tmp_path):
         '<th>status</th><td><span class="status-finished">finished</span>',
         "<th>device</th><td>cpu</td>",
         "<th>plugins</th><td>checkpoint, jsonl, viz</td>",
-        "<th>duration</th><td>",
+        "<th>wall time</th><td>",
     ):
         assert fact in report
 
@@ -279,3 +283,159 @@ PLUGINS = ["viz", Boom()]
     assert main(["report", str(tmp_path / "failed")]) == 0  # the replay says the same
     report = (tmp_path / "failed" / "report.html").read_text()
     assert '<span class="status-failed">failed</span>' in report and "RuntimeError: disk on fire" in report
+
+
+# --- a loss summed over the batch, the per-step learning rate, one wall time -------------------------
+
+SUMMED = "class_names=CIFAR10_CLASSES, loss_fn=nn.CrossEntropyLoss(reduction='sum'))"
+
+
+def summed_recipe(recipe):
+    """The tiny recipe trained on a loss summed over each batch of 16, as the speedrun recipe is."""
+    path = recipe.with_name("summed_recipe.py")
+    path.write_text(recipe.read_text().replace("class_names=CIFAR10_CLASSES)", SUMMED))
+    return path
+
+
+def test_a_summed_loss_is_drawn_and_reported_per_sample(recipe, tmp_path, monkeypatch):
+    """The issue: the speedrun's training loss drawn at about 2000 beside a validation loss of 1.48.
+    Drawn and reported per sample: each step's sum over its batch size, the epoch's over the batch
+    size; the optimizer's loss (the log, metrics) stays the sum."""
+    import minitrain_plugins.viz as viz
+
+    drawn = []
+    real = viz.plot_loss
+    monkeypatch.setattr(
+        viz,
+        "plot_loss",
+        lambda epochs, steps, per_epoch, path, **kw: (
+            drawn.append((epochs, steps, kw)),
+            real(epochs, steps, per_epoch, path, **kw),
+        ),
+    )
+    run = tmp_path / "run"
+    trainer = fit(summed_recipe(recipe), run)
+    epochs, steps, options = drawn[-1]
+    assert options == {"per_sample": True}
+    assert steps == [(s, pytest.approx(loss / 16)) for s, loss in logged_losses(run)]
+    assert all(loss > 16 for _, loss in logged_losses(run))  # the log keeps the sums: about 16 × 2.3
+    summed = trainer.state.metrics["train_loss"]
+    assert epochs[-1]["train_loss"] == pytest.approx(summed / 16)
+    assert epochs[-1]["val_loss"] == trainer.state.metrics["val_loss"]  # a mean already
+    report = (run / "report.html").read_text()
+    assert f"<th>train_loss</th><td>{summed / 16:.4g}</td>" in report
+    assert "<th>training loss</th><td>the recipe&#x27;s loss is summed over each batch; shown per sample" in report
+    assert_picture(run / "plots" / "loss.png")
+
+    info = json.loads((run / "run.json").read_text())  # a replay reads it from run.json, where the run records it
+    (run / "run.json").write_text(json.dumps(info | {"loss_reduction": "sum"}))
+    drawn.clear()
+    assert main(["report", str(run)]) == 0
+    assert drawn[-1][1] == steps and drawn[-1][2] == {"per_sample": True}
+    assert f"<th>train_loss</th><td>{summed / 16:.4g}</td>" in (run / "report.html").read_text()
+
+
+class LearningRates:
+    """What each optimizer step trains at: parameter group 0's lr, read before the step."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl(tryfirst=True)
+    def optimizer_step(self, trainer):
+        self.seen.append(trainer.optimizer.param_groups[0]["lr"])
+
+
+def scheduled_recipe(recipe, scheduler, interval):
+    path = recipe.with_name(f"{interval}_recipe.py")
+    path.write_text(
+        recipe.read_text().replace(
+            "class_names=CIFAR10_CLASSES)",
+            f"class_names=CIFAR10_CLASSES, scheduler={scheduler}, scheduler_interval={interval!r})",
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "scheduler, interval",
+    [
+        ("torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=12)", "step"),
+        ("torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)", "epoch"),
+    ],
+    ids=["per-step", "per-epoch"],
+)
+def test_the_lr_plot_has_the_rate_of_every_step(recipe, tmp_path, monkeypatch, scheduler, interval):
+    """The issue: one point per epoch, so a one-epoch run's lr plot was a dot. Now every step's
+    rate, as the optimizer trained at it, live and after a resume; a replay, whose log has the
+    rate at epochs' ends only, draws those."""
+    import minitrain_plugins.viz as viz
+    from minitrain.engine.registry import register_plugin
+
+    drawn = []
+    real = viz.plot_lr
+    monkeypatch.setattr(viz, "plot_lr", lambda lrs, per_epoch, path: (drawn.append(lrs), real(lrs, per_epoch, path)))
+    path = scheduled_recipe(recipe, scheduler, interval)
+    rates = LearningRates()
+    trainer = prepare(RunRequest(path, ["epochs=1"], ["viz"], ["console"], tmp_path / "one"))
+    register_plugin(trainer.pm, rates)
+    trainer.fit()
+    assert [s for s, _ in drawn[-1]] == [1, 2, 3, 4, 5]  # a line of 5 steps, not a dot
+    assert [lr for _, lr in drawn[-1]] == pytest.approx(rates.seen)
+    assert_picture(tmp_path / "one" / "plots" / "lr.png")
+
+    rates.seen.clear()
+    trainer = prepare(RunRequest(path, ["epochs=2"], ["viz"], ["console"], tmp_path / "two"))
+    register_plugin(trainer.pm, rates)
+    trainer.fit()
+    assert [s for s, _ in drawn[-1]] == list(range(1, 11))
+    assert [lr for _, lr in drawn[-1]] == pytest.approx(rates.seen)
+    if interval == "epoch":  # the second epoch trains at half the rate, from its first step
+        assert [lr for _, lr in drawn[-1]] == pytest.approx([0.2] * 5 + [0.1] * 5)
+
+    buffer = io.BytesIO()  # the rates travel in checkpoints, so a resumed run draws them all
+    torch.save(trainer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = prepare(RunRequest(path, ["epochs=3"], ["viz"], ["console"], tmp_path / "resumed"))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    register_plugin(resumed.pm, rates)
+    resumed.fit()
+    assert [s for s, _ in drawn[-1]] == list(range(1, 16))
+    assert [lr for _, lr in drawn[-1]] == pytest.approx(rates.seen)
+
+    drawn.clear()
+    assert main(["report", str(tmp_path / "two")]) == 0
+    assert drawn == []  # a replay: the rate at each epoch's end, from the log
+    assert_picture(tmp_path / "two" / "plots" / "lr.png")
+
+
+def seconds(text: str) -> int:
+    """``2m10s`` (minitrain.records.formats.format_duration) in seconds."""
+    minutes, _, rest = text.rpartition("m")
+    return int(minutes or 0) * 60 + int(rest.rstrip("s"))
+
+
+def test_the_report_runs_and_compare_say_the_same_wall_time(recipe, tmp_path, capsys):
+    """The issue: report.html said 1m05s where `minitrain runs` and `compare` said 2m10s. The
+    report timed the run from its FitStart, the others from run.json's start, so set-up between
+    the two (data, torch.compile) counted in one only. Made here: run.json written 130 s before
+    the fit starts."""
+    run = tmp_path / "runs" / "slow-setup"
+    trainer = prepare(RunRequest(recipe, ["epochs=1"], ["viz"], ["console"], run))
+    info = json.loads((run / "run.json").read_text())
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - 130))
+    info["history"][-1]["started"] = started
+    (run / "run.json").write_text(json.dumps(info))
+    trainer.fit()
+
+    report = re.search(r"<th>wall time</th><td>([^<]+)</td>", (run / "report.html").read_text()).group(1)
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[-2:] == ["wall", "time"]
+    listed = line.split()[-1]
+    assert main(["compare", str(run), "-o", str(tmp_path / "page.html")]) == 0
+    page = (tmp_path / "page.html").read_text()
+    assert "<th>wall time</th>" in page
+    compared = re.findall(r'<td class="num">([0-9hms]+)</td></tr>', page)[0]
+    assert 130 <= seconds(report) <= 140
+    assert abs(seconds(report) - seconds(listed)) <= 1 and seconds(listed) == seconds(compared)

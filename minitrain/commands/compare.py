@@ -3,9 +3,11 @@ side, drawn from their event logs alone (:mod:`minitrain.records.rundir`), so it
 the fact, whatever plugins the runs had:
 
 * a summary per run: recipe, status (with the stop reason or error), epochs, the main metric's
-  best and last values, duration;
-* curves, one colour per run: the training loss at every step (smoothed, the raw values faint),
-  each validation metric per epoch, and the learning rate per epoch;
+  best and last values, wall time (:func:`minitrain.records.rundir.wall_time`, as ``runs`` and
+  ``viz``'s report say it);
+* curves, one colour per run: the training loss at every step (smoothed, the raw values faint;
+  per sample where a recipe sums it over the batch), each validation metric per epoch, and the
+  learning rate per epoch;
 * the settings that differ between the runs (recipe config, plugins and their options);
 * each run's final metrics.
 
@@ -23,8 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from minitrain.engine.errors import MinitrainError
+from minitrain.engine.files import check_writable
 from minitrain.records.curves import COLORS, epoch_axis, log_scale_if_wide, smooth
 from minitrain.records.formats import format_duration, format_value
+from minitrain.records.losses import SUM
 from minitrain.records.rundir import Run, check_run_dir, differing, higher_is_better, main_metric, read_run
 
 PAGE_STYLE = """
@@ -45,6 +49,7 @@ def compare(paths: Sequence[str | Path], out: str | Path = "compare.html") -> Pa
     """Write the comparison page of the run directories ``paths`` to ``out``; returns its path."""
     if not paths:
         raise MinitrainError("compare: name at least one run directory")
+    check_writable(Path(out).parent, "-o folder")
     runs = [read_run(check_run_dir(path), steps=True) for path in paths]
     labels = _labels(runs)
     figures = [(title, _png(figure)) for title, figure in _figures(runs, labels)]
@@ -80,7 +85,7 @@ def _figures(runs: list[Run], labels: list[str]):
         ax.set(
             title="Training loss per step (smoothed; raw values faint)",
             xlabel="epoch" if per_epoch else "step",
-            ylabel="loss",
+            ylabel="loss per sample" if any(run.loss_reduction == SUM for run in runs) else "loss",
         )
         log_scale_if_wide(ax, [loss for run in runs for _, loss in run.steps or ()])
         _finish_axes(ax, False)  # (fractions of an epoch: a short run has ticks within it)
@@ -130,7 +135,7 @@ def page(runs: list[Run], labels: list[str], figures: list[tuple[str, str]]) -> 
     summary = [
         "<tr><th>run</th><th>recipe</th><th>status</th><th>epochs</th>"
         + (f"<th>best {esc(metric)}</th><th>last {esc(metric)}</th>" if metric else "")
-        + "<th>steps</th><th>duration</th></tr>"
+        + "<th>steps</th><th>wall time</th></tr>"
     ]
     for i, run in enumerate(runs):
         status = (

@@ -1,5 +1,6 @@
 """``minitrain runs [DIR]``: the run directories under DIR, one line each (recipe, status, epochs,
-the main metric's best and last values, duration, and the settings that differ), or ``--json``."""
+the main metric's best and last values, wall time, and the settings that differ), or ``--json``.
+Wall time is :func:`minitrain.records.rundir.wall_time`, as in ``compare`` and ``viz``'s report."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from minitrain.records.rundir import QUIET, differing, find_runs, higher_is_bett
 def add_parser(command) -> None:
     """Register ``minitrain runs`` (``command`` is the CLI's sub-parser factory)."""
     parser = command(
-        "runs", help="list run directories: recipe, status, epochs, main metric, duration, and the settings that differ"
+        "runs",
+        help="list run directories: recipe, status, epochs, main metric, wall time, and the settings that differ",
     )
     parser.add_argument(
         "root", nargs="?", default="runs", metavar="DIR", help="where to look for run directories (default: runs/)"
@@ -55,7 +57,7 @@ def _cmd_runs(args) -> int:
     if not runs:
         print(f"no run directories under {root}")
         return 0
-    header = ["run", "recipe", "status", "epochs", f"best {metric or '-'}", f"last {metric or '-'}", "duration"]
+    header = ["run", "recipe", "status", "epochs", f"best {metric or '-'}", f"last {metric or '-'}", "wall time"]
     rows = []
     for i, run in enumerate(runs):
         status = run.status

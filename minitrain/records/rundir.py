@@ -16,9 +16,14 @@ log), from the event that ended it:
   been quiet.
 
 What a resume redoes replaces what was recorded before it: a start at epoch E drops the earlier
-records of epoch E and later, and of the steps after its first. The duration is the wall time of
-the last start (from ``run.json``'s start time to the log's last write, or to now while it runs)
-plus the training time of the epochs of earlier starts (the log does not record when they ended).
+records of epoch E and later, and of the steps after its first.
+
+A run's duration is its wall time, and :func:`wall_time` is the one place that computes it, for
+``runs``, ``compare`` and ``viz``'s report alike: the last start's wall time, from ``run.json``'s
+start time (written once the recipe is built, so set-up such as ``torch.compile`` counts) to the
+log's last write, or to now while it runs, plus, for each earlier start, the training time of its
+epochs (the log does not record when an earlier start ended, so its set-up, validation and the
+part of an epoch it did not finish are left out).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 from minitrain.engine.errors import MinitrainError
 from minitrain.engine.files import read_json
 from minitrain.engine.lock import in_use
+from minitrain.records.losses import MEAN, per_sample, per_sample_metrics, recorded_reduction
 
 STATUSES = ("finished", "stopped", "failed", "interrupted", "running", "killed")
 FINAL = {"FitEnd", "ExceptionRaised", "Interrupted"}
@@ -65,10 +71,13 @@ class Run:
     plugins: dict[str, dict] = field(default_factory=dict)
     starts: int = 0  # FitStarts in the log
     started: float | None = None  # when the first start began (seconds since the epoch)
+    last_start: float | None = None  # when the last start began (run.json), to the second
     last_write: float | None = None  # the log's last change
-    duration: float | None = None
+    training_times: list[float] = field(default_factory=list)  # training time (epoch_time) of each start's epochs
+    duration: float | None = None  # wall time (see wall_time)
     epoch_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch (from 1) -> EpochEnd metrics
     steps: list[tuple[int, float]] | None = None  # (global step, batch loss), when read with steps=True
+    loss_reduction: str = MEAN  # "sum": the training losses above were summed per batch, and are shown per sample
     bad_lines: int = 0  # lines that are not JSON (a last line cut short by a kill)
 
     @property
@@ -129,6 +138,7 @@ class Run:
             "quiet_s": self.quiet_for,
             "metrics": self.final_metrics,
             "bad_lines": self.bad_lines,
+            "loss_reduction": self.loss_reduction,
         }
         if metric:
             data |= {"metric": metric, "best": self.best(metric), "last": self.last(metric)}
@@ -142,7 +152,8 @@ def higher_is_better(metric: str) -> bool:
 
 
 def read_run(path: str | Path, steps: bool = False) -> Run:
-    """Read one run directory; ``steps`` also keeps every batch loss of the log (for curves)."""
+    """Read one run directory; ``steps`` also keeps every batch loss of the log (for curves). A
+    training loss summed over each batch (``run.json``'s ``loss_reduction``) is read per sample."""
     path = Path(path)
     info = read_json(path / "run.json")
     run = Run(path, steps=[] if steps else None)
@@ -150,15 +161,16 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
     run.recipe = Path(run.recipe_path).stem if run.recipe_path else None
     run.plugins = info.get("plugins") or {}
     run.device = info.get("device")
+    run.loss_reduction = recorded_reduction(info)
     run.config = read_json(path / "config.json")
     starts = [t for t in (parse_time(h.get("started")) for h in info.get("history") or []) if t is not None]
     run.started = starts[0] if starts else None
+    run.last_start = starts[-1] if starts else None
     log = path / (info.get("event_log") or "events.jsonl")
     if not log.is_file():
         return run
     run.last_write = log.stat().st_mtime
     run.status = "running"
-    segment_times: list[float] = []  # training time of each start's epochs
     final: dict | None = None
     with open(log, encoding="utf-8", errors="replace") as file:
         for line in file:
@@ -169,7 +181,8 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
                     assert run.steps is not None  # a list whenever steps=True
                     try:
                         data = json.loads(line)
-                        run.steps.append((data["global_step"], float(data["loss"])))
+                        loss = per_sample(float(data["loss"]), data.get("batch_size"), run.loss_reduction)
+                        run.steps.append((data["global_step"], loss))
                     except (ValueError, KeyError, TypeError):
                         run.bad_lines += 1
                 continue
@@ -180,10 +193,12 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
                 continue
             kind = data.get("event") if isinstance(data, dict) else None
             try:
-                final = _follow(run, kind, data, final, segment_times)
+                final = _follow(run, kind, data, final)
             except (KeyError, TypeError, ValueError, AttributeError):  # a line of the wrong shape
                 run.bad_lines += 1
     run.epochs_done = max(run.epoch_metrics, default=0)
+    batch_size = run.config.get("batch_size") if isinstance(run.config.get("batch_size"), int) else None
+    run.epoch_metrics = {e: per_sample_metrics(m, batch_size, run.loss_reduction) for e, m in run.epoch_metrics.items()}
     if final is not None:
         kind = final["event"]
         if kind == "FitEnd":
@@ -195,11 +210,28 @@ def read_run(path: str | Path, steps: bool = False) -> Run:
             run.status, run.signal = "interrupted", final.get("signal")
     elif in_use(path) is False:
         run.status = "killed"
-    run.duration = _duration(segment_times, starts[-1] if starts else None, run)
+    end = run.last_write
+    if run.status == "running" and (run.quiet_for or 0) < QUIET:
+        end = time.time()
+    run.duration = wall_time(run.training_times, run.last_start, end)
     return run
 
 
-def _follow(run: Run, kind: str | None, data: dict, final: dict | None, segment_times: list[float]) -> dict | None:
+def wall_time(training_times: list[float], last_start: float | None, end: float | None) -> float | None:
+    """A run's duration, the one definition every report uses: the wall time of its last start
+    (``last_start`` to ``end``) plus the training time of each earlier start's epochs
+    (``training_times``: the epochs' training time per start, as the log records no clock time of an
+    earlier start's end). Without the last start's times, its epochs' training time stands in;
+    ``None`` for a run with no start in its log."""
+    if not training_times:
+        return None
+    earlier = sum(training_times[:-1])
+    if last_start is None or end is None or end < last_start:
+        return earlier + training_times[-1]
+    return earlier + (end - last_start)
+
+
+def _follow(run: Run, kind: str | None, data: dict, final: dict | None) -> dict | None:
     """Take one event (not a per-step one) into ``run``; returns the final event of the current
     start, if it has one yet."""
     if kind == "FitStart":  # a start: what it redoes replaces what was recorded before
@@ -212,31 +244,18 @@ def _follow(run: Run, kind: str | None, data: dict, final: dict | None, segment_
         run.device = data.get("device") or run.device
         run.config = data.get("config") or run.config
         run.global_step = step
-        segment_times.append(0.0)
+        run.training_times.append(0.0)
         return None
     if kind == "EpochEnd":
         metrics = data.get("metrics") or {}
         run.epoch_metrics[int(data["epoch"])] = metrics
         run.global_step = data.get("global_step", run.global_step)
-        if segment_times:
-            segment_times[-1] += float(metrics.get("epoch_time", 0.0))
+        if run.training_times:
+            run.training_times[-1] += float(metrics.get("epoch_time", 0.0))
     elif kind in FINAL:
         run.global_step = data.get("global_step", run.global_step)
         return data
     return final
-
-
-def _duration(segment_times: list[float], last_start: float | None, run: Run) -> float | None:
-    """The last start's wall time plus the training time of earlier starts' epochs."""
-    if not segment_times:
-        return None
-    earlier = sum(segment_times[:-1])
-    end = run.last_write
-    if run.status == "running" and (run.quiet_for or 0) < QUIET:
-        end = time.time()
-    if last_start is None or end is None or end < last_start:
-        return earlier + segment_times[-1]
-    return earlier + (end - last_start)
 
 
 def find_runs(root: str | Path) -> list[Path]:
