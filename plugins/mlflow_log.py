@@ -24,6 +24,11 @@ directory. Logged:
 
 ``--resume`` continues the same MLflow run: its id travels in the checkpoints (this plugin's
 ``state_dict``). ``minitrain replay RUN --plugin mlflow`` logs a run recorded without it.
+``minitrain run --smoke`` leaves no MLflow run behind: through :meth:`MlflowLog.smoke_test`, the
+plugin logs as ever, but into a store of its own in the run directory, which goes with it.
+
+MLflow's own log lines below WARNING (``INFO mlflow.store.db.utils: Creating initial MLflow
+database tables...``) are kept off the console, unless ``MLFLOW_LOGGING_LEVEL`` asks for them.
 
 The training loop never waits for MLflow. Every call to it (the import included, which takes
 seconds) is made by one background thread, fed through a queue. At every step ``on_batch_end``
@@ -49,6 +54,7 @@ import atexit
 import functools
 import importlib.util
 import json
+import logging
 import os
 import queue
 import re
@@ -148,8 +154,19 @@ class MlflowLog:
         self.run_dir: Path | None = None
         self.segments = 0  # fits seen (a replayed resumed run has several)
         self.replaying = False
+        self.scratch: Path | None = None  # a smoke test's own store, in its run directory
 
     # --- the run's start ----------------------------------------------------------------------
+
+    def smoke_test(self, run_dir: Path) -> str:
+        """Called by ``minitrain run --smoke`` before its run: log into a store of this run's own,
+        ``RUN_DIR/mlflow/`` (SQLite, its artifacts beside it), so that the smoke test, which keeps
+        nothing, leaves no MLflow run, experiment or ``mlflow.db`` behind. Every call the plugin makes
+        is still made. Returns the line for the smoke test's report."""
+        self.scratch = Path(run_dir).absolute() / "mlflow"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        usual = self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        return f"logs to a store of the smoke run's own, {self.scratch}, not to {_without_password(usual)}"
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
@@ -198,9 +215,13 @@ class MlflowLog:
             if len(history) >= self.segments:
                 start_time = _ms(parse_time(history[self.segments - 1].get("started")))
         git_dir = Path(recipe).parent if recipe else Path.cwd()
+        if self.scratch is not None:
+            uri = f"sqlite:///{self.scratch / 'mlflow.db'}"
+        else:
+            uri = self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         start = functools.partial(
             self._start,
-            uri=self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+            uri=uri,
             experiment=self.config.experiment or name,
             run_name=self.config.run_name or (run_dir.name if run_dir else None),
             params=params,
@@ -233,6 +254,7 @@ class MlflowLog:
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 
+        _quiet_mlflow_logging()
         worker = self.worker
         assert worker is not None  # this runs in it
         if worker.client is None or worker.uri != uri:
@@ -247,7 +269,11 @@ class MlflowLog:
                 if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     raise
         exp = client.get_experiment_by_name(experiment)
-        experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        if exp is not None:
+            experiment_id = exp.experiment_id
+        else:  # a smoke test's artifacts stay in its store's folder, not ./mlruns
+            artifacts = (self.scratch / "artifacts").as_uri() if self.scratch is not None else None
+            experiment_id = client.create_experiment(experiment, artifact_location=artifacts)
         if run is None and self.resume.get("run_key"):  # checkpointed before MLflow had given an id
             found = client.search_runs(
                 [experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.resume['run_key']}'", max_results=1
@@ -493,6 +519,19 @@ class _Worker:
 _waiting: list[_Worker] = []
 
 
+def _quiet_mlflow_logging() -> None:
+    """Keep MLflow's log lines below WARNING (``INFO mlflow.store.db.utils: Creating initial
+    MLflow database tables...``: MLflow's import gives its logger a handler on stderr, at INFO) off
+    minitrain's console, unless ``MLFLOW_LOGGING_LEVEL`` names a level (MLflow's own setting,
+    which then holds). Its warnings and errors still show."""
+    logger = logging.getLogger("mlflow")
+    wanted = os.environ.get("MLFLOW_LOGGING_LEVEL", "").strip().upper()
+    if wanted in logging.getLevelNamesMapping():
+        logger.setLevel(wanted)
+    elif logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+
+
 def _join_at_exit(worker: _Worker) -> None:
     """At interpreter exit, give the worker's last uploads (the event log) a bounded wait."""
     if not _waiting:
@@ -523,12 +562,17 @@ def _fit(values: dict[str, str], limit: int) -> tuple[dict[str, str], list[str]]
     fitted, cut = {}, []
     for key, value in values.items():
         key = re.sub(r"[^\w\-. /]", "_", key)[:KEY_LIMIT]
-        value = re.sub(r"(\w+://[^/@:\s]*):[^/@\s]*@", r"\1:***@", value)
+        value = _without_password(value)
         if len(value) > limit:
             value = value[: limit - 3] + "..."
             cut.append(key)
         fitted[key] = value
     return fitted, cut
+
+
+def _without_password(value: str) -> str:
+    """``value`` with any password in a URL (``https://user:secret@host``) left out."""
+    return re.sub(r"(\w+://[^/@:\s]*):[^/@\s]*@", r"\1:***@", value)
 
 
 def _git_commit(folder: Path) -> str | None:

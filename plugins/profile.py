@@ -8,14 +8,27 @@ https://ui.perfetto.dev or ``chrome://tracing``), and ``profile/tensorboard/``, 
 profile (``tensorboard --logdir RUN_DIR/profile/tensorboard`` with the torch-tb-profiler plugin).
 The table of the top operators goes to the console. Before the window a step costs a counter;
 once the trace is written the plugin leaves the run, so the steps after it cost nothing.
+
+PyTorch's profiler library (Kineto) logs from C++ straight to the process's standard error:
+``USDT: ... profiler_start`` and ``profiler_stop`` at every window, and on a machine without a
+GPU ``ERROR: ... gpuGetDeviceCount failed with code 35``, even when it is told to record the CPU
+only (as it is here on the CPU). ``KINETO_LOG_LEVEL=6`` would hide them, but Kineto reads it once,
+when a process first profiles, and it hides its real errors too. So while the profiler starts,
+steps and stops, file descriptor 2 goes to a temporary file, and what was written there goes on
+to standard error afterwards, less those lines (:func:`kineto_noise`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import socket
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +37,18 @@ from pydantic import Field
 from minitrain import PluginConfig, hookimpl
 
 FOLDER = "profile"
+KINETO_LINE = re.compile(r"^(?P<severity>[A-Z]+):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+:\d+\] (?P<message>.*)")
+"""A line Kineto logs: ``USDT:2026-12-03 01:58:17 10833:10833 SyncActivityProfilerHandler.cpp:39] profiler_start``."""
+
+
+def kineto_noise(line: str, cuda: bool) -> bool:
+    """Whether ``line`` is one Kineto writes that says nothing to a user: its ``USDT`` markers
+    (for tracing tools: ``profiler_start``, ``profiler_stop``) and, in a run that is not on a GPU,
+    that it found no GPU (``gpuGetDeviceCount failed``)."""
+    found = KINETO_LINE.match(line)
+    if found is None:
+        return False
+    return found["severity"] == "USDT" or (not cuda and found["message"].startswith("gpuGetDeviceCount failed"))
 
 
 class Profile:
@@ -45,6 +70,7 @@ class Profile:
         self.profiler: torch.profiler.profile | None = None
         self.steps = 0
         self.folder: Path | None = None
+        self.cuda = False  # (set by on_fit_start)
 
     @hookimpl
     def on_fit_start(self, event, trainer) -> None:
@@ -58,7 +84,8 @@ class Profile:
             if self.steps == self.config.wait:
                 self._start()
             return
-        self.profiler.step()
+        with self._quiet():
+            self.profiler.step()
         if self.steps >= self.config.wait + self.config.warmup + self.config.active:
             self._finish(trainer)
 
@@ -74,7 +101,8 @@ class Profile:
             profile_memory=self.config.memory,
             with_stack=self.config.with_stack,
         )
-        self.profiler.start()
+        with self._quiet():
+            self.profiler.start()
 
     def _write(self, profiler: torch.profiler.profile) -> None:
         if self.folder is not None:  # one trace, in TensorBoard's folder under the name its plugin looks for
@@ -96,7 +124,8 @@ class Profile:
 
     def _finish(self, trainer) -> None:
         assert self.profiler is not None  # both callers check it
-        self.profiler.stop()
+        with self._quiet():
+            self.profiler.stop()
         self.profiler = None
         trainer.remove_plugin(self)  # the window is over: no more calls at every step
 
@@ -104,3 +133,33 @@ class Profile:
     def on_fit_end(self, trainer) -> None:
         if self.profiler is not None:  # the run ended inside the window: keep what was recorded
             self._finish(trainer)
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Standard error (file descriptor 2, which Kineto writes to from C++) into a temporary
+        file for the block, then on to standard error, less Kineto's noise (:func:`kineto_noise`).
+        Where there is no descriptor 2 to redirect, the block runs as it is."""
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved is None:
+            yield
+            return
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    sys.stderr.flush()  # what Python wrote meanwhile, in its place among the lines
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                lines = capture.read().splitlines(keepends=True)
+                kept = memoryview(
+                    b"".join(line for line in lines if not kineto_noise(line.decode(errors="replace"), self.cuda))
+                )
+                while kept:  # the bytes as they were written, whatever their encoding
+                    kept = kept[os.write(2, kept) :]

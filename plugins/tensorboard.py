@@ -10,7 +10,9 @@
   curves of steps done again show both attempts at those steps.
 
 All against the global step, so per-step and per-epoch curves share one x axis. It reads only
-events, so ``minitrain replay RUN --plugin tensorboard`` writes the same files after the fact.
+events, so ``minitrain replay RUN --plugin tensorboard`` writes the same files after the fact. A
+replay refuses a folder that already holds event files (the run wrote them live, or an earlier
+replay did): TensorBoard would show every point twice. ``subdir`` names another folder for it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from pydantic import Field
 from torch.utils.tensorboard import SummaryWriter
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.engine.errors import MinitrainError
 from minitrain.engine.files import check_writable
+
+EVENT_FILES = "events.out.tfevents.*"
 
 
 class TensorBoard:
@@ -37,17 +42,26 @@ class TensorBoard:
     def __init__(self, config: Config):
         self.config = config
         self.writer: SummaryWriter | None = None
+        self.fits = 0  # FitStarts seen: a replayed resumed run has one per start
 
     @hookimpl
     def check(self, trainer) -> None:
         if trainer.run_dir is not None:
             check_writable(Path(trainer.run_dir) / self.config.subdir, "tensorboard folder")
 
-    @hookimpl
-    def on_fit_start(self, event) -> None:
+    @hookimpl(tryfirst=True)  # a replay it refuses starts no other plugin
+    def on_fit_start(self, event, trainer) -> None:
+        self.fits += 1
         if event.run_dir is None:
             return
-        self.writer = SummaryWriter(log_dir=str(Path(event.run_dir) / self.config.subdir))
+        folder = Path(event.run_dir) / self.config.subdir
+        if trainer.replaying and self.fits == 1 and next(folder.glob(EVENT_FILES), None) is not None:
+            raise MinitrainError(
+                f"tensorboard: {folder} already holds TensorBoard event files (the run wrote them live, or "
+                "an earlier replay did), and a replay there would show every point twice; replay into "
+                f"another folder under the run directory: --plugin tensorboard:subdir={self.config.subdir}-replay"
+            )
+        self.writer = SummaryWriter(log_dir=str(folder))
         self.writer.add_text("config", f"```\n{json.dumps(event.config, indent=2)}\n```", event.global_step)
         if event.resumed_from or event.restart:
             where = f"resumed from {event.resumed_from}" if event.resumed_from else "started afresh (no checkpoint yet)"

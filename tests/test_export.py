@@ -5,12 +5,14 @@ recipe code; bad files give one clear line."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from minitrain.commands import predict as predict_command
 from minitrain.commands.cli import main
 from minitrain.commands.export import export, load
 from minitrain.commands.predict import normalize, predict, read
@@ -290,3 +292,70 @@ def test_an_unreadable_image_is_reported_while_the_others_are_classified(exporte
     out, err = capsys.readouterr()
     assert [line.split(":")[0] for line in out.splitlines()] == [str(paths[0]), str(paths[1])]
     assert err.startswith(f"minitrain: error: cannot read image {broken}") and err.count("\n") == 1
+
+
+# --- folders ----------------------------------------------------------------------------------------
+
+
+def test_predict_classifies_the_images_in_folders_at_any_depth_sorted_by_path(
+    exported, images, tmp_path, capsys, monkeypatch
+):
+    """A folder stands for the images under it, at any depth, sorted by path, mixed with files named
+    one by one. Images are chosen by extension (any case); other files are named in one warning,
+    hidden ones left out; a file with an image's extension that does not decode is reported as
+    any unreadable image is. Read in batches: here of 2, so the folder spans several."""
+    paths, _ = images
+    folder = tmp_path / "photos"
+    (folder / "b" / "deeper").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    shutil.copy(paths[0], folder / "b" / "deeper" / "z.png")
+    shutil.copy(paths[2], folder / "b" / "A.JPG")
+    shutil.copy(paths[3], folder / "a.png")
+    shutil.copy(paths[4], folder / ".hidden.png")
+    shutil.copy(paths[1], folder / ".cache" / "x.png")
+    (folder / "notes.txt").write_text("labels")
+    (folder / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    in_order = [
+        folder / "a.png",
+        folder / "b" / "A.JPG",
+        folder / "b" / "broken.png",
+        folder / "b" / "deeper" / "z.png",
+    ]
+    monkeypatch.setattr(predict_command, "BATCH", 2)
+
+    assert main(["predict", str(exported), str(paths[1]), str(folder), "--top-k", "1", "--json"]) == 2
+    out, err = capsys.readouterr()
+    records = json.loads(out)
+    assert [r["image"] for r in records] == [str(paths[1]), *map(str, in_order)]  # one record per image
+    assert records[3]["error"].startswith(f"cannot read image {in_order[2]}") and "top" not in records[3]
+    for record in records[:3] + records[4:]:  # as each image alone scores
+        (alone,) = predict(exported, [record["image"]], top_k=1)
+        assert record["top"][0]["index"] == alone["top"][0]["index"]
+        assert record["top"][0]["probability"] == pytest.approx(alone["top"][0]["probability"], rel=1e-5)
+    assert err.splitlines() == [
+        f"minitrain: warning: predict: skipped 1 file(s) in {folder} whose extension is not of an image "
+        "format Pillow decodes: notes.txt",
+        f"minitrain: error: {records[3]['error']}",
+    ]
+
+    assert main(["predict", str(exported), str(folder / "b"), str(paths[1])]) == 2  # the lines people read
+    out, err = capsys.readouterr()
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(in_order[1]), str(in_order[3]), str(paths[1])]
+    assert err.count("\n") == 1 and f"cannot read image {in_order[2]}" in err
+    (folder / "b" / "broken.png").unlink()
+    assert main(["predict", str(exported), str(folder / "b")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_folder_without_images_is_one_error_line(exported, images, tmp_path, capsys):
+    paths, _ = images
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert main(["predict", str(exported), str(paths[0]), str(empty)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1  # nothing classified: bad input, found before any work
+    assert err.startswith(f"minitrain: error: no images in folder {empty} (looked at any depth for names ending ")
+    assert ".jpg" in err and ".png" in err
+    (empty / "sub" / "labels.csv").write_text("a,b\n")
+    assert main(["predict", str(exported), str(empty)]) == 2
+    assert capsys.readouterr().err.rstrip("\n").endswith("; it holds 1 other file(s): sub/labels.csv")

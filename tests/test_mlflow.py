@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +27,7 @@ from minitrain.engine.surface import Shared
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip install -e '.[tracking]')")
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import ViewType  # noqa: E402
 
 FIRST_PARTY_PLUGINS = {"mlflow", "viz", "checkpoint", "csv", "clip"}
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # MLflow's own, with SQLAlchemy 2.1
@@ -266,6 +269,47 @@ def test_replay_logs_a_run_recorded_without_it(recipe, tmp_path, store, capsys):
     fit(recipe, logged, overrides=["epochs=1"])
     main(["replay", str(logged), "--plugin", "mlflow"])
     assert "logs it again, as a new MLflow run" in capsys.readouterr().err
+
+
+def smoke(recipe, *options):
+    return main(["run", str(recipe), "--smoke", "--no-plugin", "console", "--plugin", "mlflow:log_every=1", *options])
+
+
+def test_a_smoke_test_leaves_no_mlflow_run_behind(recipe, tmp_path, store, capfd):
+    """``--smoke`` keeps nothing: the plugin logs into a store of the run's own, in the run
+    directory, which is removed; the store MLflow is pointed at gets no run and no experiment."""
+    experiments = [e.name for e in store.search_experiments(view_type=ViewType.ALL)]
+    assert smoke(recipe) == 0
+    out, err = capfd.readouterr()
+    line = next(line for line in out.splitlines() if line.startswith("  plugin mlflow: "))
+    scratch = line.split("logs to a store of the smoke run's own, ")[1].split(", not to ")[0]
+    assert line.endswith(f", not to {os.environ['MLFLOW_TRACKING_URI']}") and "on_fit_end" in line
+    assert f"removed its run directory {Path(scratch).parent} " in out and not Path(scratch).parent.exists()
+    assert (
+        store.search_runs(
+            [e.experiment_id for e in store.search_experiments(view_type=ViewType.ALL)], run_view_type=ViewType.ALL
+        )
+        == []
+    )
+    assert [e.name for e in store.search_experiments(view_type=ViewType.ALL)] == experiments  # none added
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert " INFO " not in err  # the smoke run's new store was created quietly
+
+
+def test_a_smoke_test_kept_with_run_dir_has_its_mlflow_run_in_it(recipe, tmp_path, capsys):
+    """With ``--run-dir`` the smoke run is kept, and its MLflow run with it, in the run directory:
+    logged whole, as a real run is; the default store, ./mlflow.db, is never made."""
+    assert smoke(recipe, "--run-dir", str(tmp_path / "kept")) == 0
+    assert f"logs to a store of the smoke run's own, {tmp_path / 'kept' / 'mlflow'}, not to sqlite:///mlflow.db" in (
+        capsys.readouterr().out
+    )
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    kept = MlflowClient(f"sqlite:///{tmp_path / 'kept' / 'mlflow' / 'mlflow.db'}")
+    run = only_run(kept)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith((tmp_path / "kept" / "mlflow").as_uri())
+    assert [s for s, _ in history(kept, run, "train_loss_step")] == [1, 2]  # two batches
+    copy = kept.download_artifacts(run.info.run_id, "events.jsonl", str(tmp_path))
+    assert open(copy).read() == (tmp_path / "kept" / "events.jsonl").read_text()  # its last line included
 
 
 def closed_port() -> int:

@@ -3,6 +3,12 @@ and two validation batches, with every plugin the run would have, in a run direc
 removed afterwards unless ``--run-dir`` names one; then a report of what was checked: the recipe
 built, the steps trained and their losses, validation, which hooks of which plugin ran, the files
 written and that every checkpoint loads back into the model.
+
+A smoke test keeps nothing outside its run directory. A plugin that would write elsewhere (the
+``mlflow`` plugin, to a tracking store) says how it keeps to the run directory instead, with a
+method ``smoke_test(run_dir) -> str``, called before the run, whose line goes into the report;
+such a plugin's ``wait()``, if it has one, is called after the run, before its files are read
+and removed (work it does in the background, such as uploads, is then done).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ def run(request: RunRequest, args: argparse.Namespace) -> int:
         )
     )
     recorder = Smoke(trainer)
+    assert trainer.run_dir is not None  # given just above
+    contained = recorder.contain(trainer, Path(trainer.run_dir))
     register_plugin(trainer.pm, recorder)
     try:
         trainer.fit()
@@ -47,6 +55,11 @@ def run(request: RunRequest, args: argparse.Namespace) -> int:
         if args.debug:
             raise
         raise RunFailed(failure(trainer, exc)) from exc
+    finally:
+        for plugin in contained:  # (a plugin the run disabled too: it may have work under way)
+            wait = getattr(plugin, "wait", None)
+            if callable(wait):
+                wait()
     print(recorder.report(str(request.recipe), trainer, time.perf_counter() - started, keep=kept))
     return 0
 
@@ -64,11 +77,23 @@ class Smoke:
     def __init__(self, trainer: Trainer):
         self.losses: list[float] = []
         self.ran: dict[str, set[str]] = {}
+        self.notes: dict[str, str] = {}  # by plugin: how it keeps to the run directory
         self.stop_monitoring = trainer.pm.add_hookcall_monitoring(self._called, lambda *args: None)
 
     def _called(self, hook: str, implementations, kwargs) -> None:
         for impl in implementations:
             self.ran.setdefault(impl.plugin_name, set()).add(hook)
+
+    def contain(self, trainer: Trainer, run_dir: Path) -> list[object]:
+        """Ask each plugin with a ``smoke_test(run_dir)`` to keep what it writes in the run
+        directory; those plugins."""
+        contained = []
+        for name, plugin in trainer.pm.list_name_plugin():
+            smoke_test = getattr(plugin, "smoke_test", None)
+            if callable(smoke_test):
+                self.notes[name] = smoke_test(run_dir)
+                contained.append(plugin)
+        return contained
 
     @hookimpl
     def on_batch_end(self, event) -> None:
@@ -90,7 +115,9 @@ class Smoke:
         plugins = [(name, plugin) for name, plugin in trainer.pm.list_name_plugin() if plugin is not self]
         idle = [name for name, _ in plugins if not self.ran.get(name)]
         lines += [
-            f"  plugin {name}: {', '.join(sorted(self.ran.get(name, ()))) or 'no hook ran'}" for name, _ in plugins
+            f"  plugin {name}: {', '.join(sorted(self.ran.get(name, ()))) or 'no hook ran'}"
+            + (f"; {self.notes[name]}" if name in self.notes else "")
+            for name, _ in plugins
         ]
         for folder in checkpointing.checkpoint_dirs(run_dir, [plugin for _, plugin in plugins]):
             for path in sorted(folder.glob("*.pt")):
