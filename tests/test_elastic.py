@@ -48,6 +48,7 @@ PLUGINS = ["--plugin", "checkpoint:every_steps=1", "--plugin", "csv"]  # a save 
 RECIPE = '''
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -93,7 +94,24 @@ class KillAtEnd:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-PLUGINS = [Fail(), KillAtEnd()]
+class Hold:
+    """Holds every rank of attempt A once step S is saved, while the file MINITRAIN_TEST_HOLD
+    exists and says "A:S": the test then kills a rank a moment after it lets go, however slow the
+    machine is (a run that ran on could finish before a busy test saw the step)."""
+
+    @minitrain.hookimpl(trylast=True)  # after the checkpoint plugin's save
+    def on_batch_end(self, event):
+        path = Path(os.environ.get("MINITRAIN_TEST_HOLD") or "/nonexistent")
+        try:
+            attempt, step = path.read_text().split(":")
+        except (OSError, ValueError):
+            return
+        if int(attempt) == distributed.restart_count() and int(step) == event.global_step:
+            while path.exists():
+                time.sleep(0.005)
+
+
+PLUGINS = [Fail(), KillAtEnd(), Hold()]
 
 
 def build(config, device):
@@ -291,6 +309,7 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
     itself, and the run ends as the uninterrupted one did, to the last bit."""
     ref, rng, tally = reference, random.Random(SEED), Tally()
     run = ref.root / "trials"
+    hold = ref.root / "hold"
     restarts = 1 + KILLS
     process = _launch(
         ref.root,
@@ -298,7 +317,7 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
         "trials",
         "--max-restarts",
         str(restarts),
-        env=_env(MINITRAIN_TEST_FAIL=f"{FAILURE[0]}:{FAILURE[1]}:0"),
+        env=_env(MINITRAIN_TEST_FAIL=f"{FAILURE[0]}:{FAILURE[1]}:0", MINITRAIN_TEST_HOLD=str(hold)),
     )
     try:
         for attempt in range(restarts):
@@ -306,6 +325,7 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
                 workers = {}
                 step = _newest_step(run) or 0
                 target = max(step + 1, min(step + rng.randint(1, 4), TOTAL - 2 * (restarts - attempt)))  # room left
+                hold.write_text(f"{attempt}:{target}")  # the ranks wait there for the kill to be aimed
 
                 def reached() -> bool:
                     nonlocal workers
@@ -317,6 +337,7 @@ def test_a_rank_that_raises_or_is_killed_is_restarted_and_the_run_ends_bit_for_b
                     )
 
                 assert _wait(reached, process), (ref.root / "trials.log").read_text()[-3000:]
+                hold.unlink()
                 time.sleep(rng.uniform(0, 0.05))  # somewhere in the next step: computing, saving or waiting
                 rank = rng.randrange(2)
                 os.kill(workers[rank][0], signal.SIGKILL)

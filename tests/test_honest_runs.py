@@ -612,3 +612,31 @@ def test_a_failure_in_an_epoch_end_hook_names_that_epoch(recipe, tmp_path, capsy
         capsys, "run", recipe, "--set", "epochs=3", "--no-plugin", "console", "--run-dir", tmp_path / "run", code=1
     )
     assert line.startswith("training failed in epoch 2, step 10: RuntimeError: disk full")
+
+
+def test_a_process_forked_while_the_lock_is_held_does_not_keep_it(tmp_path):
+    """DataLoader workers are forked from the run: once the run lets go of its directory (or
+    dies), the directory is free, though a worker still lives."""
+    import multiprocessing
+
+    held = lock.RunDirLock(tmp_path / "run")
+    held.acquire()
+    ready = multiprocessing.get_context("fork").Event()
+    done = multiprocessing.get_context("fork").Event()
+    child = multiprocessing.get_context("fork").Process(target=_wait_for, args=(ready, done))
+    child.start()
+    try:
+        assert ready.wait(30)
+        held.release()
+        assert lock.in_use(tmp_path / "run") is False
+        again = lock.RunDirLock(tmp_path / "run")
+        again.acquire(wait=0)
+        again.release()
+    finally:
+        done.set()
+        child.join(30)
+
+
+def _wait_for(ready, done) -> None:
+    ready.set()
+    done.wait(30)

@@ -4,6 +4,9 @@ The lock is ``flock`` on a file inside the directory (:data:`LOCK_FILE`). The ke
 when the process ends, however it ends, so a run killed with SIGKILL never leaves a stale lock
 behind; the file itself stays (removing a lock file invites two processes to lock two files of
 the same name). The holder writes who it is into the file, so that a second start can name it.
+
+A process forked from the holder (a DataLoader worker) would share the lock with it, and hold the
+directory after the run has let go or died; such a child closes its copy as it starts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import TextIO
 
@@ -25,6 +29,22 @@ LOCK_FILE = ".minitrain.lock"
 WAIT_S = 2.0
 """How long a start waits for a lock held by someone else before refusing: long enough for a
 ``minitrain runs`` that is looking at the directory, or a process that torchrun is replacing."""
+
+
+_HELD: weakref.WeakSet[RunDirLock] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    """Run in a forked child: drop its copies of the parent's locks (closing a copy releases
+    nothing while the parent holds the original)."""
+    for lock in list(_HELD):
+        if lock.file is not None:
+            with contextlib.suppress(OSError):
+                lock.file.close()
+            lock.file = None
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunDirLock:
@@ -81,6 +101,7 @@ class RunDirLock:
         )
         file.flush()
         self.file = file
+        _HELD.add(self)
 
     def release(self, remove_if_unused: bool = False) -> None:
         """Let go of the lock. ``remove_if_unused``: a start that failed before writing anything
@@ -93,6 +114,7 @@ class RunDirLock:
                 self.run_dir.rmdir()
         self.file.close()  # closing the file releases the flock
         self.file = None
+        _HELD.discard(self)
 
 
 def in_use(run_dir: str | Path) -> bool | None:
