@@ -21,25 +21,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from minitrain.commands import export
 from minitrain.commands.exits import BAD_INPUT
 from minitrain.engine.errors import MinitrainError
+from minitrain.kit.images import image_suffixes, open_image
 
 RESIZE = ("stretch", "crop")
 BATCH = 64
 """Images read and classified at a time."""
-NOT_DECODED = {"MPEG"}
-"""Formats Pillow identifies but does not decode, besides its stub plugins (BUFR, GRIB, HDF5, WMF)."""
 COMMON = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 """The extensions a folder without images is said to lack, of the many :func:`image_suffixes` holds."""
 
@@ -152,22 +150,6 @@ def expand(arguments: list[str | Path]) -> list[str | Path]:
     return paths
 
 
-def image_suffixes() -> frozenset[str]:
-    """The lower-case file name extensions of every format this Pillow decodes (``.png``,
-    ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``, ``.gif``, ``.tif``, ``.ppm``, ``.ico``, ...): what
-    ``Image.registered_extensions()`` holds, less the formats Pillow only identifies."""
-    Image.init()
-    return frozenset(
-        suffix
-        for suffix, name in Image.registered_extensions().items()
-        if name in Image.OPEN and name not in NOT_DECODED and not _stub(Image.OPEN[name][0])
-    )
-
-
-def _stub(factory: object) -> bool:
-    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
-
-
 def normalize(pixels: list[np.ndarray], metadata: dict[str, Any]) -> torch.Tensor:
     """uint8 H×W(×C) arrays -> one normalised float batch, N×C×H×W, as the exported model expects."""
     mean = torch.tensor(metadata["mean"]).view(-1, 1, 1)
@@ -177,46 +159,16 @@ def normalize(pixels: list[np.ndarray], metadata: dict[str, Any]) -> torch.Tenso
     return (batch - mean) / std
 
 
-def read(path: Path, metadata: dict[str, Any], resize: str = "stretch") -> np.ndarray:
-    """One image file as uint8 pixels of the model's size and channels."""
+def read(path: Path | IO[bytes], metadata: dict[str, Any], resize: str = "stretch", name: str = "") -> np.ndarray:
+    """One image file (or file object, called ``name`` in errors: ``minitrain serve``'s uploads)
+    as uint8 pixels of the model's size and channels."""
     height, width = metadata["input_size"]
     channels = len(metadata["mean"])
     if channels not in (1, 3):
         raise MinitrainError(f"cannot feed images to a model with {channels} input channels")
-    image: Image.Image  # the file's, then converted and resized
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
-            with Image.open(path) as image:
-                image = to_mode(ImageOps.exif_transpose(image), "L" if channels == 1 else "RGB")
-    except FileNotFoundError:
-        raise MinitrainError(f"image not found: {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)):,} pixels, " if found else ""
-        raise MinitrainError(
-            f"cannot read image {path}: too large to decode safely ({size}over the limit of "
-            f"{Image.MAX_IMAGE_PIXELS:,} that guards against decompression bombs)"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise MinitrainError(f"cannot read image {path}: {' '.join(str(exc).split())}") from None
+    image = open_image(path, "L" if channels == 1 else "RGB", name=name)
     if resize == "crop":
         image = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
     else:
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(image)
-
-
-def to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """``image`` in ``mode`` (``L`` or ``RGB``), whatever mode it came in."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float grey: scale, don't clip
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I") else max(values.max(initial=0), 1.0)  # float: 0..1 or 0..max
-        image = Image.fromarray(np.clip(values / top * 255, 0, 255).round().astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):  # transparent pixels are laid on white
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert(mode)

@@ -457,12 +457,15 @@ def build_trainer(
         )
     parts.check(recipe_path)
     if init_from is not None:
-        skipped = finetune.init_from(parts.model, init_from, init_skip_mismatched)
+        skipped = finetune.init_from(parts.model, init_from, init_skip_mismatched, head=parts.head)
         if skipped and distributed.is_main():
             first = skipped[: finetune.SHOWN_MISFITS]
             shown = "; ".join(first) + ("; ..." if len(skipped) > len(first) else "")
+            loaded = len(parts.model.state_dict()) - sum(not m.endswith("not in the model") for m in skipped)
             warnings.warn(
-                f"--init-from: kept the recipe's initialisation for {len(skipped)} tensor(s): {shown}", stacklevel=2
+                f"--init-from: loaded {loaded} tensor(s); kept the recipe's initialisation "
+                f"for {len(skipped)} tensor(s): {shown}",
+                stacklevel=2,
             )
     finetune.freeze(parts.model, config.freeze)
 
@@ -520,6 +523,8 @@ def _write_run_files(
     if planned.plugin_changes:
         start["plugins_changed"] = planned.plugin_changes
     _write_json(run_dir / "config.json", trainer.config)
+    for name, text in (parts.files or {}).items():
+        _write_text(run_dir / name, text)
     _write_json(
         run_dir / "run.json",
         {
@@ -567,8 +572,12 @@ def _inputs(loader: Any) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    text = (json.dumps(data, indent=2) + "\n").encode()
-    write_atomic(path, lambda file: file.write(text), what="run file")
+    _write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    data = text.encode()
+    write_atomic(path, lambda file: file.write(data), what="run file")
 
 
 NO_CHECKPOINT = "no checkpoint was written (the run has --no-plugin checkpoint, or stopped before its first save)"

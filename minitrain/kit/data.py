@@ -143,7 +143,8 @@ def _missing_message(folder: Path, missing: list[str]) -> str:
     )
 
 
-def _seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """A seed for one draw (an epoch's order, a batch's augmentation) from the run's seed and its place."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -239,7 +240,7 @@ class ImageLoader:
         self.start = 0  # a later pass, without set_position, starts the epoch afresh
         gen = torch.Generator(device=self.data_device)
         if self.shuffle:
-            gen.manual_seed(_seed(self.seed, epoch, -1))
+            gen.manual_seed(derive_seed(self.seed, epoch, -1))
             order = torch.randperm(len(self.labels), generator=gen, device=self.data_device)
         else:
             order = torch.arange(len(self.labels), device=self.data_device)
@@ -250,7 +251,7 @@ class ImageLoader:
             idx = order[b * bs : (b + 1) * bs]
             images, labels = self.images[idx], self.labels[idx]
             if self.crop or self.flip != "none":
-                gen.manual_seed(_seed(self.seed, epoch, b, *rank))
+                gen.manual_seed(derive_seed(self.seed, epoch, b, *rank))
                 images = self._augment(images, idx, epoch, gen)
             if self.pin:
                 images, labels = images.pin_memory(), labels.pin_memory()
@@ -272,7 +273,7 @@ class ImageLoader:
             mask = torch.rand(len(idx), generator=gen, device=images.device) < 0.5
         elif self.flip == "alternate":
             if self._flip_base is None:
-                base_gen = torch.Generator(device=self.data_device).manual_seed(_seed(self.seed, -2))
+                base_gen = torch.Generator(device=self.data_device).manual_seed(derive_seed(self.seed, -2))
                 self._flip_base = torch.rand(len(self.labels), generator=base_gen, device=self.data_device) < 0.5
             mask = self._flip_base[idx] ^ bool(epoch % 2)
         else:

@@ -5,8 +5,9 @@ recipe's freshly built model, and nothing else: optimizer, schedule, progress, r
 plugin state start anew, as the new task needs (``--resume`` is the way to continue a run). A
 tensor that the new model lacks or shapes differently (a classifier head for another number of
 classes) is an error naming the first few by name and shape (``--debug`` lists every one),
-unless the run asks to skip those (``--init-skip-mismatched``): they then keep the recipe's
-initialisation. A checkpoint that fits none of the model's parameters is refused either way.
+unless it lies in the recipe's ``head`` (``Components.head``), which is then made anew, or the run
+asks to skip those (``--init-skip-mismatched``): they then keep the recipe's initialisation. A
+checkpoint that fits none of the model's parameters is refused either way.
 
 Freezing is a recipe config field every recipe has, ``freeze``: glob patterns matched against
 parameter names and their enclosing modules (``--set freeze=whiten,blocks.0``).
@@ -24,30 +25,47 @@ from minitrain.engine import checkpointing
 from minitrain.engine.errors import MinitrainError
 
 
-def init_from(model: torch.nn.Module, path: str | Path, skip_mismatched: bool = False) -> list[str]:
+def init_from(
+    model: torch.nn.Module, path: str | Path, skip_mismatched: bool = False, head: str | None = None
+) -> list[str]:
     """Load the weights of checkpoint ``path`` into ``model``. Returns what was skipped (empty
     when everything fitted); raises, naming the first few misfits (``--debug`` shows every one, in
-    the error's notes), unless ``skip_mismatched``. A checkpoint none of whose tensors fits a
-    parameter of the model is refused even then: skipping everything would train from scratch."""
+    the error's notes), unless ``skip_mismatched`` or they all lie in module ``head``. A checkpoint
+    none of whose tensors fits a parameter of the model is refused even then: skipping everything
+    would train from scratch."""
     saved = checkpointing.load(path)["trainer"]["model"]
     own = model.state_dict()
     misfits = checkpointing.misfits(own, saved)
-    fitting = {name: tensor for name, tensor in saved.items() if name in own and tensor.shape == own[name].shape}
+    in_head = [misfit for misfit in misfits if head is not None and misfit.startswith(f"{head}.")]
     parameters = [name for name, _ in model.named_parameters()]
-    if misfits and parameters and not any(name in fitting for name in parameters):
+    if misfits and parameters and not any(_fits(own, name, saved[name]) for name in parameters if name in saved):
         raise _misfit_error(
             f"--init-from {path}: probably the wrong checkpoint: none of the model's {len(parameters)} parameters "
             f"fits it; {len(misfits)} tensor(s) do not fit: {{shown}}",
             misfits,
         )
-    if misfits and not skip_mismatched:
+    elsewhere = [misfit for misfit in misfits if misfit not in in_head]
+    if elsewhere and not skip_mismatched:
         raise _misfit_error(
-            f"--init-from {path}: {len(misfits)} tensor(s) do not fit the model: {{shown}} "
+            f"--init-from {path}: {len(elsewhere)} tensor(s) do not fit the model: {{shown}} "
             "(--init-skip-mismatched starts them from the recipe's initialisation instead)",
-            misfits,
+            elsewhere,
         )
-    model.load_state_dict(fitting, strict=False)
+    load_matching(model, saved)
     return misfits
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load the tensors of ``state`` whose name and shape fit ``model``; returns the names of the
+    model's tensors left as they were (a head for other classes, say)."""
+    own = model.state_dict()
+    fitting = {name: tensor for name, tensor in state.items() if _fits(own, name, tensor)}
+    model.load_state_dict(fitting, strict=False)
+    return [name for name in own if name not in fitting]
+
+
+def _fits(own: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> bool:
+    return name in own and tensor.shape == own[name].shape
 
 
 SHOWN_MISFITS = 3

@@ -165,7 +165,14 @@ class Components:
     ``make_scheduler``: instead of ``scheduler``, a function of the run's
     :class:`~minitrain.engine.state.Steps` returning it. The trainer calls it once the loaders,
     run limits and plugins are known, so a schedule spans the steps the run really makes, and it
-    keeps that size when the run is resumed."""
+    keeps that size when the run is resumed.
+
+    ``files``: text files for the run directory, by name (the image-folder recipe's
+    ``split.csv``: which file went to training and which to validation), written with run.json
+    at every start.
+
+    ``head``: the module that maps features to classes (``"fc"``, ``"head"``). ``--init-from`` a
+    run trained for other classes makes its tensors anew, and says so, instead of refusing them."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -179,6 +186,8 @@ class Components:
     eval_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     inputs: dict[str, Any] | None = None
     make_scheduler: Callable[[Steps], Any] | None = None
+    files: dict[str, str] | None = None
+    head: str | None = None
 
     def check(self, recipe: str | Path) -> None:
         """Refuse, with one line, parts that the loop could only fail on later."""
@@ -205,6 +214,12 @@ class Components:
             isinstance(self.class_names, (list, tuple)) and all(isinstance(n, str) for n in self.class_names)
         ):
             problems.append("class_names must be a list of strings")
+        if self.files is not None and not all(
+            isinstance(name, str) and "/" not in name and isinstance(text, str) for name, text in self.files.items()
+        ):
+            problems.append("files must map plain file names to text")
+        if self.head is not None and self.head not in dict(self.model.named_modules()):
+            problems.append(f"head {self.head!r} is not a module of the model")
         if problems:
             raise MinitrainError(f"recipe {recipe}: build() returned {'; '.join(problems)}")
 
