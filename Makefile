@@ -10,7 +10,7 @@ DEMO_RUN := runs/cifar10_quick-$(shell date +%Y%m%d-%H%M%S)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,tracking,sweep,lint]'
+	$(PY) -m pip install -q -e '.[test,tracking,sweep,lint,serve]'
 	touch $@
 
 install: $(VENV)/.installed

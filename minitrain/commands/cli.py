@@ -23,6 +23,7 @@ from minitrain.commands import (
     replay,
     run,
     runs,
+    serve,
     summary,
     sweep,
 )
@@ -83,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_parsers(command)
     export.add_parser(command)
     predict.add_parser(command)
+    serve.add_parser(command)
     runs.add_parser(command)
     compare.add_parser(command)
     sweep.add_parser(command)

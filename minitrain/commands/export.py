@@ -1,14 +1,17 @@
 """``minitrain export``: a trained model as one self-contained file, and reading such a file back.
 
-Two formats, both PyTorch's own:
+Three formats, two of them PyTorch's own:
 
 * ``exported-program`` (default): ``torch.export``, saved with ``torch.export.save`` (a ``.pt2``
   archive), the format PyTorch develops for deployment (AOTInductor, ExecuTorch);
 * ``torchscript``: ``torch.jit.trace``, saved with ``torch.jit.save``; deprecated upstream, but
-  what libtorch (C++) and much existing serving tooling load.
+  what libtorch (C++) and much existing serving tooling load;
+* ``onnx``: PyTorch's ONNX exporter, checked by ``onnx.checker`` and run by ONNX Runtime
+  (:mod:`.onnx_file`), for runtimes outside PyTorch.
 
-Either file holds the graph, the weights and a ``minitrain.json`` extra file: class names, input
-size and the normalisation mean/std the model was trained with. That is everything
+Each file holds the graph, the weights and the metadata (a ``minitrain.json`` extra file, or the
+ONNX model's ``metadata_props``): class names, input size, the pixel scale and the normalisation
+mean/std the model was trained with. That is everything
 ``minitrain predict`` needs, so using the file takes no recipe code. The batch dimension stays
 free; the inputs are normalised float images, N×C×H×W.
 
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from minitrain.commands import onnx_file
 from minitrain.engine import __version__, checkpointing
 from minitrain.engine.errors import MinitrainError, describe_validation_error
 from minitrain.engine.files import check_writable
@@ -39,7 +43,9 @@ from minitrain.kit.recipe import load_recipe
 from minitrain_plugins.ema import STATE as EMA_STATE
 
 METADATA = "minitrain.json"
-FORMATS = {"exported-program": ".pt2", "torchscript": ".torchscript.pt"}
+FORMATS = {"exported-program": ".pt2", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
+PIXEL_SCALE = 255.0
+"""8-bit pixels are divided by this, then normalised with the mean and std."""
 
 
 def add_parser(command) -> None:
@@ -53,9 +59,10 @@ def add_parser(command) -> None:
     parser.add_argument(
         "--format",
         dest="fmt",
-        choices=["exported-program", "torchscript"],
+        choices=list(FORMATS),
         default="exported-program",
-        help="torch.export archive (.pt2, default) or TorchScript (.torchscript.pt)",
+        help="torch.export archive (.pt2, default), TorchScript (.torchscript.pt) or ONNX (.onnx, "
+        "needs the serve extra)",
     )
     parser.add_argument("--out", metavar="FILE", help="where to write (default: in the run directory)")
     parser.add_argument("--recipe", metavar="PATH", help="the run's recipe file, if it moved since training")
@@ -95,6 +102,37 @@ def export(
     suffix = "-ema" * ema + "-tta" * tta
     out = Path(out) if out else run_dir / f"model-{checkpoint.stem}{suffix}{FORMATS[fmt]}"
     check_writable(out.parent, "--out folder")
+    model, metadata, example = prepare(run_dir, checkpoint, recipe, tta, ema)
+    metadata["format"] = fmt
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extra = {METADATA: json.dumps(metadata)}
+    try:
+        if fmt == "onnx":
+            onnx_file.save(model, example, metadata, out)
+        elif fmt == "torchscript":
+            with _jit_quietly(), torch.no_grad():
+                torch.jit.save(torch.jit.trace(model, example), str(out), _extra_files=extra)
+        else:
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, out, extra_files=extra)
+    except OSError as exc:
+        raise MinitrainError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except MinitrainError:
+        raise
+    except Exception as exc:  # the model does something the tracer cannot capture
+        other = "torchscript" if fmt != "torchscript" else "exported-program"
+        raise MinitrainError(
+            f"{fmt} could not capture the model ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); --format {other} may"
+        ) from None
+    return out
+
+
+def prepare(
+    run_dir: Path, checkpoint: Path, recipe: str | Path | None = None, tta: bool = False, ema: bool = False
+) -> tuple[torch.nn.Module, dict[str, Any], torch.Tensor]:
+    """The model an exported file holds (in eval mode on the CPU, with the run's test-time
+    augmentation when ``tta``), its metadata, and an example input batch."""
     model, metadata = rebuild(run_dir, checkpoint, recipe, ema)
     views = _read_json(run_dir / "run.json").get("test_time_augmentation")
     if tta:
@@ -118,25 +156,7 @@ def export(
         raise MinitrainError(
             f"the model has {classes} outputs but the run names {len(metadata['class_names'])} classes"
         )
-    metadata["format"] = fmt
-    out.parent.mkdir(parents=True, exist_ok=True)
-    extra = {METADATA: json.dumps(metadata)}
-    try:
-        if fmt == "torchscript":
-            with _jit_quietly(), torch.no_grad():
-                torch.jit.save(torch.jit.trace(model, example), str(out), _extra_files=extra)
-        else:
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-            torch.export.save(program, out, extra_files=extra)
-    except OSError as exc:
-        raise MinitrainError(f"cannot write {out}: {exc.strerror or exc}") from None
-    except Exception as exc:  # the model does something the tracer cannot capture
-        other = "torchscript" if fmt == "exported-program" else "exported-program"
-        raise MinitrainError(
-            f"{fmt} could not capture the model ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}); --format {other} may"
-        ) from None
-    return out
+    return model, metadata, example
 
 
 def locate(source: str | Path) -> tuple[Path, Path]:
@@ -210,6 +230,7 @@ def rebuild(
     metadata = {
         "class_names": run.get("class_names"),
         "input_size": inputs["size"],
+        "pixel_scale": PIXEL_SCALE,
         "mean": inputs["mean"],
         "std": inputs["std"],
         "checkpoint": str(checkpoint),
@@ -227,6 +248,8 @@ def load(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict
     path = Path(path)
     if not path.is_file():
         raise MinitrainError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        return onnx_file.load(path)
     fmt = _format(path)
     extra = {METADATA: ""}
     try:
@@ -259,7 +282,8 @@ def _format(path: Path) -> str:
     if any(name.endswith("/constants.pkl") for name in names):
         return "torchscript"
     raise MinitrainError(
-        f"{path} is not a model file that `minitrain export` writes (a TorchScript or torch.export archive)"
+        f"{path} is not a model file that `minitrain export` writes (a TorchScript or torch.export "
+        "archive, or an .onnx file)"
     )
 
 
