@@ -10,6 +10,11 @@
   It suits recipes built for it (SGD; Adam's eps underflows in fp16). There is no gradient
   scaling here: GradScaler cannot unscale fp16 gradients.
 
+``dtype=auto`` picks the fastest type the hardware has: bf16 on a CUDA GPU with native bf16 and on
+a CPU with AMX (``amx_bf16``), else fp32, and says which and why in one line. A CPU with
+``avx512_bf16`` but no AMX trains in fp32: its bf16 convolutions were slower than fp32 ones on
+the 2-core host measured (docs/performance.md). Channels-last is the recipe's choice.
+
 A device that cannot run the requested precision gets one warning and trains in fp32 instead of
 failing. Nothing here reads a tensor on the host per step, except what ``GradScaler.step`` itself
 does for an optimizer that is not fused (it checks for inf/NaN gradients before stepping).
@@ -19,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from minitrain import PluginConfig, hookimpl
+from minitrain.engine import distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,12 +61,37 @@ def unsupported(device: torch.device, dtype: torch.dtype, mode: str) -> str | No
     return None
 
 
+def fastest(device: torch.device) -> tuple[str | None, str]:
+    """``("bf16", why)`` where ``device`` has bf16 hardware, else ``(None, why)``: fp32."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"{name} has native bf16"
+        return None, f"{name} has no native bf16"
+    if device.type == "cpu":
+        flags = cpu_flags()
+        if "amx_bf16" in flags:
+            return "bf16", "the CPU has AMX bf16 (amx_bf16)"
+        if "avx512_bf16" in flags:
+            return None, "the CPU has avx512_bf16 but no AMX, where bf16 convolutions are slower than fp32"
+        return None, "the CPU has no bf16 hardware (no amx_bf16)"
+    return None, f"no bf16 hardware known for {device.type}"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 class MixedPrecision:
     enabled_by_default = False
     role = "critical"  # it changes the numerics of every step
 
     class Config(PluginConfig):
-        dtype: Literal["bf16", "fp16"] = "bf16"
+        dtype: Literal["bf16", "fp16", "auto"] = "bf16"
         mode: Literal["autocast", "pure"] = "autocast"
 
     def __init__(self, config: Config):
@@ -74,18 +106,27 @@ class MixedPrecision:
         """Decide once per run what the device can do. Runs before other set-up (compile, DDP) so
         that they see the converted model."""
         if self.ready:
-            trainer.shared.grad_scaler = self.scaler
+            trainer.shared.grad_scaler, trainer.shared.compute_dtype = self.scaler, self.dtype
             return
         self.ready = True
-        dtype, mode = DTYPES[self.config.dtype], self.config.mode
+        name: str = self.config.dtype
+        mode = self.config.mode
+        if name == "auto":
+            chosen, why = fastest(trainer.device)
+            if distributed.is_main():
+                print(f"amp: dtype=auto chose {f'{chosen} {mode}' if chosen else 'fp32'}: {why}", flush=True)
+            if chosen is None:
+                return
+            name = chosen
+        dtype = DTYPES[name]
         reason = unsupported(trainer.device, dtype, mode)
         if reason is not None:
             warnings.warn(
-                f"amp: {self.config.dtype} {mode} is not available on {trainer.device} ({reason}); training in fp32",
+                f"amp: {name} {mode} is not available on {trainer.device} ({reason}); training in fp32",
                 stacklevel=2,
             )
             return
-        self.dtype = dtype
+        self.dtype = trainer.shared.compute_dtype = dtype
         if mode == "pure":
             to_half(trainer.module, dtype)
         elif dtype is torch.float16:

@@ -142,3 +142,16 @@ def test_scaler_state_round_trips_through_a_checkpoint(bn_recipe):
     assert plugin(resumed).scaler.state_dict() == state["plugins"]["amp"]["scaler"]
     resumed.fit()  # set-up again is a no-op: the scaler carries on
     assert plugin(resumed).state_dict()["scaler"] != state["plugins"]["amp"]["scaler"]
+
+
+def test_auto_picks_bf16_on_bf16_hardware_only_and_says_which_and_why(bn_recipe, fp32_metrics, capsys):
+    trainer, metrics, warned = train(bn_recipe, "amp:dtype=auto")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("amp: dtype=auto")]
+    assert warned == [] and len(said) == 1
+    if "amx_bf16" in amp.cpu_flags():  # AMX: bf16 pays
+        assert said[0].startswith("amp: dtype=auto chose bf16 autocast: the CPU has AMX bf16")
+        assert plugin(trainer).dtype is torch.bfloat16 and trainer.shared.compute_dtype is torch.bfloat16
+    else:  # avx512_bf16 alone or nothing: fp32, the same numbers as without the plugin
+        assert said[0].startswith("amp: dtype=auto chose fp32: the CPU has ")
+        assert plugin(trainer).dtype is None and trainer.shared.compute_dtype is None
+        assert_same(metrics, fp32_metrics)

@@ -51,6 +51,13 @@ class Shared:
     step_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-step device scalars that plugins publish (``clip``'s ``grad_norm``). Readers show them
     every N steps with the loss (``console``, ``tensorboard``, ``mlflow``): never read them every step."""
+    epoch_metrics: dict[str, Callable[[dict[str, float]], float]] = field(default_factory=dict)
+    """Epoch metrics that plugins derive from the trainer's own (``throughput``'s ``flops_per_s``
+    from ``samples_per_s``): name -> function of the epoch's metrics, called once per epoch when
+    the trainer builds ``EpochEnd``, so the value lands in the event itself and in every reader."""
+    compute_dtype: torch.dtype | None = None
+    """The floating-point type the step computes in where a plugin chose it (``amp``: bf16 or
+    fp16), else None: the model's own. ``throughput`` picks the peak to compare with by it."""
 
 
 @runtime_checkable

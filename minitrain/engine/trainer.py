@@ -358,6 +358,7 @@ class Trainer:
                 )
         if self.val_loader is not None:
             metrics.update(self.validate(number))
+        metrics |= {name: derive(metrics) for name, derive in self.shared.epoch_metrics.items()}
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
         state.epoch, state.batch_idx, state.metrics, state.skipped = epoch + 1, 0, metrics, 0
