@@ -139,7 +139,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     rows = in_process(args.model, args.requests, args.seconds)
-    rows += through_server(args.model, "server, batching", [], args.requests, args.seconds)
+    rows += through_server(args.model, "server, batching what queued (default)", [], args.requests, args.seconds)
+    rows += through_server(
+        args.model, "server, batching, 5 ms wait", ["--batch-timeout", "5"], args.requests, args.seconds
+    )
     rows += through_server(
         args.model, "server, no batching", ["--max-batch", "1", "--batch-timeout", "0"], args.requests, args.seconds
     )

@@ -36,9 +36,10 @@ def add_parser(command) -> None:
     parser.add_argument(
         "--batch-timeout",
         type=float,
-        default=5.0,
+        default=0.0,
         metavar="MS",
-        help="how long the first image of a batch waits for others, in milliseconds (default 5; "
+        help="how long the first image of a batch waits for others, in milliseconds (default 0: a batch "
+        "is what queued while the model was busy; "
         "0 with --max-batch 1 turns batching off)",
     )
     parser.add_argument(

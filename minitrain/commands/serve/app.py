@@ -27,7 +27,7 @@ log = logging.getLogger("minitrain.serve")
 def create(
     served: Served,
     max_batch: int = 32,
-    batch_timeout_ms: float = 5.0,
+    batch_timeout_ms: float = 0.0,
     workers: int = 1,
     max_images: int = 32,
     api_key: str | None = None,
