@@ -70,3 +70,16 @@ class EpochLog:
     @hookimpl
     def on_epoch_end(self, event) -> None:
         self.metrics.append(event.metrics)
+
+
+class Interrupt:
+    """A plugin that presses Ctrl-C as the batch after ``step`` optimizer steps starts: a run
+    stopped mid-epoch, to resume."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    @hookimpl
+    def on_batch_start(self, event) -> None:
+        if event.global_step == self.step:
+            raise KeyboardInterrupt

@@ -20,6 +20,7 @@ from minitrain.commands.export import export, load
 from minitrain.commands.start import RunRequest, prepare
 from minitrain.engine import checkpointing
 from minitrain.engine.registry import register_plugin
+from minitrain.testing import Interrupt
 
 FIRST_PARTY_PLUGINS = {
     "console",
@@ -116,16 +117,6 @@ def test_a_window_shorter_than_k_ends_each_epoch(plain):
     assert len(grads.seen) == 6  # three optimizer steps per epoch
     for name, tensor in weights(small).items():
         torch.testing.assert_close(tensor, weights(large)[name], rtol=1e-5, atol=1e-6)
-
-
-class Interrupt:
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def on_batch_start(self, event):
-        if event.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.filterwarnings("ignore:--resume. this run leaves out the plugin")

@@ -21,10 +21,10 @@ from minitrain.commands.cli import main
 from minitrain.commands.export import load
 from minitrain.commands.start import RunRequest, prepare
 from minitrain.engine.errors import MinitrainError
-from minitrain.engine.hookspecs import hookimpl
 from minitrain.kit.folder import scan
 from minitrain.kit.folder_loader import Augment, FolderLoader
 from minitrain.kit.images import decode, probe
+from minitrain.testing import Interrupt
 
 FIRST_PARTY_PLUGINS = {"checkpoint", "tta", "amp", "viz"}
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "image_folder.py"
@@ -220,18 +220,6 @@ def test_exif_rotation_is_applied(tmp_path):
 
 
 # --- training: the recipe and every plugin -------------------------------------------------------
-
-
-class Interrupt:
-    """Ctrl-C as the batch after ``step`` steps starts."""
-
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def on_batch_start(self, event):
-        if event.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def start(data, run_dir, resume=None, names=()):
